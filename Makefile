@@ -1,0 +1,38 @@
+# Promptline — verbs. `make run` and `make test` install what is missing into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTOS := $(wildcard protos/promptline/v1/*.proto)
+GEN    := promptline/v1/.generated
+
+.PHONY: run test protos lint bench k8s-validate clean
+
+run: $(STAMP) $(GEN)
+	$(PY) -m promptline.launcher
+
+test: $(STAMP) $(GEN)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+protos: $(GEN)
+
+lint: $(STAMP) $(GEN)
+	$(VENV)/bin/ruff check .
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Generated code lives in promptline/v1 (git-ignored); nobody edits it.
+$(GEN): $(PROTOS) $(STAMP)
+	rm -rf promptline/v1
+	mkdir -p promptline/v1
+	$(PY) -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch promptline/v1/__init__.py
+	touch $@
+
+clean:
+	rm -rf $(VENV) promptline/v1 .pytest_cache

@@ -1,0 +1,85 @@
+"""gRPC server factory shared by the prompt and llm_engine services.
+
+Every server gets the standard health service and server reflection, binds the given address
+(port 0 for tests) and reports the port it got. `stop()` runs the shutdown in phases: mark
+NOT_SERVING so load balancers stop routing, stop accepting, then drain in-flight streams for up to
+the grace period before cancelling what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("promptline.grpc")
+
+# Keepalive pings keep long idle streams (minute-level first-token waits) alive through NATs and
+# proxies, and detect dead peers so their streams are cancelled instead of leaking.
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+
+
+@dataclass
+class RunningServer:
+    """A started gRPC server and the port it is bound to."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: Sequence[str]
+
+    async def stop(self, grace: float) -> None:
+        for name in (*self.service_names, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+
+
+async def start_grpc_server(
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_full_names: Sequence[str],
+    *,
+    maximum_concurrent_rpcs: int | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> RunningServer:
+    """Build, bind and start a server; `register` adds the service implementations."""
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+        interceptors=list(interceptors),
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*service_full_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {address}")
+    await server.start()
+    for name in (*service_full_names, ""):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gRPC server listening", extra={"address": address, "port": port})
+    return RunningServer(server, port, health_servicer, service_full_names)
+
+
+def insecure_channel(target: str) -> grpc.aio.Channel:
+    """One long-lived channel per hop per process."""
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)

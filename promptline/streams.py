@@ -1,0 +1,65 @@
+"""Both ends of a Promptline stream: reading frames as a caller, ending a stream as a server.
+
+Shared by every hop that consumes a downstream stream (edge <- prompt <- engine) and by the
+Python client. The loop ends on the first terminal frame (done or error) and the call is
+cancelled in `finally`, so no hop keeps reading after an error, a timeout or its own cancel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from promptline.errors import ErrorCode, PromptlineError, Stage
+
+log = logging.getLogger("promptline.streams")
+
+
+async def read_frames(call: Any) -> AsyncIterator[Any]:
+    """Yield the frames of a server-streaming call up to and including `done`.
+
+    An `error` frame, a non-OK status or a stream that ends without a terminal frame raises
+    `PromptlineError`; the downstream error's code, stage and details are kept unchanged.
+    Use with `contextlib.aclosing` so `finally` runs as soon as the consumer stops.
+    """
+    delivered = False
+    try:
+        async for frame in call:
+            kind = frame.WhichOneof("frame")
+            if kind == "error":
+                raise PromptlineError.from_pb(frame.error)
+            yield frame
+            if kind == "done":
+                return
+            if kind == "delta":
+                delivered = True
+        raise PromptlineError(
+            ErrorCode.UPSTREAM_ERROR,
+            "the stream ended without a final frame",
+            stage=Stage.MID_STREAM if delivered else Stage.FIRST_PACKET,
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise PromptlineError.from_rpc_error(
+            exc, stage=Stage.MID_STREAM if delivered else Stage.FIRST_PACKET
+        ) from None
+    finally:
+        call.cancel()  # no-op when the call already finished
+
+
+async def fail_stream(context: grpc.aio.ServicerContext, err: PromptlineError,
+                      frame_type: type) -> None:
+    """End a server stream: the error as the last frame, then the matching status and details.
+
+    The frame survives proxies that drop trailers; the status lets generic gRPC tooling see it.
+    """
+    log.log(logging.ERROR if err.code is ErrorCode.INTERNAL else logging.INFO, "stream failed",
+            extra={"request_id": err.request_id, "code": err.code.value,
+                   "stage": err.stage.value if err.stage else None, "origin": err.origin})
+    await context.write(frame_type(error=err.to_pb()))
+    status = err.to_grpc_status()
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)

@@ -1,0 +1,1 @@
+"""Model providers: `simulated` (built-in) and `openai` (any OpenAI-compatible server)."""

@@ -1,0 +1,22 @@
+"""One provider instance per configured model, built once per process."""
+
+from __future__ import annotations
+
+from promptline.config import Config, ModelConfig
+
+from .base import Provider
+from .simulated import SimulatedProvider
+
+
+def build_provider(model: ModelConfig) -> Provider:
+    if model.provider == "simulated":
+        return SimulatedProvider(model.simulated)
+    if model.provider == "openai":
+        from .openai_compat import OpenAIProvider  # the SDK import costs ~0.3 s: only when used
+
+        return OpenAIProvider(model)
+    raise ValueError(f"unknown provider {model.provider!r}")  # config validation forbids this
+
+
+def build_providers(config: Config) -> dict[str, Provider]:
+    return {model.name: build_provider(model) for model in config.models}

@@ -1,0 +1,62 @@
+"""Shared fixtures: a private redis-server for the whole session, config builders."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from promptline.config import Config, parse_config
+from promptline.embedded_redis import EmbeddedRedis
+
+BASE_CONFIG: dict[str, Any] = {
+    "tenants": [
+        {"name": "dev", "api_keys": ["dev-key"], "admin": True},
+        {"name": "other", "api_keys": ["other-key"]},
+    ],
+    "models": [
+        {
+            "name": "sim",
+            "provider": "simulated",
+            "simulated": {"ttft_ms": 5, "tokens_per_second": 2000,
+                          "reply": "Hello from the simulated model, streaming token by token."},
+            "timeouts": {"first_token": "10s", "idle": "10s", "total": "30s"},
+        },
+    ],
+    "moderation": {"blocked_terms": ["forbidden-word"]},
+    "edge": {"heartbeat": "15s", "header_hold": "3s"},
+    "retries": {"max_attempts": 2, "backoff_base": "10ms", "backoff_max": "50ms"},
+    "shutdown_grace": "1s",
+}
+
+
+def make_config(overrides: dict[str, Any] | None = None, *, redis_url: str | None = None,
+                models: list[dict[str, Any]] | None = None) -> Config:
+    """A validated Config from BASE_CONFIG with top-level keys replaced and models appended."""
+    raw = copy.deepcopy(BASE_CONFIG)
+    raw.update(copy.deepcopy(overrides or {}))
+    if models:
+        raw["models"] = raw["models"] + copy.deepcopy(models)
+    if redis_url:
+        raw["redis_url"] = redis_url
+    return parse_config(raw, env={})
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """One private redis-server per test session, on a free port; never a shared instance."""
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+async def redis_client(redis_server: EmbeddedRedis) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_server.url, decode_responses=False)
+    await client.flushdb()  # our private server only
+    try:
+        yield client
+    finally:
+        await client.aclose()

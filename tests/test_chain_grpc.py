@@ -1,0 +1,79 @@
+"""The chain over gRPC only (prompt -> engine -> simulated provider), with a real Redis."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.v1 import common_pb2, prompt_pb2
+from tests.chain import running_chain
+from tests.conftest import make_config
+
+AUTH = (("authorization", "Bearer dev-key"),)
+
+
+def chat(model: str = "sim", text: str = "hi", **kw: object) -> prompt_pb2.StreamChatRequest:
+    return prompt_pb2.StreamChatRequest(
+        model=model, messages=[common_pb2.ChatMessage(role="user", content=text)], **kw)
+
+
+async def read_all(call: grpc.aio.UnaryStreamCall) -> list:
+    """Every frame of a call; a failed call's status stays on `call` instead of raising."""
+    frames = []
+    try:
+        async for frame in call:
+            frames.append(frame)
+    except grpc.aio.AioRpcError:
+        pass
+    return frames
+
+
+async def test_stream_through_prompt_and_engine(redis_server):
+    config = make_config(redis_url=redis_server.url)
+    async with running_chain(config, with_edge=False) as chain:
+        call = chain.prompt_stub.StreamChat(chat(), metadata=AUTH, timeout=10)
+        frames = [f async for f in call]
+        assert await call.code() == grpc.StatusCode.OK
+    kinds = [f.WhichOneof("frame") for f in frames]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds.count("delta") >= 5
+    text = "".join(f.delta.text for f in frames if f.HasField("delta"))
+    assert text == config.models[0].simulated.reply
+    done = frames[-1].done
+    assert done.finish_reason == "stop"
+    assert done.usage.completion_tokens == kinds.count("delta")
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert frames[0].start.request_id and frames[0].start.model == "sim"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "request_kw", "code", "status"),
+    [
+        ((), {}, ErrorCode.UNAUTHENTICATED, grpc.StatusCode.UNAUTHENTICATED),
+        ((("authorization", "Bearer wrong"),), {}, ErrorCode.UNAUTHENTICATED,
+         grpc.StatusCode.UNAUTHENTICATED),
+        (AUTH, {"model": "nope"}, ErrorCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND),
+        (AUTH, {"max_tokens": 100_000}, ErrorCode.CONTEXT_TOO_LONG,
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_connect_errors_are_frame_and_status(redis_server, metadata, request_kw, code,
+                                                   status):
+    config = make_config(redis_url=redis_server.url)
+    kw = {"model": "sim", **request_kw}
+    async with running_chain(config, with_edge=False) as chain:
+        call = chain.prompt_stub.StreamChat(chat(kw.pop("model"), **kw), metadata=metadata,
+                                            timeout=10)
+        frames = await read_all(call)
+        assert await call.code() == status
+        assert [f.WhichOneof("frame") for f in frames] == ["error"]
+        from_frame = PromptlineError.from_pb(frames[0].error)
+        assert from_frame.code is code and from_frame.stage is Stage.CONNECT
+        assert from_frame.request_id
+        # the same error, rebuilt from the status details alone (generic gRPC tooling's view)
+        err = grpc.aio.AioRpcError(await call.code(), await call.initial_metadata(),
+                                   await call.trailing_metadata(), await call.details())
+        from_status = PromptlineError.from_rpc_error(err)
+        assert (from_status.code, from_status.stage) == (code, Stage.CONNECT)
+        assert "wrong" not in from_frame.message
