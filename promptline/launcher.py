@@ -1,0 +1,100 @@
+"""`make run`: the whole suite on one machine, in the foreground.
+
+Starts an embedded Redis when no `redis_url` is configured, then llm_engine, prompt and edge_http
+as child processes (each in its own process group, so Ctrl-C reaches only this launcher), waits
+until the edge answers /healthz, and on Ctrl-C / SIGTERM stops them edge-first so in-flight
+streams drain before the hops behind them go away. If any child dies, everything stops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from types import FrameType
+
+from promptline.config import ConfigError, load_config
+from promptline.embedded_redis import EmbeddedRedis
+
+SERVICES = ("llm_engine", "prompt", "edge_http")  # start order; stop order is the reverse
+
+
+def main() -> int:
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"promptline: config error: {exc}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    redis = None
+    if config.redis_url is None:
+        redis = EmbeddedRedis().start()
+        env["PROMPTLINE_REDIS_URL"] = redis.url
+        _say(f"embedded Redis on {redis.url} (set redis_url to use your own)")
+    stopping = False
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    exit_code = 0
+    try:
+        for name in SERVICES:
+            children[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"], env=env, start_new_session=True)
+        edge_url = f"http://{config.listen.edge_http}"
+        ready = False
+        while not stopping:
+            dead = [n for n, p in children.items() if p.poll() is not None]
+            if dead:
+                _say(f"{', '.join(dead)} exited (code {children[dead[0]].returncode}); stopping")
+                exit_code = 1
+                break
+            if not ready and _healthy(edge_url + "/healthz"):
+                ready = True
+                _say(f"ready: chat page {edge_url}/  ·  try:\n  curl -N -H 'Authorization: "
+                     f"Bearer dev-key' -d '{{\"model\":\"sim\",\"messages\":[{{\"role\":\"user\","
+                     f"\"content\":\"hi\"}}]}}' {edge_url}/v1/chat/stream")
+            time.sleep(0.2)
+    finally:
+        _stop_all(children, config.shutdown_grace)
+        if redis is not None:
+            redis.stop()
+        _say("stopped")
+    return exit_code
+
+
+def _stop_all(children: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
+    for name in reversed(SERVICES):
+        proc = children.get(name)
+        if proc is None or proc.poll() is not None:
+            continue
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace + 5)
+        except subprocess.TimeoutExpired:
+            _say(f"{name} did not stop within {grace + 5:g}s; killing it")
+            proc.kill()
+            proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _say(message: str) -> None:
+    print(f"promptline: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
