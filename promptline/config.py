@@ -171,6 +171,16 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaPolicy:
+    """How quotas behave when Redis is slow or down."""
+
+    fail_open: bool = False
+    """True: admit requests unchecked (with a warning and a metric); False: reject UNAVAILABLE."""
+    redis_timeout: float = 0.25
+    """Longest wait for one quota round trip to Redis."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration of one deployment."""
 
@@ -182,6 +192,7 @@ class Config:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     retries: RetryConfig = field(default_factory=RetryConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    quota_policy: QuotaPolicy = field(default_factory=QuotaPolicy)
     shutdown_grace: float = 30.0
     log_level: str = "INFO"
     source: str = "<memory>"
@@ -229,7 +240,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None, source: str = "
     root = _mapping(raw, "config")
     _apply_env_overrides(root, env)
     _known(root, "", {"redis_url", "listen", "targets", "tenants", "models", "moderation", "edge",
-                      "retries", "shutdown_grace", "log_level"})
+                      "retries", "quota_policy", "shutdown_grace", "log_level"})
 
     tenants = tuple(_tenant(t, f"tenants[{i}]") for i, t in
                     enumerate(_list(root.get("tenants"), "tenants", required=True)))
@@ -299,6 +310,16 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None, source: str = "
         injection_patterns=patterns,
     )
 
+    qp_raw = _mapping(root.get("quota_policy", {}), "quota_policy")
+    _known(qp_raw, "quota_policy", {"on_redis_error", "redis_timeout"})
+    on_error = qp_raw.get("on_redis_error", "fail_closed")
+    if on_error not in ("fail_open", "fail_closed"):
+        raise ConfigError("quota_policy.on_redis_error: must be fail_open or fail_closed")
+    quota_policy = QuotaPolicy(
+        fail_open=on_error == "fail_open",
+        redis_timeout=_dur(qp_raw.get("redis_timeout"), "quota_policy.redis_timeout", 0.25),
+    )
+
     log_level = str(root.get("log_level", "INFO")).upper()
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("log_level: must be one of DEBUG, INFO, WARNING, ERROR")
@@ -312,6 +333,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None, source: str = "
         edge=edge,
         retries=retries,
         moderation=moderation,
+        quota_policy=quota_policy,
         shutdown_grace=_dur(root.get("shutdown_grace"), "shutdown_grace", 30.0),
         log_level=log_level,
         source=source,
