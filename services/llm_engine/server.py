@@ -48,12 +48,15 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
     def __init__(self, config: Config, providers: dict[str, Provider]) -> None:
         self._config = config
         self._providers = providers
+        self.active_streams = 0
+        """Generate calls in flight (read by tests and, later, the active-streams gauge)."""
 
     async def Generate(
         self, request: llm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
         rid = request.request_id or uuid.uuid4().hex
         progress = _Progress()
+        self.active_streams += 1
         try:
             await self._generate(request, context, rid, progress)
         except PromptlineError as err:
@@ -67,6 +70,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             log.exception("unexpected error in Generate", extra={"request_id": rid})
             await fail_stream(context, internal_error(rid).at(Stage.FIRST_PACKET, origin=ORIGIN),
                               llm_engine_pb2.GenerateResponse)
+        finally:
+            self.active_streams -= 1
 
     async def _generate(self, request: llm_engine_pb2.GenerateRequest,
                         context: grpc.aio.ServicerContext, rid: str, progress: _Progress) -> None:
@@ -170,6 +175,7 @@ class EngineServer:
 
     grpc: RunningServer
     providers: dict[str, Provider]
+    servicer: LlmEngineServicer
 
     @property
     def port(self) -> int:
@@ -189,4 +195,4 @@ async def start_engine(config: Config, address: str | None = None) -> EngineServ
         lambda server: llm_engine_pb2_grpc.add_LlmEngineServicer_to_server(servicer, server),
         [SERVICE_NAME],
     )
-    return EngineServer(running, providers)
+    return EngineServer(running, providers, servicer)

@@ -1,0 +1,482 @@
+"""A real OpenAI-compatible HTTP server (aiohttp) for tests and benchmarks.
+
+    fake = FakeOpenAI(reply="Hello there", tokens=5)
+    base_url = await fake.start()          # http://127.0.0.1:<port>/v1
+    ...
+    await fake.stop()
+
+Knobs are plain attributes, read when a request arrives, so tests can change them between
+requests; `push(**overrides)` queues overrides for the next request only (one dict per request,
+in order), e.g. `fake.push(fail_status=500)` then the following request succeeds.
+
+Knobs: `reply`, `tokens`, `ttft`, `delay`, `fail_status`, `fail_code`, `fail_message`,
+`fail_body`, `retry_after`, `retry_after_ms`, `fail_after_chunks`, `stall_after_chunks`,
+`drop_after_chunks`, `truncate_after_chunks`, `models`.
+
+Records: `requests` (RecordedRequest: body, authorization, headers), `active_streams`,
+`disconnects` (count) with the `disconnected` event, `completed`, `drops`; and the helpers
+`wait_disconnect()`, `wait_idle()`, `wait_until()`.
+
+Streaming follows OpenAI: a role chunk right after the headers, `ttft` later the first content
+chunk, `delay` between content chunks, a chunk with `finish_reason` ("length" when the request's
+`max_tokens` cut the reply), a `choices: []` usage chunk when `stream_options.include_usage`, then
+`data: [DONE]`. Chunk counts in the fault knobs count content chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+DEFAULT_REPLY = "Hello from the fake OpenAI server, streaming one word at a time."
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+DONE = b"data: [DONE]\n\n"
+
+KNOBS = (
+    "reply", "tokens", "ttft", "delay", "fail_status", "fail_code", "fail_message", "fail_body",
+    "retry_after", "retry_after_ms", "fail_after_chunks", "stall_after_chunks",
+    "drop_after_chunks", "truncate_after_chunks",
+)
+
+_WORDS = re.compile(r"\S+\s*|\s+")
+
+# Default error bodies for `fail_status`: (message, type, code). 401 echoes the presented key,
+# as some compatible servers do, so tests can prove it never reaches a user.
+_FAIL_DEFAULTS: dict[int, tuple[str, str, str | None]] = {
+    400: ("This model's maximum context length is 8192 tokens. However, your messages resulted "
+          "in 9001 tokens. Please reduce the length of the messages.",
+          "invalid_request_error", "context_length_exceeded"),
+    401: ("Incorrect API key provided: {key}. You can find your API key at "
+          "https://platform.openai.com/account/api-keys.", "invalid_request_error",
+          "invalid_api_key"),
+    403: ("You are not allowed to use this model.", "invalid_request_error", None),
+    404: ("The model `{model}` does not exist or you do not have access to it.",
+          "invalid_request_error", "model_not_found"),
+    422: ("Unprocessable request.", "invalid_request_error", None),
+    429: ("Rate limit reached for requests per min. Please try again later.", "requests",
+          "rate_limit_exceeded"),
+    500: ("The server had an error while processing your request.", "server_error", None),
+    502: ("Bad gateway.", "server_error", None),
+    503: ("The engine is currently overloaded, please try again later.", "server_error", None),
+}
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One POST /v1/chat/completions as the fake saw it."""
+
+    body: dict[str, Any]
+    authorization: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def api_key(self) -> str | None:
+        auth = self.authorization or ""
+        return auth[7:] if auth.lower().startswith("bearer ") else None
+
+
+@dataclass(slots=True)
+class _Plan:
+    reply: str
+    tokens: int | None
+    ttft: float
+    delay: float
+    fail_status: int | None
+    fail_code: str | None
+    fail_message: str | None
+    fail_body: dict[str, Any] | None
+    retry_after: float | str | None
+    retry_after_ms: int | None
+    fail_after_chunks: int | None
+    stall_after_chunks: int | None
+    drop_after_chunks: int | None
+    truncate_after_chunks: int | None
+
+
+def split_reply(reply: str, tokens: int | None) -> list[str]:
+    """The reply as streamed pieces: one per word, merged into `tokens` pieces, or words
+    repeated (cycling through the reply) until there are `tokens` of them."""
+    words = _WORDS.findall(reply) or [reply]
+    if tokens is None or tokens <= 0:
+        return words
+    if tokens <= len(words):
+        size, extra = divmod(len(words), tokens)
+        pieces: list[str] = []
+        start = 0
+        for i in range(tokens):
+            end = start + size + (1 if i < extra else 0)
+            pieces.append("".join(words[start:end]))
+            start = end
+        return pieces
+    cycled = [w if w[-1:].isspace() else w + " " for w in words]
+    return list(itertools.islice(itertools.cycle(cycled), tokens))
+
+
+class _ChunkTemplates:
+    """Pre-encoded SSE lines for one (model, pieces) pair; only the id is spliced per request."""
+
+    def __init__(self, model: str, pieces: list[str]) -> None:
+        self.created = int(time.time())
+        head = b'data: {"id":"'
+
+        def line(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+            payload: dict[str, Any] = {"object": "chat.completion.chunk",
+                                       "created": self.created, "model": model,
+                                       "system_fingerprint": None, "choices": choices}
+            if usage is not None:
+                payload["usage"] = usage
+            return json.dumps(payload, separators=(",", ":")).encode()[1:] + b"\n\n"
+
+        def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+            return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+        self.head = head
+        # Every tail completes `data: {"id":"<id>` into a full line.
+        self.role = b'",' + line(choice({"role": "assistant", "content": ""}))
+        self.pieces = [b'",' + line(choice({"content": p})) for p in pieces]
+        self.finish = {reason: b'",' + line(choice({}, reason)) for reason in ("stop", "length")}
+        self._usage_line = line
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return b'",' + self._usage_line([], {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens})
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible server on 127.0.0.1 with fault knobs and connection accounting."""
+
+    def __init__(
+        self,
+        *,
+        reply: str = DEFAULT_REPLY,
+        tokens: int | None = None,
+        ttft: float = 0.0,
+        delay: float = 0.0,
+        models: tuple[str, ...] = ("gpt-test",),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        # --- knobs (read per request) ---
+        self.reply = reply
+        self.tokens = tokens
+        """None: one piece per word; N: exactly N pieces (merging or repeating words)."""
+        self.ttft = ttft
+        """Seconds between the role chunk and the first content chunk (non-stream: before the
+        body)."""
+        self.delay = delay
+        """Seconds between content chunks."""
+        self.fail_status: int | None = None
+        """Answer with this HTTP status and an OpenAI error body instead of streaming."""
+        self.fail_code: str | None = None
+        self.fail_message: str | None = None
+        self.fail_body: dict[str, Any] | None = None
+        """The whole error JSON body for `fail_status` (overrides code/message)."""
+        self.retry_after: float | str | None = None
+        """`retry-after` header value (seconds or an HTTP-date) sent with `fail_status`."""
+        self.retry_after_ms: int | None = None
+        """`retry-after-ms` header value sent with `fail_status`."""
+        self.fail_after_chunks: int | None = None
+        """After N content chunks send `data: {"error": {...}}` and end the response."""
+        self.stall_after_chunks: int | None = None
+        """After N content chunks go silent until the client disconnects (or stop())."""
+        self.drop_after_chunks: int | None = None
+        """After N content chunks abort the TCP connection."""
+        self.truncate_after_chunks: int | None = None
+        """After N content chunks end the response cleanly, without finish_reason or [DONE]."""
+        self.models = models
+        self.host = host
+
+        # --- records ---
+        self.requests: list[RecordedRequest] = []
+        self.active_streams = 0
+        self.disconnects = 0
+        """Streams whose client went away before the stream ended."""
+        self.disconnected = asyncio.Event()
+        self.completed = 0
+        """Streams (and non-stream replies) sent to the end."""
+        self.drops = 0
+
+        self._overrides: deque[dict[str, Any]] = deque()
+        self._templates: dict[tuple[str, str, int | None], _ChunkTemplates] = {}
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+        self.port = port
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Bind (an ephemeral port unless `port` was given); return the base URL (.../v1)."""
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5,
+                                     access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[union-attr]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://{self.host}:{self.port}/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        """Cancel in-flight handlers (not counted as disconnects) and close the server."""
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeOpenAI:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
+    # --- test helpers ----------------------------------------------------------------------
+
+    def push(self, **overrides: Any) -> None:
+        """Queue knob overrides for the next request (one call per request, in order)."""
+        unknown = set(overrides) - set(KNOBS)
+        if unknown:
+            raise TypeError(f"unknown FakeOpenAI knobs: {sorted(unknown)}")
+        self._overrides.append(overrides)
+
+    def reset(self) -> None:
+        """Forget recorded requests and counters (knobs stay as they are)."""
+        self.requests.clear()
+        self._overrides.clear()
+        self.disconnects = self.completed = self.drops = 0
+        self.disconnected.clear()
+
+    async def wait_until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        """Wait until `predicate()` holds (re-checked on every state change); TimeoutError."""
+        async with asyncio.timeout(within):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_disconnect(self, within: float = 5.0) -> None:
+        """Wait until a client closed its connection mid-stream; TimeoutError otherwise."""
+        async with asyncio.timeout(within):
+            await self.disconnected.wait()
+
+    async def wait_idle(self, within: float = 5.0) -> None:
+        """Wait until no stream is open on the server side."""
+        await self.wait_until(lambda: self.active_streams == 0, within)
+
+    def _notify(self) -> None:
+        self._changed.set()
+
+    # --- handlers --------------------------------------------------------------------------
+
+    def _plan(self) -> _Plan:
+        values = {name: getattr(self, name) for name in KNOBS}
+        if self._overrides:
+            values.update(self._overrides.popleft())
+        return _Plan(**values)
+
+    async def _models(self, _request: web.Request) -> web.Response:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
+                for m in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error_response(400, "invalid JSON body", "invalid_request_error", None)
+        if not isinstance(body, dict):
+            return _error_response(400, "body must be an object", "invalid_request_error", None)
+        auth = request.headers.get("Authorization")
+        self.requests.append(RecordedRequest(body=body, authorization=auth,
+                                             headers=dict(request.headers)))
+        self._notify()
+        plan = self._plan()
+        model = str(body.get("model") or "")
+
+        if plan.fail_status:
+            return self._fail(plan, model, auth)
+
+        pieces_key = (model, plan.reply, plan.tokens)
+        templates = self._templates.get(pieces_key)
+        if templates is None:
+            templates = _ChunkTemplates(model, split_reply(plan.reply, plan.tokens))
+            if len(self._templates) > 64:
+                self._templates.clear()
+            self._templates[pieces_key] = templates
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        n_pieces = len(templates.pieces)
+        finish = "stop"
+        if isinstance(max_tokens, int) and 0 < max_tokens < n_pieces:
+            n_pieces, finish = max_tokens, "length"
+        prompt_tokens = _rough_prompt_tokens(body.get("messages"))
+
+        if not body.get("stream"):
+            return await self._non_stream(plan, model, templates, n_pieces, finish,
+                                          prompt_tokens)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await self._stream(request, plan, templates, n_pieces, finish, include_usage,
+                                  prompt_tokens)
+
+    def _fail(self, plan: _Plan, model: str, auth: str | None) -> web.Response:
+        status = int(plan.fail_status or 500)
+        headers: dict[str, str] = {}
+        if plan.retry_after is not None:
+            headers["retry-after"] = str(plan.retry_after)
+        if plan.retry_after_ms is not None:
+            headers["retry-after-ms"] = str(plan.retry_after_ms)
+        if plan.fail_body is not None:
+            return web.json_response(plan.fail_body, status=status, headers=headers)
+        message, etype, code = _FAIL_DEFAULTS.get(
+            status, ("The fake upstream failed.", "server_error", None))
+        key = (auth or "")[7:] or "none"
+        message = (plan.fail_message or message).format(key=key, model=model)
+        return _error_response(status, message, etype, plan.fail_code or code, headers)
+
+    async def _non_stream(self, plan: _Plan, model: str, templates: _ChunkTemplates,
+                          n_pieces: int, finish: str, prompt_tokens: int) -> web.Response:
+        if plan.ttft:
+            await asyncio.sleep(plan.ttft)
+        text = "".join(split_reply(plan.reply, plan.tokens)[:n_pieces])
+        self.completed += 1
+        self._notify()
+        return web.json_response({
+            "id": f"chatcmpl-fake{next(self._ids)}",
+            "object": "chat.completion",
+            "created": templates.created,
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n_pieces,
+                      "total_tokens": prompt_tokens + n_pieces},
+        })
+
+    async def _stream(self, request: web.Request, plan: _Plan, templates: _ChunkTemplates,
+                      n_pieces: int, finish: str, include_usage: bool,
+                      prompt_tokens: int) -> web.StreamResponse:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        head = templates.head + f"chatcmpl-fake{next(self._ids)}".encode()
+        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        self.active_streams += 1
+        self._notify()
+        finished = False
+        try:
+            await resp.prepare(request)
+            await resp.write(head + templates.role)
+            if plan.ttft:
+                await asyncio.sleep(plan.ttft)
+            for i in range(n_pieces):
+                if i and plan.delay:
+                    await asyncio.sleep(plan.delay)
+                if plan.fail_after_chunks is not None and i >= plan.fail_after_chunks:
+                    await resp.write(_stream_error_line())
+                    await resp.write_eof()
+                    finished = True
+                    return resp
+                if plan.stall_after_chunks is not None and i >= plan.stall_after_chunks:
+                    await asyncio.Event().wait()  # until the client goes away (or stop())
+                if plan.drop_after_chunks is not None and i >= plan.drop_after_chunks:
+                    self._drop(request)
+                    finished = True
+                    return resp
+                if plan.truncate_after_chunks is not None and i >= plan.truncate_after_chunks:
+                    await resp.write_eof()
+                    finished = True
+                    return resp
+                await resp.write(head + templates.pieces[i])
+            if plan.fail_after_chunks is not None and plan.fail_after_chunks >= n_pieces:
+                await resp.write(_stream_error_line())
+                await resp.write_eof()
+                finished = True
+                return resp
+            tail = head + templates.finish[finish]
+            if include_usage:
+                tail += head + templates.usage(prompt_tokens, n_pieces)
+            await resp.write(tail + DONE)
+            await resp.write_eof()
+            finished = True
+            self.completed += 1
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            if not finished and not self._stopping:
+                self.disconnects += 1
+                self.disconnected.set()
+            raise
+        finally:
+            self.active_streams -= 1
+            if task is not None:
+                self._tasks.discard(task)
+            self._notify()
+
+    def _drop(self, request: web.Request) -> None:
+        self.drops += 1
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+
+def _error_response(status: int, message: str, etype: str, code: str | None,
+                    headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _stream_error_line() -> bytes:
+    err = {"error": {"message": "The fake upstream failed mid-stream.", "type": "server_error",
+                     "param": None, "code": "fake_stream_failure"}}
+    return b"data: " + json.dumps(err).encode() + b"\n\n"
+
+
+def _rough_prompt_tokens(messages: Any) -> int:
+    total = 3
+    if isinstance(messages, list):
+        for m in messages:
+            if isinstance(m, dict):
+                total += 3 + len(str(m.get("content") or "").split())
+    return total
+
+
+__all__ = ["DEFAULT_REPLY", "KNOBS", "FakeOpenAI", "RecordedRequest", "split_reply"]
+
+
+async def _main(port: int, reply: str | None, tokens: int | None, delay: float) -> None:
+    fake = FakeOpenAI(reply=reply or DEFAULT_REPLY, tokens=tokens, delay=delay, port=port)
+    print(f"FakeOpenAI listening on {await fake.start()}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fake.stop()
+
+
+if __name__ == "__main__":  # python -m tests.fakes.openai_upstream --port 9100
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--reply", default=None)
+    parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--delay", type=float, default=0.0)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(args.port, args.reply, args.tokens, args.delay))

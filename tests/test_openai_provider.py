@@ -1,0 +1,554 @@
+"""OpenAIProvider against a real OpenAI-compatible server (FakeOpenAI) with the real `openai` SDK,
+and map_openai_error's table row by row."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from promptline.config import ModelConfig, parse_config
+from promptline.errors import ErrorCode, PromptlineError
+from services.llm_engine.providers.base import Chunk, GenerationRequest, Message, Usage
+from services.llm_engine.providers.openai_compat import OpenAIProvider
+from services.llm_engine.providers.openai_errors import (
+    CREDENTIALS_REJECTED,
+    MODEL_NOT_FOUND,
+    UNREACHABLE,
+    map_openai_error,
+    parse_retry_after_ms,
+    sanitize_provider_message,
+)
+from tests.conftest import BASE_CONFIG
+from tests.fakes import FakeOpenAI
+from tests.fakes.openai_upstream import split_reply
+
+API_KEY = "sk-test-0123456789abcdef"
+REPLY = "The quick brown fox jumps over the lazy dog, twice, for the tests."
+UPSTREAM_MODEL = "gpt-upstream-2024"
+WAIT = 5.0  # generous bound for anything that must happen "promptly"
+
+
+def model_config(base_url: str, **extra: Any) -> ModelConfig:
+    raw = {
+        "tenants": BASE_CONFIG["tenants"],
+        "models": [{"name": "gpt-test", "provider": "openai", "base_url": base_url,
+                    "api_key_env": "X", "upstream_model": UPSTREAM_MODEL,
+                    "timeouts": {"first_token": "10s", "idle": "10s", "total": "30s"},
+                    **extra}],
+    }
+    config = parse_config(raw, env={"X": API_KEY})
+    model = config.model("gpt-test")
+    assert model is not None
+    return model
+
+
+def make_request(provider: OpenAIProvider, *, max_tokens: int = 256,
+                 temperature: float | None = None, model: str | None = None
+                 ) -> GenerationRequest:
+    return GenerationRequest(
+        request_id="req-1",
+        model=provider.upstream_model if model is None else model,
+        messages=(Message("system", "Be brief."), Message("user", "Say something")),
+        max_tokens=max_tokens,
+        temperature=temperature,
+    )
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    server = FakeOpenAI(reply=REPLY)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def provider(fake: FakeOpenAI) -> AsyncIterator[OpenAIProvider]:
+    prov = OpenAIProvider(model_config(fake.base_url))
+    try:
+        yield prov
+    finally:
+        await prov.close()
+
+
+async def collect(provider: OpenAIProvider, request: GenerationRequest | None = None
+                  ) -> list[Chunk]:
+    return [c async for c in provider.stream(request or make_request(provider))]
+
+
+async def fail_with(provider: OpenAIProvider, request: GenerationRequest | None = None
+                    ) -> tuple[list[Chunk], PromptlineError]:
+    got: list[Chunk] = []
+    with pytest.raises(PromptlineError) as info:
+        async for chunk in provider.stream(request or make_request(provider)):
+            got.append(chunk)
+    return got, info.value
+
+
+def assert_llm_engine_error(err: PromptlineError) -> None:
+    assert err.stage is None  # the engine stamps it
+    assert err.origin == "llm_engine"
+    assert err.__cause__ is None and err.__suppress_context__  # `raise ... from None`
+
+
+def capture_streams(provider: OpenAIProvider, monkeypatch: pytest.MonkeyPatch
+                    ) -> list[openai.AsyncStream[Any]]:
+    """Record the SDK stream objects the provider opens (to check they were closed)."""
+    streams: list[openai.AsyncStream[Any]] = []
+    completions = provider.client.chat.completions
+    original = completions.create
+
+    async def create(**kwargs: Any) -> Any:
+        stream = await original(**kwargs)
+        streams.append(stream)
+        return stream
+
+    monkeypatch.setattr(completions, "create", create)
+    return streams
+
+
+# --- happy path --------------------------------------------------------------------------------
+
+
+async def test_streams_the_reply_and_reports_usage(fake: FakeOpenAI,
+                                                   provider: OpenAIProvider) -> None:
+    chunks = await collect(provider)
+
+    *texts, final = chunks
+    assert "".join(c.text for c in texts) == REPLY
+    assert len(texts) == len(split_reply(REPLY, None))  # one chunk per upstream piece
+    assert all(c.text for c in texts), "the role-only first chunk must not be yielded"
+    assert all(c.finish_reason is None and c.usage is None for c in texts)
+    assert final.text == ""
+    assert final.finish_reason == "stop"
+    assert final.usage == Usage(prompt_tokens=fake_prompt_tokens(fake),
+                                completion_tokens=len(texts))
+    assert fake.completed == 1
+    await fake.wait_idle(WAIT)
+
+
+def fake_prompt_tokens(fake: FakeOpenAI) -> int:
+    # FakeOpenAI counts 3 + (3 + words) per message.
+    messages = fake.requests[-1].body["messages"]
+    return 3 + sum(3 + len(m["content"].split()) for m in messages)
+
+
+async def test_request_carries_key_upstream_model_and_parameters(
+        fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    await collect(provider, make_request(provider, max_tokens=77))
+    await collect(provider, make_request(provider, temperature=0.25, model=""))
+
+    first, second = fake.requests
+    assert first.authorization == f"Bearer {API_KEY}"
+    body = first.body
+    assert body["model"] == UPSTREAM_MODEL
+    assert body["messages"] == [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Say something"}]
+    assert body["max_tokens"] == 77
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert "temperature" not in body
+    # An empty request model falls back to the configured upstream model.
+    assert second.body["model"] == UPSTREAM_MODEL
+    assert second.body["temperature"] == 0.25
+
+
+async def test_max_tokens_cut_reports_length(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    chunks = await collect(provider, make_request(provider, max_tokens=3))
+    *texts, final = chunks
+    assert len(texts) == 3
+    assert final.finish_reason == "length"
+    assert final.usage is not None and final.usage.completion_tokens == 3
+
+
+async def test_missing_usage_chunk_yields_final_chunk_without_usage(
+        fake: FakeOpenAI, provider: OpenAIProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server that ignores stream_options sends no usage chunk.
+    completions = provider.client.chat.completions
+    original = completions.create
+
+    async def create(**kwargs: Any) -> Any:
+        kwargs.pop("stream_options")
+        return await original(**kwargs)
+
+    monkeypatch.setattr(completions, "create", create)
+    chunks = await collect(provider)
+    assert "".join(c.text for c in chunks) == REPLY
+    assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].usage is None
+
+
+async def test_one_client_serves_concurrent_streams(fake: FakeOpenAI,
+                                                    provider: OpenAIProvider) -> None:
+    client = provider.client
+    fake.delay = 0.005
+    results = await asyncio.gather(*(collect(provider) for _ in range(5)))
+    for chunks in results:
+        assert "".join(c.text for c in chunks) == REPLY
+    assert provider.client is client
+    assert len(fake.requests) == 5
+    await provider.close()
+    assert client.is_closed()
+
+
+async def test_tokens_knob_repeats_words(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    fake.reply, fake.tokens = "one two", 5
+    chunks = await collect(provider)
+    assert [c.text for c in chunks[:-1]] == ["one ", "two ", "one ", "two ", "one "]
+
+
+# --- errors before the stream ------------------------------------------------------------------
+
+
+async def test_429_with_retry_after_seconds(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    fake.push(fail_status=429, retry_after=3)
+    got, err = await fail_with(provider)
+    assert got == []
+    assert err.code is ErrorCode.UPSTREAM_RATE_LIMITED
+    assert err.retryable is True
+    assert err.retry_after_ms == 3000
+    assert_llm_engine_error(err)
+
+
+async def test_429_with_retry_after_ms(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    fake.push(fail_status=429, retry_after_ms=1500, retry_after=9)
+    _, err = await fail_with(provider)
+    assert err.code is ErrorCode.UPSTREAM_RATE_LIMITED
+    assert err.retry_after_ms == 1500
+
+
+async def test_500_is_retryable_upstream_error(fake: FakeOpenAI,
+                                               provider: OpenAIProvider) -> None:
+    fake.push(fail_status=500)
+    _, err = await fail_with(provider)
+    assert err.code is ErrorCode.UPSTREAM_ERROR
+    assert err.retryable is True
+    assert_llm_engine_error(err)
+    # The next request (no override queued) succeeds: the failure was per request.
+    assert "".join(c.text for c in await collect(provider)) == REPLY
+
+
+async def test_401_blames_our_credentials_and_never_leaks_the_key(
+        fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    fake.push(fail_status=401)
+    _, err = await fail_with(provider)
+    assert err.code is ErrorCode.UPSTREAM_ERROR
+    assert err.retryable is False
+    assert err.message == CREDENTIALS_REJECTED
+    for text in (err.message, str(err), repr(err), str(err.to_dict())):
+        assert API_KEY not in text
+        assert "sk-" not in text
+    assert_llm_engine_error(err)
+
+
+async def test_401_fake_really_echoes_the_key() -> None:
+    # Guards the test above: the provider's raw 401 text does contain the key.
+    async with FakeOpenAI() as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0)
+        server.fail_status = 401
+        with pytest.raises(openai.AuthenticationError) as info:
+            await client.chat.completions.create(model="m", messages=[], stream=True)
+        await client.close()
+    assert API_KEY in str(info.value)
+
+
+async def test_400_context_length_exceeded(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    fake.push(fail_status=400)  # the fake's default 400 is context_length_exceeded
+    _, err = await fail_with(provider)
+    assert err.code is ErrorCode.CONTEXT_TOO_LONG
+    assert err.retryable is False
+    assert_llm_engine_error(err)
+
+
+async def test_other_400_is_invalid_request(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    fake.push(fail_status=400, fail_code="invalid_value",
+              fail_message="Invalid value for 'temperature': must be at most 2.")
+    _, err = await fail_with(provider)
+    assert err.code is ErrorCode.INVALID_REQUEST
+    assert err.retryable is False
+    assert "temperature" in err.message  # a short sanitized provider message helps the caller
+
+
+async def test_404_is_model_not_found(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    fake.push(fail_status=404)
+    _, err = await fail_with(provider)
+    assert err.code is ErrorCode.UPSTREAM_ERROR
+    assert err.retryable is False
+    assert err.message == MODEL_NOT_FOUND
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The socket is closed: nothing listens on the port.
+    provider = OpenAIProvider(model_config(f"http://127.0.0.1:{port}/v1"))
+    try:
+        _, err = await fail_with(provider)
+    finally:
+        await provider.close()
+    assert err.code is ErrorCode.UNAVAILABLE
+    assert err.retryable is True
+    assert err.message == UNREACHABLE
+    assert_llm_engine_error(err)
+
+
+# --- errors during the stream ------------------------------------------------------------------
+
+
+async def test_in_stream_error_event_is_upstream_error(fake: FakeOpenAI,
+                                                       provider: OpenAIProvider) -> None:
+    fake.push(fail_after_chunks=2)
+    got, err = await fail_with(provider)
+    assert [c.text for c in got] == split_reply(REPLY, None)[:2]
+    assert err.code is ErrorCode.UPSTREAM_ERROR
+    assert_llm_engine_error(err)
+    await fake.wait_idle(WAIT)
+
+
+async def test_dropped_connection_mid_stream_is_unavailable(fake: FakeOpenAI,
+                                                            provider: OpenAIProvider) -> None:
+    fake.push(drop_after_chunks=3)
+    got, err = await fail_with(provider)
+    assert len(got) == 3
+    assert err.code is ErrorCode.UNAVAILABLE
+    assert err.retryable is True
+    assert fake.drops == 1
+
+
+async def test_stream_ending_without_finish_is_an_error(fake: FakeOpenAI,
+                                                        provider: OpenAIProvider) -> None:
+    fake.push(truncate_after_chunks=2)
+    got, err = await fail_with(provider)
+    assert len(got) == 2
+    assert err.code is ErrorCode.UPSTREAM_ERROR
+
+
+# --- the upstream stream is closed whatever ends it --------------------------------------------
+
+
+async def test_consumer_aclose_closes_the_upstream(fake: FakeOpenAI, provider: OpenAIProvider,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    streams = capture_streams(provider, monkeypatch)
+    fake.delay = 0.05  # the server is still writing when we stop
+    fake.tokens = 200
+    gen = provider.stream(make_request(provider))
+    got = [await anext(gen), await anext(gen)]
+    assert all(c.text for c in got)
+    assert fake.active_streams == 1
+
+    await gen.aclose()  # type: ignore[attr-defined]
+
+    # Closed by the provider itself, not later by a garbage-collection hook.
+    assert streams[0].response.is_closed
+    await fake.wait_disconnect(WAIT)
+    await fake.wait_idle(WAIT)
+    assert fake.disconnects == 1
+    assert fake.completed == 0
+
+
+async def test_cancelled_consumer_closes_the_upstream(fake: FakeOpenAI,
+                                                      provider: OpenAIProvider,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    streams = capture_streams(provider, monkeypatch)
+    fake.delay = 0.05
+    fake.tokens = 200
+    two = asyncio.Event()
+
+    async def consume() -> None:
+        n = 0
+        async for _chunk in provider.stream(make_request(provider)):
+            n += 1
+            if n == 2:
+                two.set()
+
+    task = asyncio.create_task(consume())
+    async with asyncio.timeout(WAIT):
+        await two.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled(), "CancelledError must propagate, never be swallowed"
+    assert streams[0].response.is_closed
+    await fake.wait_disconnect(WAIT)
+    await fake.wait_idle(WAIT)
+    assert fake.completed == 0
+
+
+async def test_cancel_while_upstream_is_stalled(fake: FakeOpenAI,
+                                                provider: OpenAIProvider) -> None:
+    fake.push(stall_after_chunks=2)
+    two = asyncio.Event()
+    got: list[Chunk] = []
+
+    async def consume() -> None:
+        async for chunk in provider.stream(make_request(provider)):
+            got.append(chunk)
+            if len(got) == 2:
+                two.set()
+
+    task = asyncio.create_task(consume())
+    async with asyncio.timeout(WAIT):
+        await two.wait()
+    # The consumer now waits on a silent upstream, as under an idle timeout.
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await fake.wait_disconnect(WAIT)
+    await fake.wait_idle(WAIT)
+    assert len(got) == 2
+
+
+async def test_upstream_closed_after_error_and_normal_end(
+        fake: FakeOpenAI, provider: OpenAIProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    streams = capture_streams(provider, monkeypatch)
+    await collect(provider)
+    fake.push(fail_after_chunks=1)
+    await fail_with(provider)
+    assert len(streams) == 2
+    assert all(s.response.is_closed for s in streams)
+    await fake.wait_idle(WAIT)
+    assert fake.disconnects == 0
+
+
+# --- map_openai_error, row by row --------------------------------------------------------------
+
+_REQ = httpx2.Request("POST", "https://provider.invalid/v1/chat/completions")
+
+
+def _resp(status: int, headers: dict[str, str] | None = None) -> httpx2.Response:
+    return httpx2.Response(status, headers=headers or {}, request=_REQ)
+
+
+def _status_error(cls: type[openai.APIStatusError], status: int, message: str = "boom",
+                  code: str | None = None, headers: dict[str, str] | None = None
+                  ) -> openai.APIStatusError:
+    body = {"message": message, "type": "x", "param": None, "code": code}
+    return cls(f"Error code: {status} - {message}", response=_resp(status, headers), body=body)
+
+
+ROWS: list[tuple[str, BaseException, ErrorCode, bool]] = [
+    ("429", _status_error(openai.RateLimitError, 429), ErrorCode.UPSTREAM_RATE_LIMITED, True),
+    ("401", _status_error(openai.AuthenticationError, 401), ErrorCode.UPSTREAM_ERROR, False),
+    ("403", _status_error(openai.PermissionDeniedError, 403), ErrorCode.UPSTREAM_ERROR, False),
+    ("400 context code", _status_error(openai.BadRequestError, 400, "too long",
+                                       "context_length_exceeded"),
+     ErrorCode.CONTEXT_TOO_LONG, False),
+    ("400 context text (vLLM)", _status_error(
+        openai.BadRequestError, 400,
+        "This model's maximum context length is 4096 tokens. However, you requested 5000 "
+        "tokens."), ErrorCode.CONTEXT_TOO_LONG, False),
+    ("400 other", _status_error(openai.BadRequestError, 400, "bad temperature", "invalid_value"),
+     ErrorCode.INVALID_REQUEST, False),
+    ("422", _status_error(openai.UnprocessableEntityError, 422), ErrorCode.INVALID_REQUEST,
+     False),
+    ("404", _status_error(openai.NotFoundError, 404), ErrorCode.UPSTREAM_ERROR, False),
+    ("409", _status_error(openai.ConflictError, 409), ErrorCode.UPSTREAM_ERROR, True),
+    ("500", _status_error(openai.InternalServerError, 500), ErrorCode.UPSTREAM_ERROR, True),
+    ("503", _status_error(openai.InternalServerError, 503), ErrorCode.UPSTREAM_ERROR, True),
+    ("408 plain status", _status_error(openai.APIStatusError, 408), ErrorCode.UPSTREAM_ERROR,
+     True),
+    ("418 plain status", _status_error(openai.APIStatusError, 418), ErrorCode.UPSTREAM_ERROR,
+     False),
+    ("timeout", openai.APITimeoutError(request=_REQ), ErrorCode.UPSTREAM_ERROR, True),
+    ("connection", openai.APIConnectionError(request=_REQ), ErrorCode.UNAVAILABLE, True),
+    ("in-stream", openai.APIError("An error occurred during streaming", _REQ,
+                                  body={"message": "overloaded", "type": "server_error"}),
+     ErrorCode.UPSTREAM_ERROR, True),
+    ("validation", openai.APIResponseValidationError(_resp(200), body={}),
+     ErrorCode.UPSTREAM_ERROR, False),
+    ("base OpenAIError", openai.OpenAIError("sdk misuse"), ErrorCode.INTERNAL, False),
+    ("foreign exception", RuntimeError("boom"), ErrorCode.INTERNAL, False),
+    ("cancelled", asyncio.CancelledError(), ErrorCode.CANCELLED, False),
+]
+
+
+@pytest.mark.parametrize(("exc", "code", "retryable"), [r[1:] for r in ROWS],
+                         ids=[r[0] for r in ROWS])
+def test_map_openai_error_table(exc: BaseException, code: ErrorCode, retryable: bool) -> None:
+    err = map_openai_error(exc)
+    assert isinstance(err, PromptlineError)
+    assert err.code is code
+    assert err.retryable is retryable
+    assert err.stage is None
+    assert err.origin == "llm_engine"
+    assert err.message
+
+
+def test_map_specific_messages() -> None:
+    assert map_openai_error(openai.APIConnectionError(request=_REQ)).message == UNREACHABLE
+    assert map_openai_error(_status_error(openai.NotFoundError, 404)).message == MODEL_NOT_FOUND
+    auth = map_openai_error(_status_error(openai.AuthenticationError, 401))
+    assert "credentials" in auth.message
+    assert map_openai_error(RuntimeError("password=hunter2")).message == "internal error"
+    lost = map_openai_error(openai.APIConnectionError(request=_REQ), in_stream=True)
+    assert lost.code is ErrorCode.UNAVAILABLE and lost.message != UNREACHABLE
+
+
+def test_map_passes_promptline_errors_through() -> None:
+    original = PromptlineError(ErrorCode.QPM_EXCEEDED, "slow down")
+    assert map_openai_error(original) is original
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"retry-after": "2"}, 2000),
+    ({"retry-after": "0.25"}, 250),
+    ({"retry-after-ms": "1500", "retry-after": "9"}, 1500),
+    ({"retry-after-ms": "junk", "retry-after": "4"}, 4000),
+    ({}, 0),
+    ({"retry-after": "soon"}, 0),
+    ({"retry-after": "-5"}, 0),
+    ({"retry-after": "99999999"}, 3_600_000),
+])
+def test_rate_limit_retry_after_headers(headers: dict[str, str], expected: int) -> None:
+    err = map_openai_error(_status_error(openai.RateLimitError, 429, headers=headers))
+    assert err.code is ErrorCode.UPSTREAM_RATE_LIMITED
+    assert err.retry_after_ms == expected
+
+
+def test_retry_after_http_date() -> None:
+    now = time.time()
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert 28_000 <= parse_retry_after_ms({"retry-after": date}, now=now) <= 31_000
+    err = map_openai_error(_status_error(openai.RateLimitError, 429,
+                                         headers={"retry-after": date}))
+    assert 25_000 <= err.retry_after_ms <= 31_000
+    past = email.utils.formatdate(now - 30, usegmt=True)
+    assert parse_retry_after_ms({"retry-after": past}, now=now) == 0
+
+
+def test_messages_never_carry_secrets_or_raw_bodies() -> None:
+    key = "sk-proj-abcdefghijklmnop1234"
+    auth = _status_error(openai.AuthenticationError, 401, f"Incorrect API key provided: {key}")
+    assert key not in map_openai_error(auth).message
+
+    bad = _status_error(openai.BadRequestError, 400,
+                        f"bad header Authorization: Bearer {key} in request " + "x" * 500)
+    msg = map_openai_error(bad).message
+    assert key not in msg and "Bearer" not in msg
+    assert len(msg) < 300
+
+    html = "<html><body>upstream stack trace: secret-internal-host:8443</body></html>"
+    server = openai.InternalServerError("Error code: 502 - " + html, response=_resp(502),
+                                        body=html)
+    assert "secret-internal-host" not in map_openai_error(server).message
+
+    in_stream = openai.APIError("x", _REQ, body={"message": f"failed for key {key}"})
+    assert key not in map_openai_error(in_stream).message
+
+
+def test_sanitize_provider_message() -> None:
+    assert sanitize_provider_message("Error code: 400 - Invalid  value\n for x") == \
+        "Invalid value for x"
+    assert sanitize_provider_message(None) == ""
+    assert len(sanitize_provider_message("y" * 1000)) <= 200
