@@ -49,7 +49,8 @@ def parse_duration(value: Any, path: str = "duration") -> float:
         match = _DURATION.match(str(value))
         if not match:
             raise ConfigError(
-                f"{path}: invalid duration {value!r} (use a number with ms, s, m or h: 150ms, 30s, 5m)"
+                f"{path}: invalid duration {value!r} "
+                "(use a number with ms, s, m or h: 150ms, 30s, 5m)"
             )
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if seconds <= 0:
@@ -234,7 +235,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
     return parse_config(raw if raw is not None else {}, env=env, source=str(chosen))
 
 
-def parse_config(raw: Any, env: Mapping[str, str] | None = None, source: str = "<memory>") -> Config:
+def parse_config(raw: Any, env: Mapping[str, str] | None = None,
+                 source: str = "<memory>") -> Config:
     """Validate an already-parsed mapping (what tests and `load_config` use)."""
     env = os.environ if env is None else env
     root = _mapping(raw, "config")
@@ -371,7 +373,8 @@ def _tenant(raw: Any, path: str) -> TenantConfig:
         if key.startswith("sha256:"):
             hexpart = key.removeprefix("sha256:")
             if not re.fullmatch(r"[0-9a-fA-F]{64}", hexpart):
-                raise ConfigError(f"{path}.api_keys[{i}]: sha256: must be followed by 64 hex digits")
+                raise ConfigError(
+                    f"{path}.api_keys[{i}]: sha256: must be followed by 64 hex digits")
             digests.append(bytes.fromhex(hexpart))
         elif len(key) < 4:
             raise ConfigError(f"{path}.api_keys[{i}]: an API key needs at least 4 characters")

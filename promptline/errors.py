@@ -184,7 +184,7 @@ class PromptlineError(Exception):
     # --- gRPC status with rich details ----------------------------------------------------
 
     def to_grpc_status(self) -> grpc.Status:
-        """`grpc.Status` with `google.rpc.Status` details: ErrorInfo, plus RetryInfo/QuotaFailure."""
+        """`grpc.Status` carrying `google.rpc.Status`: ErrorInfo, plus RetryInfo/QuotaFailure."""
         info = error_details_pb2.ErrorInfo(
             reason=self.code.value,
             domain=ERROR_DOMAIN,

@@ -140,7 +140,8 @@ def _with(path: str, value: object) -> dict:
 
 @pytest.mark.parametrize(("raw", "message"), [
     (_with("models.0.timeouts", {"idle": "30x"}), r"models\[0\]\.timeouts\.idle: invalid duration"),
-    (_with("models.0.provider", "llama"), r"models\[0\]\.provider: must be 'simulated' or 'openai'"),
+    (_with("models.0.provider", "llama"),
+     r"models\[0\]\.provider: must be 'simulated' or 'openai'"),
     (_with("tenants.0.api_keys", []), r"tenants\[0\]\.api_keys: at least one API key"),
     (_with("tenants.0.quotas", {"qpm": "lots"}), r"tenants\[0\]\.quotas\.qpm: must be a whole"),
     (_with("tenants.0.quota", {"qpm": 5}), r"tenants\[0\]\.quota: unknown key"),
@@ -155,7 +156,8 @@ def _with(path: str, value: object) -> dict:
      r"moderation\.injection_patterns\[0\]: invalid regex"),
     ({**BASE, "tenants": BASE["tenants"] * 2}, r"tenants: duplicate tenant name 'dev'"),
     (_with("models.0.base_url", "http://x"), r"models\[0\]: base_url/api_key_env apply only"),
-    ({**BASE, "models": [{"name": "o", "provider": "openai"}]}, r"models\[0\]\.base_url: an openai"),
+    ({**BASE, "models": [{"name": "o", "provider": "openai"}]},
+     r"models\[0\]\.base_url: an openai"),
 ])
 def test_bad_configs_name_key_and_reason(raw, message):
     with pytest.raises(ConfigError, match=message):

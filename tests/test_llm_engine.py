@@ -108,6 +108,7 @@ async def test_failure_before_first_token_falls_back():
 async def test_failure_before_first_token_without_fallback_reports_error():
     async with engine(sim("a", fail_after_tokens=0)) as stub:
         frames, code = await run(stub.Generate(request("a"), timeout=10))
+    assert code == grpc.StatusCode.UNAVAILABLE
     assert kinds(frames) == ["error"]
     err = PromptlineError.from_pb(frames[0].error)
     assert (err.code, err.stage, err.retryable) == (ErrorCode.UPSTREAM_ERROR, Stage.FIRST_PACKET,
@@ -138,6 +139,7 @@ async def test_total_timeout_mid_stream():
     timeouts = {"first_token": "400ms", "idle": "5s", "total": "500ms"}
     async with engine(sim(tokens_per_second=10, timeouts=timeouts)) as stub:
         frames, code = await run(stub.Generate(request(), timeout=10))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert kinds(frames)[-1] == "error" and 1 <= kinds(frames).count("delta") < 12
     err = PromptlineError.from_pb(frames[-1].error)
     assert (err.code, err.stage) == (ErrorCode.DEADLINE_EXCEEDED, Stage.MID_STREAM)

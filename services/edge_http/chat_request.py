@@ -1,0 +1,193 @@
+"""The `POST /v1/chat/stream` body: read with a size cap, decoded, validated, turned into protobuf.
+
+Every rejection is a `PromptlineError(INVALID_REQUEST)` at stage `connect` whose message names the
+offending field or JSON position, so a client can fix the request without reading server logs.
+Whether a model or a prompt exists is the prompt service's business (NOT_FOUND), not checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import AsyncIterable
+from typing import Any, NoReturn
+
+from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.v1 import common_pb2, prompt_pb2
+
+# The one INVALID_REQUEST the edge answers with 413 instead of the table's 400.
+PAYLOAD_TOO_LARGE_STATUS = 413
+
+ROLES = frozenset({"system", "user", "assistant"})
+MAX_TOKENS_LIMIT = 1_000_000
+MAX_TEMPERATURE = 2.0
+_UINT32_MAX = 2**32 - 1
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def invalid(message: str) -> PromptlineError:
+    """An INVALID_REQUEST at stage `connect`: the request never reached any model work."""
+    return PromptlineError(ErrorCode.INVALID_REQUEST, message, stage=Stage.CONNECT)
+
+
+async def read_body(content: AsyncIterable[bytes], limit: int,
+                    content_length: int | None = None) -> bytes:
+    """Read at most `limit` bytes; a larger body raises INVALID_REQUEST (sent as HTTP 413).
+
+    A declared Content-Length over the limit is refused before reading anything; a chunked body
+    is counted as it arrives, so an endless upload is cut off at the limit, not buffered.
+    """
+    if content_length is not None and content_length > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in content:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PromptlineError:
+    return invalid(f"request body is larger than {limit} bytes")
+
+
+def parse_chat_request(body: bytes) -> prompt_pb2.StreamChatRequest:
+    """Decode and validate a chat body; the request id is left for the caller to set."""
+    data = _decode_json(body)
+    if not isinstance(data, dict):
+        raise invalid(f"body must be a JSON object, got {_kind(data)}")
+
+    request = prompt_pb2.StreamChatRequest(
+        model=_string(data.get("model"), "model", required=True),
+        messages=_messages(data.get("messages")),
+    )
+    max_tokens = data.get("max_tokens")
+    if max_tokens is not None:
+        request.max_tokens = _int(max_tokens, "max_tokens", 1, MAX_TOKENS_LIMIT)
+    temperature = data.get("temperature")
+    if temperature is not None:
+        request.temperature = _temperature(temperature)
+    conversation_id = data.get("conversation_id")
+    if conversation_id is not None:
+        text = _string(conversation_id, "conversation_id")
+        if not _CONVERSATION_ID.fullmatch(text):
+            raise invalid("conversation_id must be 1-128 characters of letters, digits and . _ : -")
+        request.conversation_id = text
+    prompt = data.get("prompt")
+    if prompt is not None:
+        request.prompt.CopyFrom(_prompt_ref(prompt))
+    return request
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid("body is not valid UTF-8") from None
+    if not text.strip():
+        raise invalid("body is empty (expected a JSON object)")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise invalid(
+            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        # A 1 MiB body of `[[[[...` would otherwise surface as an internal error.
+        raise invalid("body is not valid JSON: nested too deeply") from None
+
+
+def _reject_constant(name: str) -> NoReturn:
+    # NaN and Infinity are not JSON; Python accepts them by default.
+    raise invalid(f"body is not valid JSON: {name} is not a JSON value")
+
+
+def _messages(value: Any) -> list[common_pb2.ChatMessage]:
+    if value is None:
+        raise invalid("messages is required")
+    if not isinstance(value, list):
+        raise invalid(f"messages must be a list, got {_kind(value)}")
+    if not value:
+        raise invalid("messages must not be empty")
+    out = []
+    for i, item in enumerate(value):
+        path = f"messages[{i}]"
+        if not isinstance(item, dict):
+            raise invalid(f"{path} must be an object, got {_kind(item)}")
+        role = _string(item.get("role"), f"{path}.role", required=True)
+        if role not in ROLES:
+            raise invalid(f"{path}.role must be one of assistant, system, user")
+        content = _string(item.get("content"), f"{path}.content", required=True, allow_empty=True)
+        out.append(common_pb2.ChatMessage(role=role, content=content))
+    return out
+
+
+def _prompt_ref(value: Any) -> prompt_pb2.PromptRef:
+    if not isinstance(value, dict):
+        raise invalid(f"prompt must be an object, got {_kind(value)}")
+    ref = prompt_pb2.PromptRef(id=_string(value.get("id"), "prompt.id", required=True))
+    version, label = value.get("version"), value.get("label")
+    if version is not None and label is not None:
+        raise invalid("prompt takes either version or label, not both")
+    if version is not None:
+        ref.version = _int(version, "prompt.version", 1, _UINT32_MAX)
+    if label is not None:
+        ref.label = _string(label, "prompt.label")
+    variables = value.get("variables")
+    if variables is not None:
+        if not isinstance(variables, dict):
+            raise invalid(f"prompt.variables must be an object, got {_kind(variables)}")
+        for name, text in variables.items():
+            ref.variables[_string(name, "prompt.variables key")] = _string(
+                text, f"prompt.variables.{name}", allow_empty=True
+            )
+    return ref
+
+
+def _string(value: Any, path: str, *, required: bool = False, allow_empty: bool = False) -> str:
+    if value is None and required:
+        raise invalid(f"{path} is required")
+    if not isinstance(value, str):
+        raise invalid(f"{path} must be a string, got {_kind(value)}")
+    if not value and not allow_empty:
+        raise invalid(f"{path} must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON `\ud800` escapes decode to lone surrogates, which protobuf cannot serialize.
+        raise invalid(f"{path} contains an invalid Unicode escape (lone surrogate)") from None
+    return value
+
+
+def _int(value: Any, path: str, minimum: int, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{path} must be an integer, got {_kind(value)}")
+    if not minimum <= value <= maximum:
+        raise invalid(f"{path} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _temperature(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise invalid(f"temperature must be a number, got {_kind(value)}")
+    if not 0 <= value <= MAX_TEMPERATURE:
+        raise invalid(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {value}")
+    return float(value)
+
+
+def _kind(value: Any) -> str:
+    """JSON's name for a value's type, for messages a client can act on."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
