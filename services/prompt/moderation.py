@@ -1,0 +1,208 @@
+"""Input and output moderation for the prompt service.
+
+Input (`Moderator.check_input`) runs before any provider call and raises MODERATION_BLOCKED at
+stage first_packet. Output goes through a per-stream `OutputFilter`: `feed()` every delta, write
+only what it returns (it may be ""), and `flush()` once at the end of the stream before the done
+frame. It raises MODERATION_BLOCKED at stage mid_stream; the caller then ends the stream, which
+cancels the provider.
+
+Blocked terms match as case-folded substrings (`str.casefold`, no Unicode normalisation), so
+"Forbidden-Word" and "FORBIDDEN-WORD" match "forbidden-word", and so does "xforbidden-wordy":
+substrings rather than whole words because a reply can glue a term to punctuation or markup, and
+a false positive is a cheaper mistake here than a leak.
+
+Hold-back rule: the output filter keeps back the last `L - 1` characters of the original text,
+where `L` is the length of the longest case-folded term. Case folding never maps a character to
+nothing (it may map one to up to three), so any unfinished occurrence of a term at the end of the
+text lies within those characters; no character of a term that is completed later has therefore
+been released. Each `feed()` scans only the held tail plus the new text, never the whole reply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from promptline.config import ModerationConfig
+from promptline.errors import ErrorCode, PromptlineError, Stage
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+INPUT_BLOCKED_TERM = "the request was blocked by moderation (blocked term)"
+INPUT_INJECTION = "the request was blocked by moderation (prompt-injection pattern)"
+INPUT_FLAGGED = "the request was blocked by moderation (flagged by the moderation model)"
+OUTPUT_BLOCKED = "the reply was blocked by moderation"
+MODERATION_UNAVAILABLE = "the moderation service failed; the request was not sent"
+
+
+def _input_blocked(message: str) -> PromptlineError:
+    return PromptlineError(ErrorCode.MODERATION_BLOCKED, message, stage=Stage.FIRST_PACKET)
+
+
+class OutputFilter(Protocol):
+    """Per-stream, synchronous filter of the reply text; called for every delta."""
+
+    def feed(self, text: str) -> str:
+        """Return the part of the reply that is safe to deliver now (possibly "")."""
+        ...
+
+    def flush(self) -> str:
+        """At the end of the stream: return whatever is still held back."""
+        ...
+
+
+class Moderator(Protocol):
+    """What the prompt service needs from a moderator; one instance serves every stream."""
+
+    async def check_input(self, texts: Sequence[str]) -> None:
+        """Raise MODERATION_BLOCKED (stage first_packet) if any text must not be sent."""
+        ...
+
+    def output_filter(self) -> OutputFilter:
+        """A fresh filter for one reply stream."""
+        ...
+
+
+class PassThroughFilter:
+    """The filter when nothing is blocked: no hold-back, no copies."""
+
+    __slots__ = ()
+
+    def feed(self, text: str) -> str:
+        return text
+
+    def flush(self) -> str:
+        return ""
+
+
+class BlockedTermFilter:
+    """Stops a reply before any character of a blocked term is delivered (module docstring)."""
+
+    __slots__ = ("_blocked", "_held", "_hold", "_terms")
+
+    def __init__(self, folded_terms: Sequence[str]) -> None:
+        if not folded_terms:
+            raise ValueError("BlockedTermFilter needs at least one term; use PassThroughFilter")
+        self._terms = tuple(folded_terms)
+        self._hold = max(map(len, self._terms)) - 1
+        self._held = ""
+        self._blocked = False
+
+    def feed(self, text: str) -> str:
+        if self._blocked:
+            # Sticky, so a caller that swallows the error still cannot leak the rest.
+            raise self._error()
+        window = self._held + text
+        # The held tail was scanned by the previous call; a new match must involve `text`,
+        # and scanning the tail again is what catches a term split across deltas.
+        folded = window.casefold()
+        for term in self._terms:
+            if term in folded:
+                self._blocked = True
+                self._held = ""
+                raise self._error()
+        if len(window) <= self._hold:
+            self._held = window
+            return ""
+        cut = len(window) - self._hold
+        self._held = window[cut:]
+        return window[:cut]
+
+    def flush(self) -> str:
+        if self._blocked:
+            raise self._error()
+        held, self._held = self._held, ""
+        return held
+
+    @staticmethod
+    def _error() -> PromptlineError:
+        return PromptlineError(ErrorCode.MODERATION_BLOCKED, OUTPUT_BLOCKED, stage=Stage.MID_STREAM)
+
+
+class TermModerator:
+    """Blocked terms (input and output) and prompt-injection regexes (input) from config.
+
+    Injection patterns are compiled once with re.IGNORECASE, as attackers vary case freely;
+    they are operator-written regexes, searched over each input text.
+    """
+
+    __slots__ = ("_patterns", "_terms")
+
+    def __init__(self, config: ModerationConfig) -> None:
+        folded = (t.casefold() for t in config.blocked_terms)
+        self._terms = tuple(dict.fromkeys(t for t in folded if t))
+        self._patterns = tuple(re.compile(p, re.IGNORECASE) for p in config.injection_patterns)
+
+    async def check_input(self, texts: Sequence[str]) -> None:
+        self.check_input_sync(texts)
+
+    def check_input_sync(self, texts: Sequence[str]) -> None:
+        """The same check as `check_input`, for callers that are not async."""
+        for text in texts:
+            if self._terms:
+                folded = text.casefold()
+                if any(term in folded for term in self._terms):
+                    raise _input_blocked(INPUT_BLOCKED_TERM)
+            if any(p.search(text) for p in self._patterns):
+                raise _input_blocked(INPUT_INJECTION)
+
+    def output_filter(self) -> OutputFilter:
+        return BlockedTermFilter(self._terms) if self._terms else PassThroughFilter()
+
+
+class OpenAIModerator:
+    """Adds a model-based input check (OpenAI moderation endpoint) to the term checks.
+
+    Output stays with the term filter: a network round trip per delta would stall the token
+    stream, and moderating only the finished reply would come after it was delivered.
+    """
+
+    __slots__ = ("_client", "_model", "_terms")
+
+    def __init__(self, client: AsyncOpenAI, terms: TermModerator, *,
+                 model: str = "omni-moderation-latest") -> None:
+        self._client = client
+        self._terms = terms
+        self._model = model
+
+    async def check_input(self, texts: Sequence[str]) -> None:
+        import openai  # deferred: only deployments that plug this in pay for the import
+
+        # Config terms first: they are free and spare a paid call for the obvious cases.
+        self._terms.check_input_sync(texts)
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            return
+        try:
+            response = await self._client.moderations.create(input=texts, model=self._model)
+        except openai.OpenAIError as exc:
+            # The SDK's text can carry the upstream URL or body; never show it to a user.
+            raise PromptlineError(ErrorCode.UPSTREAM_ERROR, MODERATION_UNAVAILABLE,
+                                  stage=Stage.FIRST_PACKET) from exc
+        if any(result.flagged for result in response.results):
+            raise _input_blocked(INPUT_FLAGGED)
+
+    def output_filter(self) -> OutputFilter:
+        return self._terms.output_filter()
+
+
+def build_moderator(config: ModerationConfig, *,
+                    openai_client: AsyncOpenAI | None = None) -> Moderator:
+    """Config terms, plus the OpenAI moderation model when a client is given."""
+    terms = TermModerator(config)
+    if openai_client is None:
+        return terms
+    return OpenAIModerator(openai_client, terms)
+
+
+__all__ = [
+    "BlockedTermFilter",
+    "Moderator",
+    "OpenAIModerator",
+    "OutputFilter",
+    "PassThroughFilter",
+    "TermModerator",
+    "build_moderator",
+]

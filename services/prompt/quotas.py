@@ -1,0 +1,486 @@
+"""QPM/TPM quotas per tenant and per model, shared by all replicas through Redis.
+
+Admission
+    `QuotaManager.admit()` checks and charges every applicable limit of a request - tenant qpm,
+    tenant tpm, model qpm, model tpm (limits that are None are skipped) - in ONE Lua script
+    call: either every limit admits the request and all counters move, or none moves and the
+    script names the limit that failed and when a retry can succeed. Redis runs a script
+    atomically, so N concurrent requests (from any number of replicas) are serialised and can
+    never overshoot a limit: a request is admitted only if its whole reservation fits.
+
+Tokens: reserve, then reconcile
+    TPM reserves `prompt tokens (tiktoken) + max_tokens` at admission, before the provider is
+    called. When the stream ends, `Reservation.settle(actual_tokens)` moves the bucket the
+    reservation was charged to by `actual - reserved` (clamped at zero), so the budget reflects
+    real usage; `Reservation.refund()` (= `settle(0)`) returns the whole reservation when the
+    stream failed before producing anything. Both are one atomic script call, idempotent (the
+    second call is a no-op) and never raise, so they are safe in `finally`. QPM is not refunded:
+    a request that reached admission counts as a request, even if it later failed (this also
+    throttles clients that hammer a failing upstream).
+
+Window algorithm: sliding-window counter
+    Each limited subject ("tenant:dev:tpm", "model:sim:qpm", ...) keeps two fixed one-minute
+    buckets, the current (`c`) and the previous (`p`) minute, in one Redis hash
+    `{w: minute index, c, p}`. Usage "over the last 60 s" is estimated as
+    `p * (60 - elapsed) / 60 + c`, where `elapsed` is the time since the current minute began:
+    the previous minute's count is assumed evenly spread and slides out linearly (the
+    Cloudflare / "sliding window counter" approach). It is O(1) per limit, smooths the burst a
+    fixed window allows at minute boundaries, and never under-counts a steady rate. When a
+    limit rejects, `retry_after_ms` is the exact time at which the estimate (with no other
+    traffic or refunds) drops low enough for this request to fit: later in this minute if only
+    the previous bucket's share is in the way, else after the current bucket itself becomes
+    the sliding-out previous bucket. A request that can never fit (reservation larger than
+    the limit itself) is rejected with `retryable=False`.
+    Settling a reservation charged to minute m adjusts bucket m while it is still counted (the
+    current or previous minute); extra tokens reported later are charged to the current minute
+    (that is when they were used); a refund to a bucket that has already slid out is a no-op.
+
+Clock
+    By default (`clock=None`) the scripts read the Redis server's `TIME`, so every replica
+    shares one clock. A `clock` callable (seconds, like `time.time`) may be injected instead -
+    tests use it to move across minutes without sleeping; with client clocks the replicas
+    should be NTP-synchronised (skew only shifts the window boundaries by the skew, and a
+    bucket written by a replica whose clock is ahead is treated as the current one).
+
+Keys and Redis Cluster
+    Every key is `{pl:quota}:<scope>:<name>:<qpm|tpm>` (a hash, expiring two minutes after its
+    last write). A tenant limit and a model limit must be checked in one script, and a model's
+    budget is shared by all tenants, so there is no per-tenant hash tag that puts both in one
+    slot. We chose a single global hash tag `{pl:quota}`: all quota keys live in one cluster
+    slot, so one script sees them all and admission stays truly atomic (a rejection by the
+    model limit leaves the tenant counters untouched). The trade-off: all quota traffic goes
+    to one shard - one small script per request, far below what one Redis node serves at our
+    scale. If that ever becomes the bottleneck, the alternative is two calls (tenant slot,
+    model slot) with compensation (refund the first if the second rejects), which can briefly
+    over-count by one reservation but never overshoot.
+
+Redis slow or down
+    Every call is bounded by `QuotaPolicy.redis_timeout`. On a Redis error or timeout, admission
+    either fails closed (`UNAVAILABLE`, retryable) or, with `fail_open`, admits the request with
+    a WARNING log and a no-op reservation; settle/usage failures are logged and never raise.
+    Each failure increments `QUOTA_REDIS_ERRORS[operation]` (read by the metrics layer). Note:
+    a call that timed out on our side may still be executed by Redis later (e.g. after a
+    CLIENT PAUSE): that can only over-count, never over-admit, and expires with the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from promptline.config import ModelConfig, QuotaPolicy, TenantConfig
+from promptline.errors import ErrorCode, PromptlineError, Stage
+
+log = logging.getLogger("promptline.quotas")
+
+WINDOW_MS = 60_000
+KEY_PREFIX = "{pl:quota}:"
+
+QUOTA_REDIS_ERRORS: collections.Counter[str] = collections.Counter()
+"""Redis errors/timeouts of the quota store, by operation ("admit", "settle", "usage")."""
+
+_STORE_ERRORS = (RedisError, TimeoutError, OSError)
+
+# --- Lua -------------------------------------------------------------------------------------
+
+_LUA_PRELUDE = """
+local function now_ms(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- State of one limit at window `win`: effective window, current count, previous count, exists.
+local function state(key, win)
+  local v = redis.call('HMGET', key, 'w', 'c', 'p')
+  local w = tonumber(v[1])
+  if w == nil then return win, 0, 0, false end
+  local c = tonumber(v[2]) or 0
+  local p = tonumber(v[3]) or 0
+  if w >= win then return w, c, p, true end
+  if w == win - 1 then return win, 0, c, true end
+  return win, 0, 0, true
+end
+"""
+
+# KEYS[i]: one hash per limit. ARGV: now_ms ('' = server TIME), window_ms, then limit_i, cost_i.
+# Returns {0, i, retry_ms} (retry_ms -1: can never fit) or
+# {1, window, now_ms, estimate_i, current_i, previous_i ...} after charging every limit.
+_ADMIT_LUA = _LUA_PRELUDE + """
+local now = now_ms(ARGV[1])
+local W = tonumber(ARGV[2])
+local win = math.floor(now / W)
+local elapsed = now - win * W
+local st = {}
+local worst_i, worst_ms = 0, -1
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[1 + 2 * i])
+  local cost = tonumber(ARGV[2 + 2 * i])
+  local w, c, p = state(KEYS[i], win)
+  -- usage * W, in integers (exact in a double far beyond any sane limit): no rounding surprises
+  local scaled = p * (W - elapsed) + c * W
+  st[i] = {w, c, p, scaled}
+  if cost > limit then
+    return {0, i, -1}
+  end
+  if scaled + cost * W > limit * W then
+    local wait
+    if c + cost <= limit then
+      -- only the previous minute's share is in the way (p > 0 here): wait until it slid out
+      wait = math.ceil(W * (p - (limit - c - cost)) / p) - elapsed
+    else
+      -- wait for this minute to become the previous one, then for enough of it to slide out
+      wait = (W - elapsed) + math.ceil(W * (c - (limit - cost)) / c)
+    end
+    if wait < 1 then wait = 1 end
+    if wait > worst_ms then worst_i, worst_ms = i, wait end
+  end
+end
+if worst_i > 0 then return {0, worst_i, worst_ms} end
+local out = {1, win, now}
+for i = 1, #KEYS do
+  local cost = tonumber(ARGV[2 + 2 * i])
+  local s = st[i]
+  local c = s[2] + cost
+  redis.call('HSET', KEYS[i], 'w', s[1], 'c', c, 'p', s[3])
+  redis.call('PEXPIRE', KEYS[i], 2 * W)
+  out[#out + 1] = math.ceil(s[4] / W) + cost
+  out[#out + 1] = c
+  out[#out + 1] = s[3]
+end
+return out
+"""
+
+# KEYS: the tpm hashes a reservation charged. ARGV: now_ms|'', window_ms, charged window, delta.
+_SETTLE_LUA = _LUA_PRELUDE + """
+local now = now_ms(ARGV[1])
+local W = tonumber(ARGV[2])
+local charged = tonumber(ARGV[3])
+local delta = tonumber(ARGV[4])
+local win = math.floor(now / W)
+for i = 1, #KEYS do
+  local w, c, p, exists = state(KEYS[i], win)
+  if exists or delta > 0 then
+    if charged == w then
+      c = math.max(0, c + delta)
+    elseif charged == w - 1 then
+      p = math.max(0, p + delta)
+    elseif delta > 0 then
+      c = c + delta
+    end
+    redis.call('HSET', KEYS[i], 'w', w, 'c', c, 'p', p)
+    redis.call('PEXPIRE', KEYS[i], 2 * W)
+  end
+end
+return 1
+"""
+
+# KEYS: hashes to read. ARGV: now_ms|'', window_ms. Returns {now_ms, current_i, previous_i ...}.
+_USAGE_LUA = _LUA_PRELUDE + """
+local now = now_ms(ARGV[1])
+local W = tonumber(ARGV[2])
+local win = math.floor(now / W)
+local out = {now}
+for i = 1, #KEYS do
+  local _, c, p = state(KEYS[i], win)
+  out[#out + 1] = c
+  out[#out + 1] = p
+end
+return out
+"""
+
+# --- public types ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitInfo:
+    """The tenant's own limits after admission, for `x-ratelimit-*` headers (None: unlimited).
+
+    Model budgets are shared by all tenants, so they are deliberately not exposed here.
+    `reset_*_s` is the time until the sliding window is back to empty (with no new traffic).
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI-style `x-ratelimit-*` headers for the limits that apply."""
+        out: dict[str, str] = {}
+        if self.limit_requests is not None:
+            out["x-ratelimit-limit-requests"] = str(self.limit_requests)
+            out["x-ratelimit-remaining-requests"] = str(self.remaining_requests or 0)
+            out["x-ratelimit-reset-requests"] = f"{math.ceil(self.reset_requests_s or 0)}s"
+        if self.limit_tokens is not None:
+            out["x-ratelimit-limit-tokens"] = str(self.limit_tokens)
+            out["x-ratelimit-remaining-tokens"] = str(self.remaining_tokens or 0)
+            out["x-ratelimit-reset-tokens"] = f"{math.ceil(self.reset_tokens_s or 0)}s"
+        return out
+
+
+class Reservation:
+    """An admitted request's token reservation; settle or refund it exactly once (extra calls
+    are no-ops, failures are logged, nothing raises)."""
+
+    __slots__ = ("_keys", "_manager", "_settled", "degraded", "limits", "request_id",
+                 "reserved_tokens", "window")
+
+    def __init__(self, manager: QuotaManager | None, request_id: str, reserved_tokens: int,
+                 window: int | None, tpm_keys: tuple[str, ...],
+                 limits: RateLimitInfo | None = None, degraded: bool = False) -> None:
+        self._manager = manager
+        self.request_id = request_id
+        self.reserved_tokens = reserved_tokens
+        """Tokens charged to the tpm limits at admission."""
+        self.window = window
+        """Index of the one-minute bucket the tokens were charged to (None: nothing charged)."""
+        self._keys = tpm_keys
+        self.limits = limits or RateLimitInfo()
+        self.degraded = degraded
+        """True when admitted without the quota store (fail-open): settle does nothing."""
+        self._settled = False
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    async def settle(self, actual_tokens: int) -> None:
+        """Reconcile the reservation to the real usage (prompt + completion tokens)."""
+        if self._settled:
+            return
+        self._settled = True  # before any await: a concurrent second call is a no-op too
+        if self._manager is None or not self._keys or self.window is None:
+            return
+        delta = max(0, int(actual_tokens)) - self.reserved_tokens
+        if delta == 0:
+            return
+        await self._manager._settle(self, delta)
+
+    async def refund(self) -> None:
+        """Return the whole token reservation (the stream failed before using any)."""
+        await self.settle(0)
+
+    def __repr__(self) -> str:
+        return (f"Reservation(request_id={self.request_id!r}, reserved_tokens="
+                f"{self.reserved_tokens}, window={self.window}, degraded={self.degraded}, "
+                f"settled={self._settled})")
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    scope: str  # "tenant" | "model"
+    name: str
+    kind: str  # "qpm" | "tpm"
+    limit: int
+    cost: int
+
+    @property
+    def subject(self) -> str:
+        return f"{self.scope}:{self.name}:{self.kind}"
+
+    @property
+    def key(self) -> str:
+        return quota_key(self.scope, self.name, self.kind)
+
+
+def quota_key(scope: str, name: str, kind: str) -> str:
+    """Redis key of one limit; every key shares the `{pl:quota}` hash tag (one cluster slot)."""
+    return f"{KEY_PREFIX}{scope}:{name}:{kind}"
+
+
+class QuotaManager:
+    """Admits requests against tenant/model QPM and TPM limits stored in Redis.
+
+    `clock`: seconds since the epoch (like `time.time`); None (default) uses the Redis server's
+    TIME, one clock for every replica.
+    """
+
+    __slots__ = ("_scripts", "clock", "policy", "redis")
+
+    def __init__(self, redis: aioredis.Redis, policy: QuotaPolicy, *,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.redis = redis
+        self.policy = policy
+        self.clock = clock
+        self._scripts = {
+            "admit": redis.register_script(_ADMIT_LUA),
+            "settle": redis.register_script(_SETTLE_LUA),
+            "usage": redis.register_script(_USAGE_LUA),
+        }
+
+    async def admit(self, tenant: TenantConfig, model: ModelConfig, reserve_tokens: int,
+                    request_id: str) -> Reservation:
+        """Charge one request and `reserve_tokens` to every applicable limit, or raise.
+
+        Raises PromptlineError QPM_EXCEEDED / TPM_EXCEEDED (stage first_packet, with
+        retry_after_ms and quota_subject), or UNAVAILABLE when the quota store failed and the
+        policy is fail-closed.
+        """
+        reserve = max(0, int(reserve_tokens))
+        checks = _checks(tenant, model, reserve)
+        if not checks:
+            return Reservation(None, request_id, 0, None, ())
+        for check in checks:
+            if check.cost > check.limit:
+                raise _never_fits(check, request_id)
+        args: list[Any] = [self._now_arg(), WINDOW_MS]
+        for check in checks:
+            args += [check.limit, check.cost]
+        try:
+            async with asyncio.timeout(self.policy.redis_timeout):
+                raw = await self._scripts["admit"](keys=[c.key for c in checks], args=args)
+        except _STORE_ERRORS as exc:
+            return self._admit_without_store(exc, request_id)
+        result = [int(x) for x in raw]
+        if result[0] != 1:
+            check = checks[result[1] - 1]
+            if result[2] < 0:
+                raise _never_fits(check, request_id)
+            raise _exceeded(check, result[2], request_id)
+        window, now_ms = result[1], result[2]
+        per_check = {c.subject: result[3 + 3 * i: 6 + 3 * i] for i, c in enumerate(checks)}
+        tpm_keys = tuple(c.key for c in checks if c.kind == "tpm")
+        return Reservation(self, request_id, reserve if tpm_keys else 0, window, tpm_keys,
+                           _limits(tenant, per_check, now_ms))
+
+    async def usage(self, tenant: TenantConfig) -> dict[str, Any]:
+        """The tenant's current sliding-window usage of each limit that applies.
+
+        `{"qpm": {"limit", "used", "remaining", "reset_s"} | None, "tpm": ... | None}`.
+        Raises UNAVAILABLE when the store failed under fail-closed; fail-open returns {}.
+        """
+        kinds = [k for k in ("qpm", "tpm") if getattr(tenant.quotas, k) is not None]
+        out: dict[str, Any] = {"qpm": None, "tpm": None}
+        if not kinds:
+            return out
+        keys = [quota_key("tenant", tenant.name, k) for k in kinds]
+        try:
+            async with asyncio.timeout(self.policy.redis_timeout):
+                raw = await self._scripts["usage"](keys=keys, args=[self._now_arg(), WINDOW_MS])
+        except _STORE_ERRORS as exc:
+            _record_store_error("usage", exc, "")
+            if self.policy.fail_open:
+                return {}
+            raise _unavailable("") from None
+        values = [int(x) for x in raw]
+        now_ms = values[0]
+        for i, kind in enumerate(kinds):
+            limit = getattr(tenant.quotas, kind)
+            current, previous = values[1 + 2 * i], values[2 + 2 * i]
+            used = _estimate(current, previous, now_ms)
+            out[kind] = {"limit": limit, "used": used, "remaining": max(0, limit - used),
+                         "reset_s": _reset_s(current, previous, now_ms)}
+        return out
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _now_arg(self) -> int | str:
+        return "" if self.clock is None else int(self.clock() * 1000)
+
+    def _admit_without_store(self, exc: BaseException, request_id: str) -> Reservation:
+        _record_store_error("admit", exc, request_id)
+        if not self.policy.fail_open:
+            log.warning("quota store unavailable (%s): rejecting the request (fail_closed)",
+                        type(exc).__name__, extra={"request_id": request_id})
+            raise _unavailable(request_id) from None
+        log.warning("quota store unavailable (%s): admitting without quota check (fail_open)",
+                    type(exc).__name__, extra={"request_id": request_id})
+        return Reservation(None, request_id, 0, None, (), degraded=True)
+
+    async def _settle(self, reservation: Reservation, delta: int) -> None:
+        try:
+            async with asyncio.timeout(self.policy.redis_timeout):
+                await self._scripts["settle"](
+                    keys=list(reservation._keys),
+                    args=[self._now_arg(), WINDOW_MS, reservation.window, delta],
+                )
+        except _STORE_ERRORS as exc:
+            _record_store_error("settle", exc, reservation.request_id)
+
+
+def _checks(tenant: TenantConfig, model: ModelConfig, reserve: int) -> list[_Check]:
+    checks = []
+    for scope, name, quotas in (("tenant", tenant.name, tenant.quotas),
+                                ("model", model.name, model.quotas)):
+        if quotas.qpm is not None:
+            checks.append(_Check(scope, name, "qpm", quotas.qpm, 1))
+        if quotas.tpm is not None:
+            checks.append(_Check(scope, name, "tpm", quotas.tpm, reserve))
+    return checks
+
+
+def _estimate(current: int, previous: int, now_ms: int) -> int:
+    """Sliding-window usage, rounded up (integer arithmetic, like the scripts)."""
+    elapsed = now_ms % WINDOW_MS
+    return -(-(previous * (WINDOW_MS - elapsed) + current * WINDOW_MS) // WINDOW_MS)
+
+
+def _reset_s(current: int, previous: int, now_ms: int) -> float:
+    rest = (WINDOW_MS - now_ms % WINDOW_MS) / 1000
+    if current > 0:
+        return rest + WINDOW_MS / 1000
+    return rest if previous > 0 else 0.0
+
+
+def _limits(tenant: TenantConfig, per_check: dict[str, list[int]], now_ms: int) -> RateLimitInfo:
+    fields: dict[str, Any] = {}
+    for kind, suffix in (("qpm", "requests"), ("tpm", "tokens")):
+        row = per_check.get(f"tenant:{tenant.name}:{kind}")
+        if row is None:
+            continue
+        limit = getattr(tenant.quotas, kind)
+        estimate, current, previous = row
+        fields[f"limit_{suffix}"] = limit
+        fields[f"remaining_{suffix}"] = max(0, limit - estimate)
+        fields[f"reset_{suffix}_s"] = _reset_s(current, previous, now_ms)
+    return RateLimitInfo(**fields)
+
+
+def _describe(check: _Check) -> tuple[str, str]:
+    what = "request" if check.kind == "qpm" else "token"
+    unit = "requests" if check.kind == "qpm" else "tokens"
+    return f"{check.scope} {what} quota", f"{check.limit} {unit} per minute"
+
+
+def _exceeded(check: _Check, retry_ms: int, request_id: str) -> PromptlineError:
+    name, rate = _describe(check)
+    code = ErrorCode.QPM_EXCEEDED if check.kind == "qpm" else ErrorCode.TPM_EXCEEDED
+    return PromptlineError(
+        code, f"{name} exceeded ({rate}); retry in {math.ceil(retry_ms / 1000)} s",
+        stage=Stage.FIRST_PACKET, retryable=True, retry_after_ms=retry_ms,
+        request_id=request_id, quota_subject=check.subject,
+    )
+
+
+def _never_fits(check: _Check, request_id: str) -> PromptlineError:
+    name, rate = _describe(check)
+    return PromptlineError(
+        ErrorCode.TPM_EXCEEDED,
+        f"request needs {check.cost} tokens (prompt + max_tokens), more than the {name} "
+        f"allows ({rate}); lower max_tokens or shorten the prompt",
+        stage=Stage.FIRST_PACKET, retryable=False, request_id=request_id,
+        quota_subject=check.subject,
+    )
+
+
+def _unavailable(request_id: str) -> PromptlineError:
+    return PromptlineError(ErrorCode.UNAVAILABLE, "quota store unavailable",
+                           stage=Stage.FIRST_PACKET, retryable=True, request_id=request_id)
+
+
+def _record_store_error(operation: str, exc: BaseException, request_id: str) -> None:
+    QUOTA_REDIS_ERRORS[operation] += 1
+    if operation != "admit":
+        log.warning("quota store unavailable during %s (%s)", operation, type(exc).__name__,
+                    extra={"request_id": request_id})
