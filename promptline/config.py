@@ -122,6 +122,11 @@ class TenantConfig:
     key_digests: tuple[bytes, ...] = field(repr=False)
     quotas: Quotas = field(default_factory=Quotas)
     admin: bool = False
+    models: tuple[str, ...] | None = None
+    """Models this tenant may use; None means all (others get PERMISSION_DENIED)."""
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +256,10 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
                    enumerate(_list(root.get("models"), "models", required=True)))
     _unique([m.name for m in models], "models", "model name")
     names = {m.name for m in models}
+    for i, tenant in enumerate(tenants):
+        for j, allowed in enumerate(tenant.models or ()):
+            if allowed not in names:
+                raise ConfigError(f"tenants[{i}].models[{j}]: unknown model {allowed!r}")
     for i, model in enumerate(models):
         for j, fb in enumerate(model.fallback):
             if fb not in names:
@@ -363,7 +372,7 @@ def _apply_env_overrides(root: dict[str, Any], env: Mapping[str, str]) -> None:
 
 def _tenant(raw: Any, path: str) -> TenantConfig:
     data = _mapping(raw, path)
-    _known(data, path, {"name", "api_keys", "quotas", "admin"})
+    _known(data, path, {"name", "api_keys", "quotas", "admin", "models"})
     name = _name(data.get("name"), f"{path}.name")
     keys = _str_list(data.get("api_keys"), f"{path}.api_keys")
     if not keys:
@@ -383,8 +392,10 @@ def _tenant(raw: Any, path: str) -> TenantConfig:
     admin = data.get("admin", False)
     if not isinstance(admin, bool):
         raise ConfigError(f"{path}.admin: must be true or false")
+    models = _str_list(data["models"], f"{path}.models") if "models" in data else None
     return TenantConfig(name=name, key_digests=tuple(digests),
-                        quotas=_quotas(data.get("quotas"), f"{path}.quotas"), admin=admin)
+                        quotas=_quotas(data.get("quotas"), f"{path}.quotas"), admin=admin,
+                        models=models)
 
 
 def _model(raw: Any, path: str, env: Mapping[str, str]) -> ModelConfig:

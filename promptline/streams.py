@@ -50,7 +50,7 @@ async def read_frames(call: Any) -> AsyncIterator[Any]:
 
 
 async def fail_stream(context: grpc.aio.ServicerContext, err: PromptlineError,
-                      frame_type: type) -> None:
+                      frame_type: type, extra_metadata: tuple[tuple[str, str], ...] = ()) -> None:
     """End a server stream: the error as the last frame, then the matching status and details.
 
     The frame survives proxies that drop trailers; the status lets generic gRPC tooling see it.
@@ -62,4 +62,4 @@ async def fail_stream(context: grpc.aio.ServicerContext, err: PromptlineError,
     status = err.to_grpc_status()
     context.set_code(status.code)
     context.set_details(status.details)
-    context.set_trailing_metadata(status.trailing_metadata)
+    context.set_trailing_metadata((*status.trailing_metadata, *extra_metadata))

@@ -24,6 +24,7 @@ tenants:
   - name: dev
     api_keys: [dev-key, "sha256:%s"]
     admin: true
+    models: [sim, gpt-4o-mini]
     quotas: {qpm: 600, tpm: 200000}
 models:
   - name: sim
@@ -72,6 +73,7 @@ def test_every_documented_key(tmp_path):
     dev = config.tenants[0]
     assert dev.name == "dev" and dev.admin and dev.quotas.qpm == 600 and dev.quotas.tpm == 200000
     assert dev.key_digests == (key_digest("dev-key"), bytes.fromhex("ab" * 32))
+    assert dev.may_use("sim") and not dev.may_use("gpt-4o")
     sim = config.model("sim")
     assert sim is not None
     assert sim.simulated.ttft_ms == 150 and sim.simulated.tokens_per_second == 40
@@ -147,6 +149,7 @@ def _with(path: str, value: object) -> dict:
     (_with("tenants.0.quota", {"qpm": 5}), r"tenants\[0\]\.quota: unknown key"),
     (_with("models.0.fallback", ["gpt-9"]), r"models\[0\]\.fallback\[0\]: unknown model 'gpt-9'"),
     (_with("redis_url", "localhost:6379"), r"redis_url: must start with redis://"),
+    (_with("tenants.0.models", ["gpt-9"]), r"tenants\[0\]\.models\[0\]: unknown model"),
     ({"tenants": [], "models": BASE["models"]}, r"tenants: must not be empty"),
     ({"tenants": BASE["tenants"]}, r"models: required"),
     (_with("models.0.timeouts", {"first_token": "10m", "total": "5m"}),

@@ -26,6 +26,7 @@ from promptline.auth import Authenticator
 from promptline.config import Config
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.grpc_server import insecure_channel
+from promptline.ratelimit import rejection_limits
 from promptline.streams import read_frames
 from promptline.v1 import prompt_pb2, prompt_pb2_grpc
 from services.edge_http import sse
@@ -262,10 +263,12 @@ class SseRelay:
     def __init__(self, request: web.Request, request_id: str, *, model: str,
                  heartbeat: float) -> None:
         self._request = request
+        self._config = request.app[CONFIG_KEY]
         self._rid = request_id
         self._model = model
         self._heartbeat = heartbeat
         self._response: web.StreamResponse | None = None
+        self._call: Any = None
         self._started = False
         self._deltas = 0
         self._last_write = 0.0
@@ -273,6 +276,7 @@ class SseRelay:
 
     async def run(self, call: Any, *, header_hold: float) -> web.StreamResponse:
         began = time.monotonic()
+        self._call = call
         queue: asyncio.Queue[Any] = asyncio.Queue(FRAME_QUEUE_SIZE)
         reader = asyncio.create_task(_read_into(call, queue, self._rid),
                                      name=f"edge-read-{self._rid}")
@@ -297,7 +301,8 @@ class SseRelay:
     async def _relay(self, queue: asyncio.Queue[Any], header_hold: float) -> web.StreamResponse:
         try:
             frame = await self._first_frame(queue, header_hold)
-            await self._open()
+            # The prompt service sends its quota headers as initial metadata at admission.
+            await self._open(await self._ratelimit_headers() if frame else {})
             if frame is not None:
                 await self._write_frame(frame)
             while frame is None or frame.WhichOneof("frame") != "done":
@@ -332,8 +337,18 @@ class SseRelay:
             except TimeoutError:
                 await self._write(sse.HEARTBEAT)
 
-    async def _open(self) -> None:
+    async def _ratelimit_headers(self) -> dict[str, str]:
+        """`x-ratelimit-*` headers the prompt service sent as initial metadata at admission."""
+        try:
+            metadata = await self._call.initial_metadata()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            return {}
+        return {k: v for k, v in (metadata or ()) if k.startswith("x-ratelimit-")
+                and isinstance(v, str)}
+
+    async def _open(self, extra_headers: dict[str, str]) -> None:
         response = web.StreamResponse(status=200, headers={
+            **extra_headers,
             "Content-Type": sse.CONTENT_TYPE,
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx would otherwise buffer the whole stream
@@ -377,7 +392,8 @@ class SseRelay:
         err.at(self._stage(), request_id=self._rid, origin=ORIGIN)
         self.outcome = f"error:{err.code.value}"
         if self._response is None:
-            return error_response(err, self._rid)
+            headers = rejection_limits(self._config, err).headers() if err.quota_subject else {}
+            return error_response(err, self._rid, headers=headers)
         await self._write(sse.encode_event("error", {"error": err.to_dict()}))
         await self._response.write_eof()
         return self._response

@@ -104,7 +104,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                                        "attempt": attempt + 1, "code": err.code.value})
                     if not err.retryable or attempt + 1 >= retries.max_attempts:
                         break
-                    await _backoff(attempt, err, clock, self._config)
+                    if not await _backoff(attempt, err, clock, self._config):
+                        break
         assert last is not None
         raise last
 
@@ -159,14 +160,21 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
 
 
 async def _backoff(attempt: int, err: PromptlineError, clock: StreamClock,
-                   config: Config) -> None:
-    """Full-jitter exponential backoff, at least the provider's retry-after, within the budget."""
+                   config: Config) -> bool:
+    """Full-jitter exponential backoff, at least the provider's retry-after, within the budget.
+
+    Returns False (do not retry this model) when the provider asks for a longer pause than
+    `backoff_max` or the wait would outlive the request: the caller then gets the hint instead.
+    """
     retries = config.retries
+    if err.retry_after_ms / 1000 > retries.backoff_max:
+        return False
     delay = random.uniform(0, min(retries.backoff_max, retries.backoff_base * 2 ** attempt))
     delay = max(delay, err.retry_after_ms / 1000)
     if delay >= clock.remaining():
-        raise err  # waiting would outlive the request: report the provider's answer now
+        return False
     await asyncio.sleep(delay)
+    return True
 
 
 @dataclass

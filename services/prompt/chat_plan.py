@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from promptline.config import Config, ModelConfig
+from promptline.config import Config, ModelConfig, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.tokens import count_messages
 from promptline.v1 import common_pb2, prompt_pb2
@@ -27,12 +27,17 @@ class ChatPlan:
     max_tokens: int
 
 
-def plan_chat(config: Config, request: prompt_pb2.StreamChatRequest) -> ChatPlan:
+def plan_chat(config: Config, tenant: TenantConfig,
+              request: prompt_pb2.StreamChatRequest) -> ChatPlan:
     model = config.model(request.model)
     if not request.model:
         raise _invalid("model is required")
     if model is None:
         raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {request.model!r}",
+                              stage=Stage.CONNECT)
+    if not tenant.may_use(model.name):
+        raise PromptlineError(ErrorCode.PERMISSION_DENIED,
+                              f"this API key may not use model {model.name!r}",
                               stage=Stage.CONNECT)
     if request.prompt.id:
         # The prompt registry is empty until prompts are created through the admin API.

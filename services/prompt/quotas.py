@@ -78,6 +78,7 @@ from redis.exceptions import RedisError
 
 from promptline.config import ModelConfig, QuotaPolicy, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.ratelimit import RateLimitInfo
 
 log = logging.getLogger("promptline.quotas")
 
@@ -198,35 +199,6 @@ return out
 """
 
 # --- public types ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimitInfo:
-    """The tenant's own limits after admission, for `x-ratelimit-*` headers (None: unlimited).
-
-    Model budgets are shared by all tenants, so they are deliberately not exposed here.
-    `reset_*_s` is the time until the sliding window is back to empty (with no new traffic).
-    """
-
-    limit_requests: int | None = None
-    remaining_requests: int | None = None
-    reset_requests_s: float | None = None
-    limit_tokens: int | None = None
-    remaining_tokens: int | None = None
-    reset_tokens_s: float | None = None
-
-    def headers(self) -> dict[str, str]:
-        """OpenAI-style `x-ratelimit-*` headers for the limits that apply."""
-        out: dict[str, str] = {}
-        if self.limit_requests is not None:
-            out["x-ratelimit-limit-requests"] = str(self.limit_requests)
-            out["x-ratelimit-remaining-requests"] = str(self.remaining_requests or 0)
-            out["x-ratelimit-reset-requests"] = f"{math.ceil(self.reset_requests_s or 0)}s"
-        if self.limit_tokens is not None:
-            out["x-ratelimit-limit-tokens"] = str(self.limit_tokens)
-            out["x-ratelimit-remaining-tokens"] = str(self.remaining_tokens or 0)
-            out["x-ratelimit-reset-tokens"] = f"{math.ceil(self.reset_tokens_s or 0)}s"
-        return out
 
 
 class Reservation:

@@ -26,6 +26,7 @@ from promptline.config import Config
 from promptline.embedded_redis import EmbeddedRedis
 from promptline.errors import PromptlineError, Stage, internal_error
 from promptline.grpc_server import RunningServer, insecure_channel, start_grpc_server
+from promptline.ratelimit import rejection_limits
 from promptline.streams import fail_stream, read_frames
 from promptline.v1 import (
     common_pb2,
@@ -76,7 +77,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         except PromptlineError as err:
             stage = Stage.MID_STREAM if progress.delivered else Stage.FIRST_PACKET
             await fail_stream(context, err.at(stage, request_id=rid, origin=ORIGIN),
-                              prompt_pb2.StreamChatResponse)
+                              prompt_pb2.StreamChatResponse,
+                              tuple(rejection_limits(self._config, err).headers().items()))
         except asyncio.CancelledError:
             log.info("stream cancelled by caller", extra={"request_id": rid})
             raise
@@ -90,7 +92,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                            rid: str, progress: _Progress) -> None:
         # Cheapest checks first: auth and validation touch neither Redis nor the model.
         tenant = self._auth.tenant_for_header(metadata.get("authorization"))
-        plan = plan_chat(self._config, request)
+        plan = plan_chat(self._config, tenant, request)
         await self._moderator.check_input([m.content for m in plan.messages])
         reservation = await self._quotas.admit(tenant, plan.model,
                                                plan.prompt_tokens + plan.max_tokens, rid)
