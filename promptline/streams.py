@@ -63,3 +63,20 @@ async def fail_stream(context: grpc.aio.ServicerContext, err: PromptlineError,
     context.set_code(status.code)
     context.set_details(status.details)
     context.set_trailing_metadata((*status.trailing_metadata, *extra_metadata))
+
+
+def error_frame(context: grpc.aio.ServicerContext, err: PromptlineError,
+                frame_type: type, extra_metadata: tuple[tuple[str, str], ...] = ()) -> Any:
+    """Set the matching status and rich details on `context`; return the error frame to yield.
+
+    For async-generator handlers: the frame goes out as the last message (it survives proxies
+    that drop trailers), then the RPC ends with the status generic gRPC tooling understands.
+    """
+    log.log(logging.ERROR if err.code is ErrorCode.INTERNAL else logging.INFO, "stream failed",
+            extra={"request_id": err.request_id, "code": err.code.value,
+                   "stage": err.stage.value if err.stage else None, "origin": err.origin})
+    status = err.to_grpc_status()
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata((*status.trailing_metadata, *extra_metadata))
+    return frame_type(error=err.to_pb())

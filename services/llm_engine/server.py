@@ -13,6 +13,8 @@ import asyncio
 import logging
 import random
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
@@ -20,7 +22,7 @@ import grpc
 from promptline.config import Config, ModelConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.grpc_server import RunningServer, start_grpc_server
-from promptline.streams import fail_stream
+from promptline.streams import error_frame
 from promptline.tokens import count_messages, count_tokens
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 
@@ -53,28 +55,33 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
 
     async def Generate(
         self, request: llm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> None:
+    ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
+        # An async generator (not context.write) so that gRPC interceptors, OpenTelemetry's
+        # included, see every frame of the stream.
         rid = request.request_id or uuid.uuid4().hex
         progress = _Progress()
         self.active_streams += 1
         try:
-            await self._generate(request, context, rid, progress)
+            async with aclosing(self._generate(request, context, rid, progress)) as frames:
+                async for frame in frames:
+                    yield frame
         except PromptlineError as err:
             stage = Stage.MID_STREAM if progress.delivered else Stage.FIRST_PACKET
-            await fail_stream(context, err.at(stage, request_id=rid, origin=ORIGIN),
+            yield error_frame(context, err.at(stage, request_id=rid, origin=ORIGIN),
                               llm_engine_pb2.GenerateResponse)
         except asyncio.CancelledError:
             log.info("stream cancelled by caller", extra={"request_id": rid})
             raise
         except Exception:
             log.exception("unexpected error in Generate", extra={"request_id": rid})
-            await fail_stream(context, internal_error(rid).at(Stage.FIRST_PACKET, origin=ORIGIN),
+            yield error_frame(context, internal_error(rid).at(Stage.FIRST_PACKET, origin=ORIGIN),
                               llm_engine_pb2.GenerateResponse)
         finally:
             self.active_streams -= 1
 
     async def _generate(self, request: llm_engine_pb2.GenerateRequest,
-                        context: grpc.aio.ServicerContext, rid: str, progress: _Progress) -> None:
+                        context: grpc.aio.ServicerContext, rid: str, progress: _Progress
+                        ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         model = self._config.model(request.model)
         if model is None:
             raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {request.model!r}",
@@ -92,8 +99,10 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                 if last is not None:
                     clock.restart_first_token()
                 try:
-                    await self._attempt(candidate, request, messages, context, rid, clock,
-                                        progress)
+                    async with aclosing(self._attempt(candidate, request, messages, rid, clock,
+                                                      progress)) as frames:
+                        async for frame in frames:
+                            yield frame
                     return
                 except PromptlineError as err:
                     if progress.started or err.code not in _FALLBACK_CODES:
@@ -110,8 +119,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         raise last
 
     async def _attempt(self, model: ModelConfig, request: llm_engine_pb2.GenerateRequest,
-                       messages: tuple[Message, ...], context: grpc.aio.ServicerContext,
-                       rid: str, clock: StreamClock, progress: _Progress) -> None:
+                       messages: tuple[Message, ...], rid: str, clock: StreamClock,
+                       progress: _Progress) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         provider = self._providers[model.name]
         gen = provider.stream(GenerationRequest(
             request_id=rid,
@@ -131,16 +140,15 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     break
                 if not progress.started:
                     progress.started = True
-                    await context.write(llm_engine_pb2.GenerateResponse(
-                        start=llm_engine_pb2.GenerateStart(
-                            request_id=rid, model=model.name, provider=provider.kind)))
+                    yield llm_engine_pb2.GenerateResponse(start=llm_engine_pb2.GenerateStart(
+                        request_id=rid, model=model.name, provider=provider.kind))
                 if chunk.text:
                     clock.on_token()
                     tokens = chunk.tokens or count_tokens(chunk.text)
                     completion += tokens
                     progress.delivered = True
-                    await context.write(llm_engine_pb2.GenerateResponse(
-                        delta=common_pb2.Delta(text=chunk.text, tokens=tokens)))
+                    yield llm_engine_pb2.GenerateResponse(
+                        delta=common_pb2.Delta(text=chunk.text, tokens=tokens))
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
         finally:
@@ -150,13 +158,13 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                                   "the model provider ended the stream without finishing")
         if usage is None:
             usage = Usage(count_messages((m.role, m.content) for m in messages), completion)
-        await context.write(llm_engine_pb2.GenerateResponse(done=common_pb2.Done(
+        yield llm_engine_pb2.GenerateResponse(done=common_pb2.Done(
             finish_reason=finish,
             model=model.name,
             usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
                                    completion_tokens=usage.completion_tokens,
                                    total_tokens=usage.total_tokens),
-        )))
+        ))
 
 
 async def _backoff(attempt: int, err: PromptlineError, clock: StreamClock,
