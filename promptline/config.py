@@ -35,12 +35,12 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key and the reason."""
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(value: Any, path: str = "duration") -> float:
-    """`150ms`, `30s`, `5m`, `1h` (or a bare number of seconds) -> seconds as float."""
+    """`150ms`, `30s`, `5m`, `1h`, `7d` (or a bare number of seconds) -> seconds as float."""
     if isinstance(value, bool):
         raise ConfigError(f"{path}: expected a duration like 150ms, 30s or 5m, got {value!r}")
     if isinstance(value, int | float):
@@ -50,7 +50,7 @@ def parse_duration(value: Any, path: str = "duration") -> float:
         if not match:
             raise ConfigError(
                 f"{path}: invalid duration {value!r} "
-                "(use a number with ms, s, m or h: 150ms, 30s, 5m)"
+                "(use a number with ms, s, m, h or d: 150ms, 30s, 5m, 7d)"
             )
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     if seconds <= 0:
@@ -144,6 +144,9 @@ class Listen:
     edge_http: str = "127.0.0.1:8080"
     prompt: str = "127.0.0.1:50051"
     llm_engine: str = "127.0.0.1:50052"
+    prompt_metrics: str = "127.0.0.1:9151"
+    """Prometheus `/metrics` of the prompt service (the edge serves its own on edge_http)."""
+    llm_engine_metrics: str = "127.0.0.1:9152"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,24 @@ class QuotaPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptsConfig:
+    """Limits of the prompt registry."""
+
+    max_template_bytes: int = 65536
+    """Largest template a version may hold (UTF-8 bytes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationsConfig:
+    """Conversation memory in Redis."""
+
+    ttl: float = 7 * 86400.0
+    """A conversation expires this long after its last append (seconds)."""
+    max_messages: int = 200
+    """Most messages kept per conversation; older ones are dropped from Redis on append."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration of one deployment."""
 
@@ -199,6 +220,8 @@ class Config:
     retries: RetryConfig = field(default_factory=RetryConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
     quota_policy: QuotaPolicy = field(default_factory=QuotaPolicy)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    conversations: ConversationsConfig = field(default_factory=ConversationsConfig)
     shutdown_grace: float = 30.0
     log_level: str = "INFO"
     source: str = "<memory>"
@@ -247,7 +270,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
     root = _mapping(raw, "config")
     _apply_env_overrides(root, env)
     _known(root, "", {"redis_url", "listen", "targets", "tenants", "models", "moderation", "edge",
-                      "retries", "quota_policy", "shutdown_grace", "log_level"})
+                      "retries", "quota_policy", "prompts", "conversations", "shutdown_grace",
+                      "log_level"})
 
     tenants = tuple(_tenant(t, f"tenants[{i}]") for i, t in
                     enumerate(_list(root.get("tenants"), "tenants", required=True)))
@@ -272,7 +296,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
         raise ConfigError("redis_url: must start with redis://, rediss:// or unix://")
 
     listen_raw = _mapping(root.get("listen", {}), "listen")
-    _known(listen_raw, "listen", {"edge_http", "prompt", "llm_engine"})
+    _known(listen_raw, "listen", {"edge_http", "prompt", "llm_engine", "prompt_metrics",
+                                  "llm_engine_metrics"})
     listen = Listen(**{k: _address(v, f"listen.{k}") for k, v in listen_raw.items()})
     targets = None
     if "targets" in root:
@@ -331,6 +356,26 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
         redis_timeout=_dur(qp_raw.get("redis_timeout"), "quota_policy.redis_timeout", 0.25),
     )
 
+    prompts_raw = _mapping(root.get("prompts", {}), "prompts")
+    _known(prompts_raw, "prompts", {"max_template_bytes"})
+    prompts = PromptsConfig(max_template_bytes=_int(
+        prompts_raw.get("max_template_bytes", PromptsConfig().max_template_bytes),
+        "prompts.max_template_bytes", minimum=1))
+    if prompts.max_template_bytes > 1 << 20:
+        raise ConfigError("prompts.max_template_bytes: must be at most 1048576 (1 MiB), got "
+                          f"{prompts.max_template_bytes}")
+
+    conv_raw = _mapping(root.get("conversations", {}), "conversations")
+    _known(conv_raw, "conversations", {"ttl", "max_messages"})
+    cdef = ConversationsConfig()
+    conversations = ConversationsConfig(
+        ttl=_dur(conv_raw.get("ttl"), "conversations.ttl", cdef.ttl),
+        max_messages=_int(conv_raw.get("max_messages", cdef.max_messages),
+                          "conversations.max_messages", minimum=2),
+    )
+    if conversations.ttl < 1:
+        raise ConfigError(f"conversations.ttl: must be at least 1s, got {conv_raw.get('ttl')!r}")
+
     log_level = str(root.get("log_level", "INFO")).upper()
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError("log_level: must be one of DEBUG, INFO, WARNING, ERROR")
@@ -345,6 +390,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
         retries=retries,
         moderation=moderation,
         quota_policy=quota_policy,
+        prompts=prompts,
+        conversations=conversations,
         shutdown_grace=_dur(root.get("shutdown_grace"), "shutdown_grace", 30.0),
         log_level=log_level,
         source=source,

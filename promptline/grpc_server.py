@@ -80,6 +80,8 @@ async def start_grpc_server(
     return RunningServer(server, port, health_servicer, service_full_names)
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
+def insecure_channel(target: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()
+                     ) -> grpc.aio.Channel:
     """One long-lived channel per hop per process."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS,
+                                     interceptors=list(interceptors) or None)

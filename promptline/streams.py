@@ -3,6 +3,7 @@
 Shared by every hop that consumes a downstream stream (edge <- prompt <- engine) and by the
 Python client. The loop ends on the first terminal frame (done or error) and the call is
 cancelled in `finally`, so no hop keeps reading after an error, a timeout or its own cancel.
+`abort_unary` is the unary counterpart of `error_frame` (the PromptAdmin service).
 """
 
 from __future__ import annotations
@@ -49,22 +50,6 @@ async def read_frames(call: Any) -> AsyncIterator[Any]:
         call.cancel()  # no-op when the call already finished
 
 
-async def fail_stream(context: grpc.aio.ServicerContext, err: PromptlineError,
-                      frame_type: type, extra_metadata: tuple[tuple[str, str], ...] = ()) -> None:
-    """End a server stream: the error as the last frame, then the matching status and details.
-
-    The frame survives proxies that drop trailers; the status lets generic gRPC tooling see it.
-    """
-    log.log(logging.ERROR if err.code is ErrorCode.INTERNAL else logging.INFO, "stream failed",
-            extra={"request_id": err.request_id, "code": err.code.value,
-                   "stage": err.stage.value if err.stage else None, "origin": err.origin})
-    await context.write(frame_type(error=err.to_pb()))
-    status = err.to_grpc_status()
-    context.set_code(status.code)
-    context.set_details(status.details)
-    context.set_trailing_metadata((*status.trailing_metadata, *extra_metadata))
-
-
 def error_frame(context: grpc.aio.ServicerContext, err: PromptlineError,
                 frame_type: type, extra_metadata: tuple[tuple[str, str], ...] = ()) -> Any:
     """Set the matching status and rich details on `context`; return the error frame to yield.
@@ -80,3 +65,14 @@ def error_frame(context: grpc.aio.ServicerContext, err: PromptlineError,
     context.set_details(status.details)
     context.set_trailing_metadata((*status.trailing_metadata, *extra_metadata))
     return frame_type(error=err.to_pb())
+
+
+async def abort_unary(context: grpc.aio.ServicerContext, err: PromptlineError) -> None:
+    """End a unary RPC with the error's status and rich details (`ErrorInfo`, `RetryInfo`, ...).
+
+    `context.abort` raises to finish the RPC: call it last, outside any `except Exception`.
+    """
+    log.log(logging.ERROR if err.code is ErrorCode.INTERNAL else logging.INFO, "call failed",
+            extra={"request_id": err.request_id, "code": err.code.value, "origin": err.origin})
+    status = err.to_grpc_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)

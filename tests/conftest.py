@@ -30,6 +30,8 @@ BASE_CONFIG: dict[str, Any] = {
     "edge": {"heartbeat": "15s", "header_hold": "3s"},
     "retries": {"max_attempts": 2, "backoff_base": "10ms", "backoff_max": "50ms"},
     "shutdown_grace": "1s",
+    # port 0: every test chain gets its own metrics ports
+    "listen": {"prompt_metrics": "127.0.0.1:0", "llm_engine_metrics": "127.0.0.1:0"},
 }
 
 

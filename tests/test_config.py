@@ -53,6 +53,8 @@ moderation:
   injection_patterns: ["(?i)ignore previous instructions"]
 edge: {max_body_bytes: 65536, header_hold: 2s, heartbeat: 10s, request_timeout: 15m}
 retries: {max_attempts: 3, backoff_base: 100ms, backoff_max: 1s}
+prompts: {max_template_bytes: 32768}
+conversations: {ttl: 7d, max_messages: 100}
 shutdown_grace: 45s
 log_level: debug
 """ % ("ab" * 32)
@@ -91,6 +93,8 @@ def test_every_documented_key(tmp_path):
     assert config.edge.max_body_bytes == 65536 and config.edge.heartbeat == 10
     assert config.retries.max_attempts == 3 and config.retries.backoff_base == pytest.approx(0.1)
     assert config.shutdown_grace == 45 and config.log_level == "DEBUG"
+    assert config.prompts.max_template_bytes == 32768
+    assert config.conversations.ttl == 7 * 86400 and config.conversations.max_messages == 100
 
 
 def test_shipped_local_config_has_dev_tenant_and_sim_model():
@@ -115,6 +119,7 @@ def test_env_selects_file_and_overrides(tmp_path):
 
 @pytest.mark.parametrize(("value", "seconds"), [
     ("150ms", 0.15), ("30s", 30), ("5m", 300), ("1h", 3600), ("1.5s", 1.5), (2, 2), (0.25, 0.25),
+    ("7d", 7 * 86400),
 ])
 def test_durations(value, seconds):
     assert parse_duration(value) == pytest.approx(seconds)
@@ -147,6 +152,15 @@ def _with(path: str, value: object) -> dict:
     (_with("tenants.0.api_keys", []), r"tenants\[0\]\.api_keys: at least one API key"),
     (_with("tenants.0.quotas", {"qpm": "lots"}), r"tenants\[0\]\.quotas\.qpm: must be a whole"),
     (_with("tenants.0.quota", {"qpm": 5}), r"tenants\[0\]\.quota: unknown key"),
+    (_with("conversations", {"ttl": "7x"}), r"conversations\.ttl: invalid duration"),
+    (_with("conversations", {"ttl": "500ms"}), r"conversations\.ttl: must be at least 1s"),
+    (_with("conversations", {"max_messages": 1}),
+     r"conversations\.max_messages: must be at least 2"),
+    (_with("conversations", {"max_turns": 5}), r"conversations\.max_turns: unknown key"),
+    (_with("prompts", {"max_template_bytes": 0}),
+     r"prompts\.max_template_bytes: must be at least 1"),
+    (_with("prompts", {"max_template_bytes": 2 << 20}),
+     r"prompts\.max_template_bytes: must be at most 1048576"),
     (_with("models.0.fallback", ["gpt-9"]), r"models\[0\]\.fallback\[0\]: unknown model 'gpt-9'"),
     (_with("redis_url", "localhost:6379"), r"redis_url: must start with redis://"),
     (_with("tenants.0.models", ["gpt-9"]), r"tenants\[0\]\.models\[0\]: unknown model"),

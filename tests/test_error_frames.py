@@ -321,7 +321,7 @@ async def test_two_prompt_replicas_share_one_budget(redis_client, redis_server, 
         port = free_port()
         raw = {"tenants": tenants, "models": [sim("sim", reply="hello there")],
                "redis_url": redis_server.url,
-               "listen": {"prompt": f"127.0.0.1:{port}"},
+               "listen": {"prompt": f"127.0.0.1:{port}", "prompt_metrics": "127.0.0.1:0"},
                "targets": {"llm_engine": chain.config.llm_engine_target}}
         path = tmp_path / "replica.yaml"
         path.write_text(yaml.safe_dump(raw))

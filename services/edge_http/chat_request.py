@@ -56,12 +56,23 @@ def _too_large(limit: int) -> PromptlineError:
 
 def parse_chat_request(body: bytes) -> prompt_pb2.StreamChatRequest:
     """Decode and validate a chat body; the request id is left for the caller to set."""
+    return chat_request_from(decode_json_object(body))
+
+
+def decode_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; anything else is INVALID_REQUEST naming what was wrong."""
     data = _decode_json(body)
     if not isinstance(data, dict):
-        raise invalid(f"body must be a JSON object, got {_kind(data)}")
+        raise invalid(f"body must be a JSON object, got {json_kind(data)}")
+    return data
 
+
+def chat_request_from(data: dict[str, Any]) -> prompt_pb2.StreamChatRequest:
+    """Validate a decoded chat body (the native shape) and build the protobuf request."""
     request = prompt_pb2.StreamChatRequest(
-        model=_string(data.get("model"), "model", required=True),
+        # With a managed prompt the model may come from the prompt version's default.
+        model=("" if data.get("model") is None and data.get("prompt") is not None
+               else _string(data.get("model"), "model", required=True)),
         messages=_messages(data.get("messages")),
     )
     max_tokens = data.get("max_tokens")
@@ -109,14 +120,14 @@ def _messages(value: Any) -> list[common_pb2.ChatMessage]:
     if value is None:
         raise invalid("messages is required")
     if not isinstance(value, list):
-        raise invalid(f"messages must be a list, got {_kind(value)}")
+        raise invalid(f"messages must be a list, got {json_kind(value)}")
     if not value:
         raise invalid("messages must not be empty")
     out = []
     for i, item in enumerate(value):
         path = f"messages[{i}]"
         if not isinstance(item, dict):
-            raise invalid(f"{path} must be an object, got {_kind(item)}")
+            raise invalid(f"{path} must be an object, got {json_kind(item)}")
         role = _string(item.get("role"), f"{path}.role", required=True)
         if role not in ROLES:
             raise invalid(f"{path}.role must be one of assistant, system, user")
@@ -127,7 +138,7 @@ def _messages(value: Any) -> list[common_pb2.ChatMessage]:
 
 def _prompt_ref(value: Any) -> prompt_pb2.PromptRef:
     if not isinstance(value, dict):
-        raise invalid(f"prompt must be an object, got {_kind(value)}")
+        raise invalid(f"prompt must be an object, got {json_kind(value)}")
     ref = prompt_pb2.PromptRef(id=_string(value.get("id"), "prompt.id", required=True))
     version, label = value.get("version"), value.get("label")
     if version is not None and label is not None:
@@ -139,7 +150,7 @@ def _prompt_ref(value: Any) -> prompt_pb2.PromptRef:
     variables = value.get("variables")
     if variables is not None:
         if not isinstance(variables, dict):
-            raise invalid(f"prompt.variables must be an object, got {_kind(variables)}")
+            raise invalid(f"prompt.variables must be an object, got {json_kind(variables)}")
         for name, text in variables.items():
             ref.variables[_string(name, "prompt.variables key")] = _string(
                 text, f"prompt.variables.{name}", allow_empty=True
@@ -151,7 +162,7 @@ def _string(value: Any, path: str, *, required: bool = False, allow_empty: bool 
     if value is None and required:
         raise invalid(f"{path} is required")
     if not isinstance(value, str):
-        raise invalid(f"{path} must be a string, got {_kind(value)}")
+        raise invalid(f"{path} must be a string, got {json_kind(value)}")
     if not value and not allow_empty:
         raise invalid(f"{path} must not be empty")
     try:
@@ -164,7 +175,7 @@ def _string(value: Any, path: str, *, required: bool = False, allow_empty: bool 
 
 def _int(value: Any, path: str, minimum: int, maximum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(f"{path} must be an integer, got {_kind(value)}")
+        raise invalid(f"{path} must be an integer, got {json_kind(value)}")
     if not minimum <= value <= maximum:
         raise invalid(f"{path} must be between {minimum} and {maximum}, got {value}")
     return value
@@ -172,13 +183,13 @@ def _int(value: Any, path: str, minimum: int, maximum: int) -> int:
 
 def _temperature(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise invalid(f"temperature must be a number, got {_kind(value)}")
+        raise invalid(f"temperature must be a number, got {json_kind(value)}")
     if not 0 <= value <= MAX_TEMPERATURE:
         raise invalid(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {value}")
     return float(value)
 
 
-def _kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """JSON's name for a value's type, for messages a client can act on."""
     if value is None:
         return "null"

@@ -12,22 +12,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry.trace import SpanKind, StatusCode
 
 from promptline.config import Config, ModelConfig
+from promptline.config_reload import LiveConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.grpc_server import RunningServer, start_grpc_server
+from promptline.metrics import (
+    ACTIVE_STREAMS,
+    ERRORS,
+    INTER_TOKEN_GAP,
+    PROVIDER_FIRST_CHUNK,
+    PROVIDER_REQUESTS,
+    MetricsServer,
+    StreamTimer,
+)
 from promptline.streams import error_frame
 from promptline.tokens import count_messages, count_tokens
+from promptline.tracing import server_interceptors, tracer
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 
 from .providers.base import GenerationRequest, Message, Provider, Usage
-from .providers.registry import build_providers
+from .providers.registry import build_provider
 from .timeouts import StreamClock, next_chunk
 
 log = logging.getLogger("promptline.llm_engine")
@@ -36,6 +49,7 @@ SERVICE_NAME = llm_engine_pb2.DESCRIPTOR.services_by_name["LlmEngine"].full_name
 ORIGIN = "llm_engine"
 # Failures another attempt or another model can cure; the rest would fail the same way again.
 _FALLBACK_CODES = {ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED, ErrorCode.UNAVAILABLE}
+_ACTIVE = ACTIVE_STREAMS.labels("llm_engine")
 
 
 @dataclass(slots=True)
@@ -44,14 +58,35 @@ class _Progress:
     delivered: bool = False
 
 
+@dataclass
+class ProviderPool:
+    """One provider per model config, built on first use and kept for the process.
+
+    Keyed by the (frozen) ModelConfig, so a reload that changes a model gets a new provider while
+    in-flight streams keep theirs; everything is closed at shutdown.
+    """
+
+    _providers: dict[ModelConfig, Provider] = field(default_factory=dict)
+
+    def get(self, model: ModelConfig) -> Provider:
+        provider = self._providers.get(model)
+        if provider is None:
+            provider = self._providers[model] = build_provider(model)
+        return provider
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.close() for p in self._providers.values()))
+        self._providers.clear()
+
+
 class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
     """Implements LlmEngine.Generate over the configured providers."""
 
-    def __init__(self, config: Config, providers: dict[str, Provider]) -> None:
-        self._config = config
+    def __init__(self, live: LiveConfig, providers: ProviderPool) -> None:
+        self._live = live
         self._providers = providers
         self.active_streams = 0
-        """Generate calls in flight (read by tests and, later, the active-streams gauge)."""
+        """Generate calls in flight (tests read it; the gauge mirrors it)."""
 
     async def Generate(
         self, request: llm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -59,30 +94,44 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         # An async generator (not context.write) so that gRPC interceptors, OpenTelemetry's
         # included, see every frame of the stream.
         rid = request.request_id or uuid.uuid4().hex
+        config = self._live.current  # this stream keeps the config it started with
         progress = _Progress()
+        timer = StreamTimer("llm_engine", request.model)
+        outcome = "cancelled"
         self.active_streams += 1
+        _ACTIVE.inc()
         try:
-            async with aclosing(self._generate(request, context, rid, progress)) as frames:
+            async with aclosing(self._generate(config, request, context, rid, progress,
+                                               timer)) as frames:
                 async for frame in frames:
                     yield frame
+            outcome = "done"
         except PromptlineError as err:
             stage = Stage.MID_STREAM if progress.delivered else Stage.FIRST_PACKET
-            yield error_frame(context, err.at(stage, request_id=rid, origin=ORIGIN),
-                              llm_engine_pb2.GenerateResponse)
+            outcome = err.code.value
+            yield self._error(context, err.at(stage, request_id=rid, origin=ORIGIN))
         except asyncio.CancelledError:
             log.info("stream cancelled by caller", extra={"request_id": rid})
             raise
         except Exception:
             log.exception("unexpected error in Generate", extra={"request_id": rid})
-            yield error_frame(context, internal_error(rid).at(Stage.FIRST_PACKET, origin=ORIGIN),
-                              llm_engine_pb2.GenerateResponse)
+            outcome = ErrorCode.INTERNAL.value
+            yield self._error(context, internal_error(rid).at(Stage.FIRST_PACKET, origin=ORIGIN))
         finally:
             self.active_streams -= 1
+            _ACTIVE.dec()
+            timer.finish(outcome)
 
-    async def _generate(self, request: llm_engine_pb2.GenerateRequest,
-                        context: grpc.aio.ServicerContext, rid: str, progress: _Progress
-                        ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
-        model = self._config.model(request.model)
+    @staticmethod
+    def _error(context: grpc.aio.ServicerContext, err: PromptlineError
+               ) -> llm_engine_pb2.GenerateResponse:
+        ERRORS.labels("llm_engine", err.code.value, err.stage.value if err.stage else "").inc()
+        return error_frame(context, err, llm_engine_pb2.GenerateResponse)
+
+    async def _generate(self, config: Config, request: llm_engine_pb2.GenerateRequest,
+                        context: grpc.aio.ServicerContext, rid: str, progress: _Progress,
+                        timer: StreamTimer) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
+        model = config.model(request.model)
         if model is None:
             raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {request.model!r}",
                                   stage=Stage.CONNECT)
@@ -91,16 +140,15 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                                   stage=Stage.CONNECT)
         messages = tuple(Message(m.role, m.content) for m in request.messages)
         clock = StreamClock.start(model.timeouts, context.time_remaining())
-        route = [model, *(m for n in model.fallback if (m := self._config.model(n)))]
-        retries = self._config.retries
+        route = [model, *(m for n in model.fallback if (m := config.model(n)))]
         last: PromptlineError | None = None
         for candidate in route:
-            for attempt in range(retries.max_attempts):
+            for attempt in range(config.retries.max_attempts):
                 if last is not None:
                     clock.restart_first_token()
                 try:
                     async with aclosing(self._attempt(candidate, request, messages, rid, clock,
-                                                      progress)) as frames:
+                                                      progress, timer)) as frames:
                         async for frame in frames:
                             yield frame
                     return
@@ -111,17 +159,19 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     log.warning("provider attempt failed before the first token",
                                 extra={"request_id": rid, "model": candidate.name,
                                        "attempt": attempt + 1, "code": err.code.value})
-                    if not err.retryable or attempt + 1 >= retries.max_attempts:
+                    if not err.retryable or attempt + 1 >= config.retries.max_attempts:
                         break
-                    if not await _backoff(attempt, err, clock, self._config):
+                    if not await _backoff(attempt, err, clock, config):
                         break
         assert last is not None
         raise last
 
     async def _attempt(self, model: ModelConfig, request: llm_engine_pb2.GenerateRequest,
                        messages: tuple[Message, ...], rid: str, clock: StreamClock,
-                       progress: _Progress) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
-        provider = self._providers[model.name]
+                       progress: _Progress, timer: StreamTimer
+                       ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
+        """One provider call: provider chunks -> frames, bounded by the stream's clock."""
+        provider = self._providers.get(model)
         gen = provider.stream(GenerationRequest(
             request_id=rid,
             model=model.upstream_model or model.name,
@@ -129,9 +179,16 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             max_tokens=request.max_tokens or model.default_max_tokens,
             temperature=request.temperature if request.HasField("temperature") else None,
         ))
+        # Not made current: a span attached across the generator's yields would be detached in
+        # another context when the caller cancels.
+        span = tracer.start_span(f"provider {provider.kind}", kind=SpanKind.CLIENT, attributes={
+            "promptline.request_id": rid, "llm.model": model.name, "llm.provider": provider.kind})
+        gap = INTER_TOKEN_GAP.labels(model.name)
+        called = last = time.perf_counter()
         completion = 0
         finish: str | None = None
         usage: Usage | None = None
+        outcome = "cancelled"
         try:
             while True:
                 try:
@@ -140,9 +197,18 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     break
                 if not progress.started:
                     progress.started = True
+                    PROVIDER_FIRST_CHUNK.labels(model.name, provider.kind).observe(
+                        time.perf_counter() - called)
                     yield llm_engine_pb2.GenerateResponse(start=llm_engine_pb2.GenerateStart(
                         request_id=rid, model=model.name, provider=provider.kind))
                 if chunk.text:
+                    now = time.perf_counter()
+                    if progress.delivered:
+                        gap.observe(now - last)
+                    else:
+                        timer.first_token()
+                        span.set_attribute("llm.ttft_ms", round((now - called) * 1000, 1))
+                    last = now
                     clock.on_token()
                     tokens = chunk.tokens or count_tokens(chunk.text)
                     completion += tokens
@@ -151,13 +217,22 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                         delta=common_pb2.Delta(text=chunk.text, tokens=tokens))
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
+            if finish is None:
+                raise PromptlineError(ErrorCode.UPSTREAM_ERROR,
+                                      "the model provider ended the stream without finishing")
+            outcome = "ok"
+        except PromptlineError as err:
+            outcome = err.code.value
+            span.set_status(StatusCode.ERROR, err.code.value)
+            raise
         finally:
             await gen.aclose()
-        if finish is None:
-            raise PromptlineError(ErrorCode.UPSTREAM_ERROR,
-                                  "the model provider ended the stream without finishing")
+            PROVIDER_REQUESTS.labels(model.name, provider.kind, outcome).inc()
+            span.set_attribute("llm.completion_tokens", completion)
+            span.end()
         if usage is None:
             usage = Usage(count_messages((m.role, m.content) for m in messages), completion)
+        span.set_attribute("llm.prompt_tokens", usage.prompt_tokens)
         yield llm_engine_pb2.GenerateResponse(done=common_pb2.Done(
             finish_reason=finish,
             model=model.name,
@@ -187,11 +262,13 @@ async def _backoff(attempt: int, err: PromptlineError, clock: StreamClock,
 
 @dataclass
 class EngineServer:
-    """A running llm_engine: its gRPC server and the providers it owns."""
+    """A running llm_engine: its gRPC server, metrics endpoint and the providers it owns."""
 
     grpc: RunningServer
-    providers: dict[str, Provider]
+    metrics: MetricsServer
+    providers: ProviderPool
     servicer: LlmEngineServicer
+    live: LiveConfig
 
     @property
     def port(self) -> int:
@@ -199,16 +276,23 @@ class EngineServer:
 
     async def stop(self, grace: float) -> None:
         await self.grpc.stop(grace)
-        await asyncio.gather(*(p.close() for p in self.providers.values()))
+        await self.metrics.stop()
+        await self.providers.close()
 
 
-async def start_engine(config: Config, address: str | None = None) -> EngineServer:
+async def start_engine(config: Config, address: str | None = None, *,
+                       live: LiveConfig | None = None) -> EngineServer:
     """Start the engine on `address` (default: config.listen.llm_engine; use port 0 in tests)."""
-    providers = build_providers(config)
-    servicer = LlmEngineServicer(config, providers)
+    live = live or LiveConfig(config, "llm_engine")
+    providers = ProviderPool()
+    for model in config.models:  # build eagerly: a broken provider fails start-up, not a request
+        providers.get(model)
+    servicer = LlmEngineServicer(live, providers)
     running = await start_grpc_server(
         address or config.listen.llm_engine,
         lambda server: llm_engine_pb2_grpc.add_LlmEngineServicer_to_server(servicer, server),
         [SERVICE_NAME],
+        interceptors=server_interceptors(),
     )
-    return EngineServer(running, providers, servicer)
+    metrics = await MetricsServer().start(config.listen.llm_engine_metrics)
+    return EngineServer(running, metrics, providers, servicer, live)

@@ -1,7 +1,17 @@
 """Turn a StreamChatRequest into what the engine needs: model, messages, token budget.
 
-Validation here protects gRPC callers that do not come through the edge; every rejection is a
-typed error at stage `connect`, naming the field.
+Stages, cheapest first: validate the request (no I/O) -> resolve and render the managed prompt
+(one or two Redis reads) -> load the conversation history (one Redis read) -> fit everything to
+the model's context window (`context_fit`). Validation here protects gRPC callers that do not come
+through the edge; every rejection is a typed error at stage `connect`, naming the field.
+
+Messages sent to the model, in order: the rendered prompt (a system message), then
+- without a conversation: the request's messages, unchanged and in order;
+- with a conversation: the request's system messages, the stored history (trimmed to fit) and the
+  request's user/assistant messages (the new turns, stored with the reply when the stream ends).
+  A request that re-sends the stored history before its new message is recognised
+  (`split_resent_history`), so a client-kept transcript is neither doubled nor stored twice.
+A prompt version's default model, max_tokens and temperature apply when the request sets none.
 """
 
 from __future__ import annotations
@@ -10,8 +20,12 @@ from dataclasses import dataclass
 
 from promptline.config import Config, ModelConfig, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.tokens import count_messages
 from promptline.v1 import common_pb2, prompt_pb2
+
+from .context_fit import fit_messages
+from .history import ConversationStore, validate_conversation_id
+from .prompts import PromptRegistry, PromptVersion
+from .templates import render
 
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_MESSAGES = 1000
@@ -25,24 +39,92 @@ class ChatPlan:
     messages: tuple[common_pb2.ChatMessage, ...]
     prompt_tokens: int
     max_tokens: int
+    temperature: float | None = None
+    prompt: PromptVersion | None = None
+    """The managed prompt rendered as the first system message, if any."""
+    conversation_id: str = ""
+    new_turns: tuple[tuple[str, str], ...] = ()
+    """(role, content) of the request's user/assistant messages: stored with the reply."""
+    dropped_history: int = 0
+    """Stored messages left out to fit the context window."""
 
 
-def plan_chat(config: Config, tenant: TenantConfig,
-              request: prompt_pb2.StreamChatRequest) -> ChatPlan:
-    model = config.model(request.model)
-    if not request.model:
-        raise _invalid("model is required")
-    if model is None:
-        raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {request.model!r}",
-                              stage=Stage.CONNECT)
-    if not tenant.may_use(model.name):
-        raise PromptlineError(ErrorCode.PERMISSION_DENIED,
-                              f"this API key may not use model {model.name!r}",
-                              stage=Stage.CONNECT)
+async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.StreamChatRequest,
+                    prompts: PromptRegistry | None = None,
+                    conversations: ConversationStore | None = None) -> ChatPlan:
+    """Validate, render, load history and fit; raises PromptlineError at stage `connect`."""
+    # A named model is checked before any Redis read; otherwise the prompt's default applies.
+    model = _model(config, tenant, request.model) if request.model else None
+    _validate(request)
+    prompt = None
     if request.prompt.id:
-        # The prompt registry is empty until prompts are created through the admin API.
-        raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown prompt {request.prompt.id!r}",
-                              stage=Stage.CONNECT)
+        if prompts is None:
+            raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown prompt {request.prompt.id!r}",
+                                  stage=Stage.CONNECT)
+        prompt = await prompts.get(tenant.name, request.prompt.id, request.prompt.version,
+                                   request.prompt.label)
+    if model is None:
+        model = _model(config, tenant, prompt.model if prompt else "")
+    system: list[tuple[str, str]] = []
+    if prompt is not None:
+        system.append(("system", render(prompt.template, prompt.variables,
+                                        dict(request.prompt.variables))))
+    pairs = [(m.role, m.content) for m in request.messages]
+    history: tuple[tuple[str, str], ...] = ()
+    new = pairs
+    if request.conversation_id:
+        validate_conversation_id(request.conversation_id)
+        if conversations is None:
+            raise PromptlineError(ErrorCode.UNAVAILABLE, "conversation memory is not configured",
+                                  stage=Stage.CONNECT)
+        stored = await conversations.load(tenant.name, request.conversation_id)
+        system += [p for p in pairs if p[0] == "system"]
+        history, new = split_resent_history(
+            tuple((t.role, t.content) for t in stored), [p for p in pairs if p[0] != "system"])
+
+    # An explicit max_tokens (request, else prompt) must fit; without one, history leaves room
+    # for the model's default and the reply gets what is left (at least one token).
+    requested = request.max_tokens or (prompt.max_tokens if prompt and prompt.max_tokens else 0)
+    fitted = fit_messages(system, history, new, window=model.context_window,
+                          reserve=requested or 1,
+                          history_reserve=requested or model.default_max_tokens,
+                          model=model.name)
+    max_tokens = requested or min(model.default_max_tokens,
+                                  model.context_window - fitted.prompt_tokens)
+    temperature = request.temperature if request.HasField("temperature") else (
+        prompt.temperature if prompt else None)
+    return ChatPlan(
+        model=model,
+        messages=tuple(common_pb2.ChatMessage(role=r, content=c) for r, c in fitted.messages),
+        prompt_tokens=fitted.prompt_tokens,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        prompt=prompt,
+        conversation_id=request.conversation_id,
+        new_turns=tuple(p for p in new if p[0] != "system"),
+        dropped_history=fitted.dropped,
+    )
+
+
+def split_resent_history(stored: tuple[tuple[str, str], ...], messages: list[tuple[str, str]]
+                         ) -> tuple[tuple[tuple[str, str], ...], list[tuple[str, str]]]:
+    """(history for the model, new turns to store) of a conversation request.
+
+    A client that keeps its own transcript (the browser chat, OpenAI-style clients) re-sends the
+    stored history before its new message. When the request's messages contain the whole stored
+    history followed by at least one more message, the messages after it are the new turns and
+    the request's own copy is the history; otherwise the stored history comes first and every
+    request message is new. Either way nothing is stored twice.
+    """
+    if stored:
+        size = len(stored)
+        for end in range(len(messages) - 1, size - 1, -1):  # latest match first
+            if tuple(messages[end - size:end]) == stored:
+                return tuple(messages[:end]), messages[end:]
+    return stored, messages
+
+
+def _validate(request: prompt_pb2.StreamChatRequest) -> None:
     if not request.messages:
         raise _invalid("messages must contain at least one message")
     if len(request.messages) > MAX_MESSAGES:
@@ -52,28 +134,23 @@ def plan_chat(config: Config, tenant: TenantConfig,
             raise _invalid(f"messages[{i}].role must be one of system, user, assistant")
     if request.HasField("temperature") and not 0 <= request.temperature <= 2:
         raise _invalid("temperature must be between 0 and 2")
+    if request.prompt.version and request.prompt.label:
+        raise _invalid("prompt takes either version or label, not both")
 
-    prompt_tokens = count_messages((m.role, m.content) for m in request.messages)
-    room = model.context_window - prompt_tokens
-    if request.max_tokens:
-        if request.max_tokens > room:
-            raise _too_long(prompt_tokens, request.max_tokens, model)
-        max_tokens = request.max_tokens
-    else:
-        if room < 1:
-            raise _too_long(prompt_tokens, 1, model)
-        max_tokens = min(model.default_max_tokens, room)
-    return ChatPlan(model, tuple(request.messages), prompt_tokens, max_tokens)
+
+def _model(config: Config, tenant: TenantConfig, name: str) -> ModelConfig:
+    if not name:
+        raise _invalid("model is required (unless the prompt names a default model)")
+    model = config.model(name)
+    if model is None:
+        raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {name!r}",
+                              stage=Stage.CONNECT)
+    if not tenant.may_use(model.name):
+        raise PromptlineError(ErrorCode.PERMISSION_DENIED,
+                              f"this API key may not use model {model.name!r}",
+                              stage=Stage.CONNECT)
+    return model
 
 
 def _invalid(message: str) -> PromptlineError:
     return PromptlineError(ErrorCode.INVALID_REQUEST, message, stage=Stage.CONNECT)
-
-
-def _too_long(prompt_tokens: int, max_tokens: int, model: ModelConfig) -> PromptlineError:
-    return PromptlineError(
-        ErrorCode.CONTEXT_TOO_LONG,
-        f"the messages use {prompt_tokens} tokens and max_tokens asks for {max_tokens}, "
-        f"but model {model.name!r} has a context window of {model.context_window} tokens",
-        stage=Stage.CONNECT,
-    )

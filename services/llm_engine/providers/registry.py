@@ -1,8 +1,8 @@
-"""One provider instance per configured model, built once per process."""
+"""Build the provider for a configured model."""
 
 from __future__ import annotations
 
-from promptline.config import Config, ModelConfig
+from promptline.config import ModelConfig
 
 from .base import Provider
 from .simulated import SimulatedProvider
@@ -17,6 +17,3 @@ def build_provider(model: ModelConfig) -> Provider:
         return OpenAIProvider(model)
     raise ValueError(f"unknown provider {model.provider!r}")  # config validation forbids this
 
-
-def build_providers(config: Config) -> dict[str, Provider]:
-    return {model.name: build_provider(model) for model in config.models}

@@ -1,0 +1,232 @@
+"""`promptline prompts ...`: manage prompt versions and labels from a terminal, over the edge's
+HTTP API.
+
+    promptline prompts create ID (--template TEXT | --template-file PATH | -) [--var NAME ...]
+                              [--model M] [--max-tokens N] [--temperature T] -m MESSAGE
+                              [--author NAME]
+    promptline prompts list ID [--limit N] [--before N]
+    promptline prompts get ID (VERSION | --label LABEL)
+    promptline prompts label ID LABEL VERSION          # promote or roll back
+
+`--url` (env PROMPTLINE_URL, default http://127.0.0.1:8080) and `--api-key` (env
+PROMPTLINE_API_KEY) select the edge and the tenant. `--json` prints the API's JSON. Exit codes:
+0 done, 1 the server refused (the error code and message go to stderr), 2 bad usage or the edge
+is unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+TIMEOUT = 30.0
+
+
+class CliError(Exception):
+    """A failure to report on stderr with an exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The connection options work before or after the verb (`promptline --json prompts list x`
+    # and `promptline prompts list x --json`): SUPPRESS keeps a verb's parser from resetting them.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=argparse.SUPPRESS,
+                        help=f"edge base URL (env PROMPTLINE_URL; default {DEFAULT_URL})")
+    common.add_argument("--api-key", default=argparse.SUPPRESS,
+                        help="API key (env PROMPTLINE_API_KEY); writes need an admin tenant")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the API's JSON response")
+    parser = argparse.ArgumentParser(prog="promptline", parents=[common],
+                                     description="Promptline command-line tools.")
+    groups = parser.add_subparsers(dest="group", required=True)
+    prompts = groups.add_parser("prompts", help="manage prompt versions and labels")
+    verbs = prompts.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, help_text: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, help=help_text, parents=[common])
+
+    create = verb("create", "create a new version of a prompt")
+    create.add_argument("prompt_id")
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("--template", help="template text ({{name}} placeholders)")
+    source.add_argument("--template-file", help="read the template from a file ('-': stdin)")
+    create.add_argument("--var", action="append", default=[], dest="variables",
+                        help="declared variable name (repeat; default: the template's)")
+    create.add_argument("--model", default="", help="default model")
+    create.add_argument("--max-tokens", type=int, default=None, help="default max_tokens")
+    create.add_argument("--temperature", type=float, default=None, help="default temperature")
+    create.add_argument("-m", "--message", required=True, help="commit message")
+    create.add_argument("--author", default=None, help="author (default: your login name)")
+
+    listing = verb("list", "list a prompt's versions, newest first")
+    listing.add_argument("prompt_id")
+    listing.add_argument("--limit", type=int, default=None, help="versions per page (1-200)")
+    listing.add_argument("--before", type=int, default=None, help="only versions older than N")
+
+    get = verb("get", "show one version (by number or label)")
+    get.add_argument("prompt_id")
+    which = get.add_mutually_exclusive_group(required=True)
+    which.add_argument("version", nargs="?", type=int, help="version number")
+    which.add_argument("--label", help="label to resolve, e.g. prod")
+
+    label = verb("label", "point a label at a version (promote / roll back)")
+    label.add_argument("prompt_id")
+    label.add_argument("label")
+    label.add_argument("version", type=int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None,
+         stdin: TextIO | None = None, stdout: TextIO | None = None,
+         stderr: TextIO | None = None) -> int:
+    """Run the CLI; returns the exit code (the console script exits with it)."""
+    env = dict(os.environ) if env is None else env
+    stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    url = (getattr(args, "url", None) or env.get("PROMPTLINE_URL") or DEFAULT_URL).rstrip("/")
+    api_key = getattr(args, "api_key", None) or env.get("PROMPTLINE_API_KEY")
+    as_json = getattr(args, "json", False)
+    try:
+        if not api_key:
+            raise CliError("no API key: pass --api-key or set PROMPTLINE_API_KEY", 2)
+        if not url.startswith(("http://", "https://")):
+            raise CliError(f"--url must be an http:// or https:// URL, got {url!r}", 2)
+        client = _Client(url, api_key)
+        data, text = _run(args, client, stdin)
+    except CliError as exc:
+        print(f"promptline: {exc}", file=stderr)
+        return exc.exit_code
+    print(json.dumps(data, indent=2, ensure_ascii=False) if as_json else text, file=stdout)
+    return 0
+
+
+def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any, str]:
+    pid = urllib.parse.quote(args.prompt_id, safe="")
+    if args.verb == "create":
+        if args.template is not None:
+            template = args.template
+        elif args.template_file == "-":
+            template = stdin.read()
+        else:
+            try:
+                with open(args.template_file, encoding="utf-8") as handle:
+                    template = handle.read()
+            except OSError as exc:
+                raise CliError(f"cannot read {args.template_file}: {exc.strerror}", 2) from None
+        parameters = {k: v for k, v in (("max_tokens", args.max_tokens),
+                                        ("temperature", args.temperature)) if v is not None}
+        body = {"template": template, "variables": args.variables, "model": args.model,
+                "parameters": parameters, "message": args.message,
+                "author": args.author if args.author is not None else _login()}
+        data = client.request("POST", f"/v1/prompts/{pid}/versions", body)
+        return data, f"created {data['prompt_id']} version {data['version']}"
+    if args.verb == "list":
+        query = {k: v for k, v in (("limit", args.limit), ("before", args.before)) if v}
+        path = f"/v1/prompts/{pid}/versions"
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        data = client.request("GET", path)
+        return data, _version_table(data)
+    if args.verb == "get":
+        if args.label is not None:
+            path = f"/v1/prompts/{pid}/labels/{urllib.parse.quote(args.label, safe='')}"
+        else:
+            path = f"/v1/prompts/{pid}/versions/{args.version}"
+        data = client.request("GET", path)
+        return data, _version_text(data)
+    label = urllib.parse.quote(args.label, safe="")
+    data = client.request("PUT", f"/v1/prompts/{pid}/labels/{label}", {"version": args.version})
+    before = data.get("previous_version")
+    moved = f" (was {before})" if before else " (new label)"
+    return data, f"{data['prompt_id']}: {data['label']} -> version {data['version']}{moved}"
+
+
+class _Client:
+    """JSON over HTTP to the edge, with the Bearer key; errors become CliError."""
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self.base_url = base_url
+        self.api_key = api_key
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json",
+            "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise CliError(_http_error(exc), 1) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise CliError(f"cannot reach {self.base_url}: {reason}", 2) from None
+        return json.loads(raw) if raw else {}
+
+
+def _http_error(exc: urllib.error.HTTPError) -> str:
+    try:
+        error = json.loads(exc.read())["error"]
+        return f"{error['code']}: {error['message']} (HTTP {exc.code})"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {exc.code} {exc.reason}"
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ms else "-"
+
+
+def _version_table(data: dict[str, Any]) -> str:
+    rows = [("VERSION", "LABELS", "MODEL", "AUTHOR", "CREATED", "MESSAGE")]
+    for v in data["versions"]:
+        rows.append((str(v["version"]), ",".join(v["labels"]) or "-", v["model"] or "-",
+                     v["author"] or "-", _when(v["created_at_ms"]),
+                     v["message"].splitlines()[0] if v["message"] else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:5])) + "  " + row[5]
+             for row in rows]
+    if data.get("next_before"):
+        lines.append(f"(older versions: --before {data['next_before']})")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _version_text(v: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={val}" for k, val in v["parameters"].items()) or "-"
+    return "\n".join([
+        f"prompt:     {v['prompt_id']}",
+        f"version:    {v['version']}",
+        f"labels:     {', '.join(v['labels']) or '-'}",
+        f"variables:  {', '.join(v['variables']) or '-'}",
+        f"model:      {v['model'] or '-'}",
+        f"parameters: {params}",
+        f"author:     {v['author'] or '-'}",
+        f"created:    {_when(v['created_at_ms'])}",
+        f"message:    {v['message']}",
+        "template:",
+        v["template"],
+    ])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""A small typed async client for `PromptService.StreamChat`, for internal Python callers.
+
+    async with PromptlineClient("127.0.0.1:50051", api_key="dev-key") as client:
+        async for event in client.stream_chat("sim", [{"role": "user", "content": "Hi"}]):
+            if isinstance(event, TextDelta):
+                print(event.text, end="", flush=True)
+
+Events are `Started`, then `TextDelta`s, then one `Finished` (with usage). Every failure, from
+a bad key to a mid-stream provider error or the deadline, raises `PromptlineError` with `code`,
+`stage`, `retryable`, `retry_after_ms` and `request_id`. Protobuf stays inside this module.
+Leaving the loop early cancels the call (and so the chain down to the provider) as soon as the
+iterator is closed: immediately with `contextlib.aclosing`, otherwise when it is collected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from promptline.errors import PromptlineError
+from promptline.grpc_server import insecure_channel
+from promptline.streams import read_frames
+from promptline.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
+
+DEFAULT_TIMEOUT = 600.0
+"""Seconds a whole stream may take unless `timeout` says otherwise (the gRPC deadline)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message."""
+
+    role: str
+    """"system", "user" or "assistant"."""
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A managed prompt to render as the system message."""
+
+    id: str
+    version: int | None = None
+    """A fixed version; None with no label means the latest."""
+    label: str | None = None
+    """A label to resolve, e.g. "prod"."""
+    variables: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token accounting of one stream."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The request was admitted and the model accepted it."""
+
+    request_id: str
+    model: str
+    conversation_id: str = ""
+    prompt_id: str = ""
+    prompt_version: int = 0
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of the reply, in order."""
+
+    text: str
+    tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The reply is complete."""
+
+    finish_reason: str
+    """"stop" or "length" (max_tokens reached)."""
+    usage: Usage
+    model: str = ""
+    """The model that produced the reply (may be a fallback)."""
+
+
+ChatEvent = Started | TextDelta | Finished
+MessageLike = Message | Mapping[str, str] | tuple[str, str]
+
+
+class PromptlineClient:
+    """Owns one gRPC channel to a PromptService; use as `async with`.
+
+    `target` is `host:port`; `api_key` goes out as `authorization: Bearer <key>` metadata on every
+    call; `timeout` is the default whole-stream deadline in seconds.
+    """
+
+    def __init__(self, target: str, api_key: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._target = target
+        self._api_key = api_key
+        self._timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: prompt_pb2_grpc.PromptServiceStub | None = None
+
+    async def __aenter__(self) -> PromptlineClient:
+        self._channel = insecure_channel(self._target)
+        self._stub = prompt_pb2_grpc.PromptServiceStub(self._channel)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; calls still in flight are cancelled."""
+        if self._channel is not None:
+            channel, self._channel, self._stub = self._channel, None, None
+            await channel.close()
+
+    async def stream_chat(
+        self,
+        model: str,
+        messages: Sequence[MessageLike],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        conversation_id: str | None = None,
+        prompt: Prompt | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline, sent to the server
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> AsyncIterator[ChatEvent]:
+        """Stream one chat reply: `Started`, `TextDelta`*, `Finished`; failures raise.
+
+        `timeout` (seconds) overrides the client's deadline for this call; `metadata` is sent
+        with the call in addition to the authorization (e.g. `("x-request-id", ...)`).
+        Raises `PromptlineError`; the call is cancelled whenever the iterator ends early.
+        """
+        if self._stub is None:
+            raise RuntimeError("use the client as `async with PromptlineClient(...)`")
+        request = _request(model, messages, max_tokens=max_tokens, temperature=temperature,
+                           conversation_id=conversation_id, prompt=prompt, request_id=request_id)
+        call = self._stub.StreamChat(
+            request,
+            metadata=(("authorization", f"Bearer {self._api_key}"), *metadata),
+            timeout=self._timeout if timeout is None else timeout,
+        )
+        try:
+            async with contextlib.aclosing(read_frames(call)) as frames:
+                async for frame in frames:
+                    event = _event(frame)
+                    if event is not None:
+                        yield event
+        finally:
+            call.cancel()  # consumer stopped early, or the stream failed: end the call now
+
+
+def _request(model: str, messages: Sequence[MessageLike], *, max_tokens: int | None,
+             temperature: float | None, conversation_id: str | None, prompt: Prompt | None,
+             request_id: str | None) -> prompt_pb2.StreamChatRequest:
+    request = prompt_pb2.StreamChatRequest(
+        model=model,
+        messages=[_message(m) for m in messages],
+        max_tokens=max_tokens or 0,
+        conversation_id=conversation_id or "",
+        request_id=request_id or "",
+    )
+    if temperature is not None:
+        request.temperature = temperature
+    if prompt is not None:
+        request.prompt.CopyFrom(prompt_pb2.PromptRef(
+            id=prompt.id, version=prompt.version or 0, label=prompt.label or "",
+            variables=dict(prompt.variables)))
+    return request
+
+
+def _message(message: MessageLike) -> common_pb2.ChatMessage:
+    if isinstance(message, Message):
+        return common_pb2.ChatMessage(role=message.role, content=message.content)
+    if isinstance(message, tuple):
+        role, content = message
+        return common_pb2.ChatMessage(role=role, content=content)
+    return common_pb2.ChatMessage(role=message["role"], content=message["content"])
+
+
+def _event(frame: Any) -> ChatEvent | None:
+    kind = frame.WhichOneof("frame")
+    if kind == "delta":
+        return TextDelta(frame.delta.text, frame.delta.tokens)
+    if kind == "start":
+        s = frame.start
+        return Started(s.request_id, s.model, s.conversation_id, s.prompt_id, s.prompt_version,
+                       s.prompt_tokens)
+    if kind == "done":
+        d = frame.done
+        usage = Usage(d.usage.prompt_tokens, d.usage.completion_tokens, d.usage.total_tokens)
+        return Finished(d.finish_reason, usage, d.model)
+    return None  # a frame kind newer than this client: skipped
+
+
+__all__ = [
+    "ChatEvent",
+    "Finished",
+    "Message",
+    "Prompt",
+    "PromptlineClient",
+    "PromptlineError",
+    "Started",
+    "TextDelta",
+    "Usage",
+]

@@ -1,0 +1,115 @@
+"""Prometheus metrics of every hop, and the small HTTP endpoint the gRPC services expose them on.
+
+Names follow Prometheus conventions (`_seconds`, `_total`, base units); the README documents
+each. Tenant names appear only on the prompt service's metrics (an internal port), never on the
+edge's public `/metrics`, so one tenant cannot read another's usage there. Label children are
+resolved once per stream (`StreamMetrics`), keeping per-token cost to one histogram observe.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+# Minute-level budgets: buckets reach well past a minute for TTFT and duration.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "promptline_time_to_first_token_seconds",
+    "Time from a request reaching the hop to its first token (edge: first delta written; "
+    "llm_engine: first token from the provider).",
+    ["service", "model"], buckets=_LATENCY_BUCKETS)
+INTER_TOKEN_GAP = Histogram(
+    "promptline_inter_token_gap_seconds",
+    "Gap between consecutive tokens from the provider, as seen by the llm_engine.",
+    ["model"], buckets=_GAP_BUCKETS)
+STREAM_DURATION = Histogram(
+    "promptline_stream_duration_seconds",
+    "Whole stream duration by hop and outcome (done, an error code, or cancelled).",
+    ["service", "model", "outcome"], buckets=_LATENCY_BUCKETS)
+TOKENS = Counter(
+    "promptline_tokens_total",
+    "Tokens by tenant and model; direction is 'in' (prompt) or 'out' (completion).",
+    ["tenant", "model", "direction"])
+ERRORS = Counter(
+    "promptline_errors_total",
+    "Error frames sent, by hop, code and stage.",
+    ["service", "code", "stage"])
+QUOTA_REJECTIONS = Counter(
+    "promptline_quota_rejections_total",
+    "Requests rejected by a quota, by tenant and limit (e.g. tenant:tpm, model:qpm).",
+    ["tenant", "limit"])
+ACTIVE_STREAMS = Gauge(
+    "promptline_active_streams",
+    "Streams in flight on this hop.",
+    ["service"])
+PROVIDER_REQUESTS = Counter(
+    "promptline_provider_requests_total",
+    "Provider calls by model, provider kind and outcome (ok or an error code).",
+    ["model", "provider", "outcome"])
+PROVIDER_FIRST_CHUNK = Histogram(
+    "promptline_provider_first_chunk_seconds",
+    "Provider latency: from the call to its first chunk.",
+    ["model", "provider"], buckets=_LATENCY_BUCKETS)
+REDIS_ERRORS = Counter(
+    "promptline_redis_errors_total",
+    "Redis errors and timeouts by operation (quota admit/settle, history, prompts).",
+    ["operation"])
+CONFIG_RELOADS = Counter(
+    "promptline_config_reloads_total",
+    "Config reload attempts by result (applied, rejected, unchanged).",
+    ["service", "result"])
+
+
+class StreamTimer:
+    """Times one stream at one hop: TTFT on the first token, duration and outcome at the end."""
+
+    __slots__ = ("_done", "_first", "model", "service", "started")
+
+    def __init__(self, service: str, model: str) -> None:
+        self.service = service
+        self.model = model
+        self.started = time.perf_counter()
+        self._first = False
+        self._done = False
+
+    def first_token(self) -> None:
+        if not self._first:
+            self._first = True
+            TIME_TO_FIRST_TOKEN.labels(self.service, self.model).observe(
+                time.perf_counter() - self.started)
+
+    def finish(self, outcome: str) -> None:
+        if not self._done:
+            self._done = True
+            STREAM_DURATION.labels(self.service, self.model, outcome).observe(
+                time.perf_counter() - self.started)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """`GET /metrics` in the Prometheus text format."""
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class MetricsServer:
+    """A tiny aiohttp server with only `/metrics`, for the gRPC services."""
+
+    def __init__(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", metrics_handler)
+        self._runner = web.AppRunner(app, access_log=None)
+        self.port = 0
+
+    async def start(self, address: str) -> MetricsServer:
+        host, _, port = address.rpartition(":")
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()

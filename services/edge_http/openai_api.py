@@ -1,0 +1,324 @@
+"""The OpenAI-compatible API: `POST /v1/chat/completions` (stream and not) and `GET /v1/models`.
+
+Same auth, quotas, timeouts, moderation and cancellation as `POST /v1/chat/stream`: the request
+becomes the same `StreamChatRequest` and the same `StreamRelay` carries it, with `ChunkEncoder`
+writing OpenAI's `chat.completion.chunk` lines instead of native SSE events. Errors keep OpenAI's
+shape so the official clients raise instead of returning a truncated answer: before the stream a
+real HTTP status with `{"error": {message, type, code, ...}}`, after it `data: {"error": ...}`
+then `data: [DONE]`. A non-streaming request is the same stream aggregated into one
+`chat.completion`; nothing is sent before it ends, so any error is a real HTTP status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from promptline.errors import PromptlineError, Stage
+from promptline.streams import read_frames
+from promptline.v1 import common_pb2, prompt_pb2
+from services.edge_http import sse
+from services.edge_http.chat_request import (
+    PAYLOAD_TOO_LARGE_STATUS,
+    chat_request_from,
+    decode_json_object,
+    invalid,
+    json_kind,
+    read_body,
+)
+from services.edge_http.context import AUTH_KEY, CONFIG_KEY, STUB_KEY, request_id_from
+from services.edge_http.relay import (
+    ORIGIN,
+    StreamRelay,
+    error_response,
+    ratelimit_headers,
+    rejection_headers,
+    usage_data,
+)
+
+log = logging.getLogger("promptline.edge_http")
+
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+DONE_LINE = b"data: [DONE]\n\n"
+# Roles OpenAI clients send that map onto ours; tool calling is not supported.
+_ROLE_ALIASES = {"developer": "system"}
+_UNSUPPORTED_ROLES = frozenset({"tool", "function"})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the OpenAI-compatible routes on the edge application."""
+    app.router.add_post(CHAT_COMPLETIONS_PATH, chat_completions)
+    app.router.add_get(MODELS_PATH, list_models)
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether errors on `path` should use OpenAI's error shape."""
+    return path in (CHAT_COMPLETIONS_PATH, MODELS_PATH)
+
+
+def error_body(err: PromptlineError) -> dict[str, Any]:
+    """OpenAI's error body: `{"error": {message, type, code, param, ...our fields}}`."""
+    return {"error": err.to_openai_dict()}
+
+
+def completion_id(request_id: str) -> str:
+    """OpenAI-style response id, tied to the request id that appears in logs and traces."""
+    return f"chatcmpl-{request_id}"
+
+
+# --- request -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionOptions:
+    """The parts of an OpenAI request that shape the response rather than the generation."""
+
+    stream: bool = False
+    include_usage: bool = False
+    """`stream_options.include_usage`: a last chunk with `usage` and no choices."""
+
+
+def parse_completion_request(body: bytes) -> tuple[prompt_pb2.StreamChatRequest, CompletionOptions]:
+    """Validate an OpenAI chat-completions body; unknown fields (`user`, `top_p`, ...) are ignored.
+
+    Content may be a string or an array of `{"type": "text", "text": ...}` parts; `developer`
+    messages are system messages. Tool messages, non-text parts and `n` > 1 are rejected with a
+    message naming the field.
+    """
+    data = decode_json_object(body)
+    n = data.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
+        raise invalid(f"n must be 1 (one choice per request is supported), got {n!r}")
+    stream = _bool(data.get("stream"), "stream")
+    include_usage = False
+    stream_options = data.get("stream_options")
+    if stream_options is not None:
+        if not stream:
+            raise invalid("stream_options is only allowed when stream is true")
+        if not isinstance(stream_options, dict):
+            raise invalid(f"stream_options must be an object, got {json_kind(stream_options)}")
+        include_usage = _bool(stream_options.get("include_usage"), "stream_options.include_usage")
+
+    native: dict[str, Any] = {"model": data.get("model"),
+                              "messages": _messages(data.get("messages"))}
+    max_tokens = _max_tokens(data)
+    if max_tokens is not None:
+        native["max_tokens"] = max_tokens
+    for key in ("temperature", "conversation_id"):  # conversation_id: a Promptline extension
+        if data.get(key) is not None:
+            native[key] = data[key]
+    return chat_request_from(native), CompletionOptions(stream, include_usage)
+
+
+def _bool(value: Any, path: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise invalid(f"{path} must be a boolean, got {json_kind(value)}")
+    return value
+
+
+def _max_tokens(data: dict[str, Any]) -> Any:
+    new, old = data.get("max_completion_tokens"), data.get("max_tokens")
+    if new is not None and old is not None and new != old:
+        raise invalid("give max_completion_tokens or max_tokens, not both")
+    return new if new is not None else old
+
+
+def _messages(value: Any) -> Any:
+    """OpenAI messages in the native shape; type errors are left to the native validation."""
+    if not isinstance(value, list):
+        return value
+    out: list[Any] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            out.append(item)
+            continue
+        role = item.get("role")
+        if role in _UNSUPPORTED_ROLES or item.get("tool_calls"):
+            raise invalid(f"messages[{i}]: tool calling is not supported")
+        content = item.get("content")
+        if isinstance(content, list):
+            content = _text_parts(content, f"messages[{i}].content")
+        out.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
+    return out
+
+
+def _text_parts(parts: list[Any], path: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise invalid(f"{path}[{j}] must be an object, got {json_kind(part)}")
+        if part.get("type") != "text":
+            raise invalid(f"{path}[{j}].type must be 'text' (only text content is supported), "
+                          f"got {part.get('type')!r}")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise invalid(f"{path}[{j}].text must be a string, got {json_kind(text)}")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+# --- streaming wire ------------------------------------------------------------------------------
+
+
+class ChunkEncoder:
+    """OpenAI's streaming wire: `data: {chat.completion.chunk}` lines, then `data: [DONE]`.
+
+    The first chunk carries the assistant role, the last one the finish reason; with
+    `include_usage` every chunk has `"usage": null` and one more chunk with empty `choices`
+    carries the usage. Heartbeats are SSE comments, which SSE parsers (the SDK's included) skip.
+    """
+
+    content_type = sse.CONTENT_TYPE
+    heartbeat = sse.HEARTBEAT
+
+    def __init__(self, request_id: str, model: str, *, include_usage: bool = False,
+                 created: int | None = None) -> None:
+        self._id = completion_id(request_id)
+        self._model = model
+        self._include_usage = include_usage
+        self._created = int(time.time()) if created is None else created
+
+    def start(self, start: prompt_pb2.ChatStart) -> bytes:
+        self._model = start.model or self._model
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def delta(self, text: str, seq: int) -> bytes:
+        return self._chunk({"content": text})
+
+    def done(self, done: common_pb2.Done) -> bytes:
+        self._model = done.model or self._model
+        out = self._chunk({}, finish_reason=done.finish_reason or "stop")
+        if self._include_usage:
+            out += _data(self._envelope([], usage=usage_data(done.usage)))
+        return out + DONE_LINE
+
+    def error(self, err: PromptlineError) -> bytes:
+        return _data(error_body(err)) + DONE_LINE
+
+    def error_body(self, err: PromptlineError) -> dict[str, Any]:
+        return error_body(err)
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _data(self._envelope([choice]))
+
+    def _envelope(self, choices: list[dict[str, Any]], *,
+                  usage: dict[str, int] | None = None) -> dict[str, Any]:
+        chunk: dict[str, Any] = {"id": self._id, "object": "chat.completion.chunk",
+                                 "created": self._created, "model": self._model,
+                                 "choices": choices}
+        if self._include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions: auth, body, then a chunk stream or one aggregated completion."""
+    app = request.app
+    config = app[CONFIG_KEY]
+    rid = request_id_from(request.headers.get("X-Request-Id"))
+    authorization = request.headers.get("Authorization", "")
+    try:
+        app[AUTH_KEY].tenant_for_header(authorization)  # before any body parsing
+    except PromptlineError as err:
+        return _reject(err, rid)
+    try:
+        body = await read_body(request.content.iter_any(), config.edge.max_body_bytes,
+                               request.content_length)
+    except PromptlineError as err:
+        return _reject(err, rid, status=PAYLOAD_TOO_LARGE_STATUS)
+    try:
+        chat, options = parse_completion_request(body)
+    except PromptlineError as err:
+        return _reject(err, rid)
+    chat.request_id = rid
+
+    call = app[STUB_KEY].StreamChat(
+        chat,
+        metadata=(("authorization", authorization), ("x-request-id", rid)),
+        timeout=config.edge.request_timeout,
+    )
+    if not options.stream:
+        return await _complete(request, call, rid, chat.model)
+    encoder = ChunkEncoder(rid, chat.model, include_usage=options.include_usage)
+    relay = StreamRelay(request, config, rid, model=chat.model, encoder=encoder,
+                        endpoint="chat_completions")
+    return await relay.run(call, header_hold=config.edge.header_hold)
+
+
+async def _complete(request: web.Request, call: Any, rid: str, model: str) -> web.Response:
+    """Aggregate the whole stream into one `chat.completion`; an error at any point is HTTP.
+
+    A client that disconnects cancels this handler, and `read_frames` cancels the call.
+    """
+    texts: list[str] = []
+    done: common_pb2.Done | None = None
+    try:
+        async with contextlib.aclosing(read_frames(call)) as frames:
+            async for frame in frames:
+                kind = frame.WhichOneof("frame")
+                if kind == "start":
+                    model = frame.start.model or model
+                elif kind == "delta":
+                    texts.append(frame.delta.text)
+                elif kind == "done":
+                    done = frame.done
+    except PromptlineError as err:
+        err.at(Stage.MID_STREAM if texts else Stage.FIRST_PACKET, request_id=rid, origin=ORIGIN)
+        log.info("chat completion ended", extra={"request_id": rid, "model": model,
+                                                 "outcome": f"error:{err.code.value}"})
+        return error_response(err, rid, headers=rejection_headers(request.app[CONFIG_KEY], err),
+                              body=error_body)
+    assert done is not None  # read_frames ends with `done` or raises
+    log.info("chat completion ended", extra={"request_id": rid, "model": model, "outcome": "done",
+                                             "deltas": len(texts)})
+    completion = {
+        "id": completion_id(rid),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": done.model or model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(texts)},
+            "logprobs": None,
+            "finish_reason": done.finish_reason or "stop",
+        }],
+        "usage": usage_data(done.usage),
+    }
+    headers = {**await ratelimit_headers(call), "X-Request-Id": rid}
+    return web.json_response(completion, headers=headers)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the configured models this caller's tenant may use, in OpenAI's shape."""
+    rid = request_id_from(request.headers.get("X-Request-Id"))
+    try:
+        tenant = request.app[AUTH_KEY].tenant_for_header(request.headers.get("Authorization"))
+    except PromptlineError as err:
+        return _reject(err, rid)
+    models = [
+        {"id": m.name, "object": "model", "created": 0, "owned_by": "promptline"}
+        for m in request.app[CONFIG_KEY].models if tenant.may_use(m.name)
+    ]
+    return web.json_response({"object": "list", "data": models}, headers={"X-Request-Id": rid})
+
+
+def _reject(err: PromptlineError, rid: str, *, status: int | None = None) -> web.Response:
+    return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid, status=status,
+                          body=error_body)

@@ -1,0 +1,278 @@
+"""HTTP endpoints of the prompt registry and conversation history (the PromptAdmin gRPC service).
+
+    POST   /v1/prompts/{id}/versions           create a version (admin keys)        -> 201
+    GET    /v1/prompts/{id}/versions           list versions, newest first (?limit=&before=)
+    GET    /v1/prompts/{id}/versions/{n}       one version
+    GET    /v1/prompts/{id}/labels/{label}     the version a label points at
+    PUT    /v1/prompts/{id}/labels/{label}     move a label: {"version": n}    (admin keys)
+    GET    /v1/conversations/{id}              the caller's conversation history
+    DELETE /v1/conversations/{id}              delete it                           -> 204
+
+The edge authenticates the Bearer key first (401 without touching anything else), parses the
+JSON body, then calls PromptAdmin over the process's prompt channel, forwarding `authorization`;
+the prompt service checks admin rights, validates and owns the data. Errors are the usual
+`{"error": {...}}` body with the table's HTTP status (`error_response`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from promptline.errors import PromptlineError, Stage
+from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
+from services.edge_http.chat_request import (
+    PAYLOAD_TOO_LARGE_STATUS,
+    decode_json_object,
+    invalid,
+    json_kind,
+    read_body,
+)
+from services.edge_http.context import AUTH_KEY, CHANNEL_KEY, CONFIG_KEY, request_id_from
+from services.edge_http.relay import ORIGIN, error_response
+
+ADMIN_TIMEOUT = 10.0  # seconds; each call is a few Redis round trips
+_UINT32_MAX = 2**32 - 1
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the prompt and conversation endpoints on the edge application."""
+    app.router.add_post("/v1/prompts/{prompt_id}/versions", _admin(create_version))
+    app.router.add_get("/v1/prompts/{prompt_id}/versions", _admin(list_versions))
+    app.router.add_get("/v1/prompts/{prompt_id}/versions/{version}", _admin(get_version))
+    app.router.add_get("/v1/prompts/{prompt_id}/labels/{label}", _admin(get_label))
+    app.router.add_put("/v1/prompts/{prompt_id}/labels/{label}", _admin(set_label))
+    app.router.add_get("/v1/conversations/{conversation_id}", _admin(get_conversation))
+    app.router.add_delete("/v1/conversations/{conversation_id}", _admin(delete_conversation))
+
+
+Call = Callable[[prompt_admin_pb2_grpc.PromptAdminStub, web.Request, tuple[tuple[str, str], ...]],
+                Awaitable[web.StreamResponse]]
+
+
+def _admin(call: Call) -> Handler:
+    """Auth, then the PromptAdmin call; any PromptlineError becomes the HTTP error response."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        rid = request_id_from(request.headers.get("X-Request-Id"))
+        authorization = request.headers.get("Authorization", "")
+        try:
+            request.app[AUTH_KEY].tenant_for_header(authorization)
+            stub = prompt_admin_pb2_grpc.PromptAdminStub(request.app[CHANNEL_KEY])
+            metadata = (("authorization", authorization), ("x-request-id", rid))
+            response = await call(stub, request, metadata)
+        except _BodyTooLarge as exc:
+            return error_response(exc.err.at(Stage.CONNECT, origin=ORIGIN), rid,
+                                  status=PAYLOAD_TOO_LARGE_STATUS)
+        except PromptlineError as err:
+            return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid)
+        except grpc.aio.AioRpcError as exc:
+            err = PromptlineError.from_rpc_error(exc, stage=Stage.CONNECT)
+            return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    handler.__name__ = call.__name__
+    handler.__doc__ = call.__doc__
+    return handler
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+
+async def create_version(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+                         metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """POST /v1/prompts/{id}/versions: {"template", "variables"?, "model"?, "parameters"?:
+    {"max_tokens", "temperature"}, "message"?, "author"?}."""
+    data = await _json_body(request)
+    parameters = _object(data.get("parameters", {}), "parameters")
+    pb = prompt_admin_pb2.CreatePromptVersionRequest(
+        prompt_id=request.match_info["prompt_id"],
+        template=_str(data.get("template"), "template", required=True),
+        variables=_str_list(data.get("variables", []), "variables"),
+        model=_str(data.get("model", ""), "model"),
+        message=_str(data.get("message", ""), "message"),
+        author=_str(data.get("author", ""), "author"),
+    )
+    for name in parameters:
+        if name not in ("max_tokens", "temperature"):
+            raise invalid(f"parameters.{name} is not supported (use max_tokens, temperature)")
+    if parameters.get("max_tokens") is not None:
+        pb.max_tokens = _uint(parameters["max_tokens"], "parameters.max_tokens")
+    temperature = parameters.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            raise invalid(f"parameters.temperature must be a number, got {json_kind(temperature)}")
+        pb.temperature = float(temperature)
+    version = await stub.CreatePromptVersion(pb, metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(version_json(version), status=201)
+
+
+async def list_versions(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+                        metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """GET /v1/prompts/{id}/versions?limit=50&before=N."""
+    page = await stub.ListPromptVersions(prompt_admin_pb2.ListPromptVersionsRequest(
+        prompt_id=request.match_info["prompt_id"],
+        page_size=_query_uint(request, "limit"),
+        before_version=_query_uint(request, "before"),
+    ), metadata=metadata, timeout=ADMIN_TIMEOUT)
+    body: dict[str, Any] = {
+        "prompt_id": page.prompt_id,
+        "latest_version": page.latest_version,
+        "labels": dict(sorted(page.labels.items())),
+        "versions": [version_json(v) for v in page.versions],
+    }
+    if page.next_before_version:
+        body["next_before"] = page.next_before_version
+    return web.json_response(body)
+
+
+async def get_version(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+                      metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """GET /v1/prompts/{id}/versions/{n}."""
+    raw = request.match_info["version"]
+    if not raw.isdigit() or not 1 <= int(raw) <= _UINT32_MAX:
+        raise invalid(f"version must be a version number (1 or more), got {raw!r}")
+    version = await stub.GetPromptVersion(prompt_admin_pb2.GetPromptVersionRequest(
+        prompt_id=request.match_info["prompt_id"], version=int(raw)),
+        metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(version_json(version))
+
+
+async def get_label(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+                    metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """GET /v1/prompts/{id}/labels/{label}: the version the label points at."""
+    version = await stub.GetPromptVersion(prompt_admin_pb2.GetPromptVersionRequest(
+        prompt_id=request.match_info["prompt_id"], label=request.match_info["label"]),
+        metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(version_json(version))
+
+
+async def set_label(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+                    metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """PUT /v1/prompts/{id}/labels/{label} with {"version": n}."""
+    data = await _json_body(request)
+    if data.get("version") is None:
+        raise invalid("version is required")
+    moved = await stub.SetPromptLabel(prompt_admin_pb2.SetPromptLabelRequest(
+        prompt_id=request.match_info["prompt_id"], label=request.match_info["label"],
+        version=_uint(data["version"], "version")), metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response({"prompt_id": moved.prompt_id, "label": moved.label,
+                              "version": moved.version,
+                              "previous_version": moved.previous_version or None})
+
+
+def version_json(version: prompt_admin_pb2.PromptVersion) -> dict[str, Any]:
+    """A prompt version as the HTTP API shows it."""
+    parameters: dict[str, Any] = {}
+    if version.HasField("max_tokens"):
+        parameters["max_tokens"] = version.max_tokens
+    if version.HasField("temperature"):
+        parameters["temperature"] = round(version.temperature, 6)  # float32 on the wire
+    return {
+        "prompt_id": version.prompt_id,
+        "version": version.version,
+        "template": version.template,
+        "variables": list(version.variables),
+        "model": version.model or None,
+        "parameters": parameters,
+        "message": version.message,
+        "author": version.author,
+        "created_at_ms": version.created_at_ms,
+        "labels": list(version.labels),
+    }
+
+
+# --- conversations -----------------------------------------------------------------------------
+
+
+async def get_conversation(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+                           metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """GET /v1/conversations/{id}: the caller's own history, oldest first."""
+    conversation = await stub.GetConversation(prompt_admin_pb2.GetConversationRequest(
+        conversation_id=request.match_info["conversation_id"]),
+        metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response({
+        "conversation_id": conversation.conversation_id,
+        "expires_in_ms": conversation.expires_in_ms,
+        "messages": [{"role": t.role, "content": t.content, "partial": t.partial,
+                      "created_at_ms": t.created_at_ms, "request_id": t.request_id}
+                     for t in conversation.turns],
+    })
+
+
+async def delete_conversation(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+                              metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """DELETE /v1/conversations/{id}: 204 when deleted, 404 when there was none."""
+    await stub.DeleteConversation(prompt_admin_pb2.DeleteConversationRequest(
+        conversation_id=request.match_info["conversation_id"]),
+        metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.Response(status=204)
+
+
+# --- body and query readers (INVALID_REQUEST naming the field) ---------------------------------
+
+
+class _BodyTooLarge(Exception):
+    """A body over `edge.max_body_bytes`: answered 413 instead of the table's 400."""
+
+    def __init__(self, err: PromptlineError) -> None:
+        super().__init__(err.message)
+        self.err = err
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await read_body(request.content.iter_any(),
+                               request.app[CONFIG_KEY].edge.max_body_bytes,
+                               request.content_length)
+    except PromptlineError as err:  # read_body's only error: the body is over the limit
+        raise _BodyTooLarge(err) from None
+    return decode_json_object(body)
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise invalid(f"{path} must be an object, got {json_kind(value)}")
+    return value
+
+
+def _str(value: Any, path: str, *, required: bool = False) -> str:
+    if value is None and required:
+        raise invalid(f"{path} is required")
+    if not isinstance(value, str):
+        raise invalid(f"{path} must be a string, got {json_kind(value)}")
+    if required and not value:
+        raise invalid(f"{path} must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{path} contains an invalid Unicode escape (lone surrogate)") from None
+    return value
+
+
+def _str_list(value: Any, path: str) -> list[str]:
+    if not isinstance(value, list):
+        raise invalid(f"{path} must be a list of strings, got {json_kind(value)}")
+    return [_str(item, f"{path}[{i}]") for i, item in enumerate(value)]
+
+
+def _uint(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{path} must be an integer, got {json_kind(value)}")
+    if not 1 <= value <= _UINT32_MAX:
+        raise invalid(f"{path} must be between 1 and {_UINT32_MAX}, got {value}")
+    return value
+
+
+def _query_uint(request: web.Request, name: str) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return 0
+    if not raw.isdigit() or not 1 <= int(raw) <= _UINT32_MAX:
+        raise invalid(f"query parameter {name} must be a positive integer, got {raw!r}")
+    return int(raw)

@@ -1,0 +1,320 @@
+"""Relaying one StreamChat call to one HTTP client, independent of the wire format.
+
+`StreamRelay` owns the rules every streaming endpoint shares: hold the response headers until the
+prompt service's `start` frame (capped), an error before that as a real HTTP status with a JSON
+body, heartbeats while idle, a single writer, and on any exit (done, error, client gone, handler
+cancelled) the gRPC call is cancelled, which cancels the chain down to the provider.
+
+What goes on the wire is an `Encoder`'s business: `SseEncoder` for `POST /v1/chat/stream`,
+`services.edge_http.openai_api.ChunkEncoder` for `POST /v1/chat/completions`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+from aiohttp import web
+
+from promptline.config import Config
+from promptline.errors import PromptlineError, Stage, internal_error
+from promptline.ratelimit import rejection_limits
+from promptline.streams import read_frames
+from promptline.v1 import common_pb2, prompt_pb2
+from services.edge_http import sse
+
+log = logging.getLogger("promptline.edge_http")
+
+ORIGIN = "edge_http"
+# Slack between the gRPC reader and the socket writer: enough that a write does not stall the
+# next read, small enough that a slow client pushes back through gRPC flow control instead of
+# having the edge buffer a whole reply in memory.
+FRAME_QUEUE_SIZE = 8
+
+ErrorBody = Callable[[PromptlineError], dict[str, Any]]
+
+
+def sse_error_body(err: PromptlineError) -> dict[str, Any]:
+    """The native HTTP error body `{"error": {...}}`."""
+    return {"error": err.to_dict()}
+
+
+def error_response(err: PromptlineError, request_id: str, *, status: int | None = None,
+                   headers: dict[str, str] | None = None,
+                   body: ErrorBody = sse_error_body) -> web.Response:
+    """An HTTP error: the table's status (or `status`), Retry-After, and `body(err)` as JSON."""
+    err.request_id = err.request_id or request_id
+    all_headers = {**err.http_headers(), **(headers or {})}
+    if request_id:
+        all_headers["X-Request-Id"] = request_id
+    return web.json_response(body(err), status=status or err.http_status, headers=all_headers)
+
+
+def rejection_headers(config: Config, err: PromptlineError) -> dict[str, str]:
+    """`x-ratelimit-*` headers for a tenant quota rejection; empty for other errors."""
+    return rejection_limits(config, err).headers() if err.quota_subject else {}
+
+
+async def ratelimit_headers(call: Any) -> dict[str, str]:
+    """`x-ratelimit-*` headers the prompt service sent as initial metadata at admission."""
+    try:
+        metadata = await call.initial_metadata()
+    except (grpc.RpcError, asyncio.InvalidStateError):
+        return {}
+    return {k: v for k, v in (metadata or ()) if k.startswith("x-ratelimit-")
+            and isinstance(v, str)}
+
+
+class Encoder(Protocol):
+    """Turns stream events into bytes for one wire format; one instance per request."""
+
+    content_type: str
+    heartbeat: bytes
+    """Written after `edge.heartbeat` of silence; must be ignored by the client's parser."""
+
+    def start(self, start: prompt_pb2.ChatStart) -> bytes:
+        """The first bytes of the body (once, before any delta)."""
+
+    def delta(self, text: str, seq: int) -> bytes:
+        """One piece of text; `seq` counts deltas from 1."""
+
+    def done(self, done: common_pb2.Done) -> bytes:
+        """The successful end of the stream (everything up to the last byte)."""
+
+    def error(self, err: PromptlineError) -> bytes:
+        """The failed end of a stream whose headers were already sent."""
+
+    def error_body(self, err: PromptlineError) -> dict[str, Any]:
+        """The JSON body of an HTTP error, sent when the headers were not committed yet."""
+
+
+class SseEncoder:
+    """The native SSE wire: `start`, `delta` (with `id:`), `done` / `error` events."""
+
+    content_type = sse.CONTENT_TYPE
+    heartbeat = sse.HEARTBEAT
+
+    def __init__(self, request_id: str, model: str) -> None:
+        self._rid = request_id
+        self._model = model
+
+    def start(self, start: prompt_pb2.ChatStart) -> bytes:
+        return sse.encode_event("start", start_data(start, self._rid, self._model))
+
+    def delta(self, text: str, seq: int) -> bytes:
+        return sse.encode_event("delta", {"text": text}, event_id=seq)
+
+    def done(self, done: common_pb2.Done) -> bytes:
+        return sse.encode_event("done", done_data(done))
+
+    def error(self, err: PromptlineError) -> bytes:
+        return sse.encode_event("error", {"error": err.to_dict()})
+
+    def error_body(self, err: PromptlineError) -> dict[str, Any]:
+        return sse_error_body(err)
+
+
+class StreamRelay:
+    """Relays one StreamChat call to one HTTP client; the single writer of the response.
+
+    A reader task drains the gRPC stream into a small queue, so waiting for frames with a timeout
+    (header hold, heartbeats) never cancels a pending gRPC read. Heartbeats are written by the
+    same loop when the wait for the next frame times out, so no two tasks write the response.
+    """
+
+    def __init__(self, request: web.Request, config: Config, request_id: str, *, model: str,
+                 encoder: Encoder, endpoint: str = "chat_stream") -> None:
+        self._request = request
+        self._config = config
+        self._rid = request_id
+        self._model = model
+        self._encoder = encoder
+        self._endpoint = endpoint
+        self._heartbeat = config.edge.heartbeat
+        self._response: web.StreamResponse | None = None
+        self._call: Any = None
+        self._started = False
+        self._deltas = 0
+        self._last_write = 0.0
+        self.outcome = "unfinished"
+
+    async def run(self, call: Any, *, header_hold: float) -> web.StreamResponse:
+        began = time.monotonic()
+        self._call = call
+        queue: asyncio.Queue[Any] = asyncio.Queue(FRAME_QUEUE_SIZE)
+        reader = asyncio.create_task(_read_into(call, queue, self._rid),
+                                     name=f"edge-read-{self._rid}")
+        try:
+            return await self._relay(queue, header_hold)
+        except ConnectionResetError:
+            # The client went away while we wrote; aiohttp copes with the half-written response.
+            self.outcome = "client_disconnected"
+            assert self._response is not None  # only writes raise this, and they follow prepare
+            return self._response
+        except asyncio.CancelledError:
+            self.outcome = "cancelled"
+            raise
+        finally:
+            call.cancel()  # stop the chain now, whatever the reader task is doing
+            await cancel_and_wait(reader)
+            log.info("chat stream ended", extra={
+                "request_id": self._rid, "model": self._model, "endpoint": self._endpoint,
+                "outcome": self.outcome, "deltas": self._deltas,
+                "duration_ms": round((time.monotonic() - began) * 1000),
+            })
+
+    async def _relay(self, queue: asyncio.Queue[Any], header_hold: float) -> web.StreamResponse:
+        try:
+            frame = await self._first_frame(queue, header_hold)
+            # The prompt service sends its quota headers as initial metadata at admission.
+            await self._open(await ratelimit_headers(self._call) if frame else {})
+            if frame is not None:
+                await self._write_frame(frame)
+            while frame is None or frame.WhichOneof("frame") != "done":
+                frame = await self._next_frame(queue)
+                await self._write_frame(frame)
+            self.outcome = "done"
+        except PromptlineError as err:
+            return await self._fail(err)
+        except ConnectionResetError:
+            raise
+        except Exception:
+            log.exception("chat stream failed", extra={"request_id": self._rid})
+            return await self._fail(internal_error(self._rid, self._stage()))
+        assert self._response is not None
+        await self._response.write_eof()
+        return self._response
+
+    async def _first_frame(self, queue: asyncio.Queue[Any], hold: float) -> Any | None:
+        """The first frame, or None once `hold` passed (headers are then committed anyway)."""
+        try:
+            return await asyncio.wait_for(_get(queue), timeout=hold)
+        except TimeoutError:
+            return None
+
+    async def _next_frame(self, queue: asyncio.Queue[Any]) -> Any:
+        """The next frame, writing a heartbeat whenever nothing was written for a while."""
+        loop = asyncio.get_running_loop()
+        while True:
+            idle = loop.time() - self._last_write
+            try:
+                return await asyncio.wait_for(_get(queue), timeout=max(0.0, self._heartbeat - idle))
+            except TimeoutError:
+                await self._write(self._encoder.heartbeat)
+
+    async def _open(self, extra_headers: dict[str, str]) -> None:
+        response = web.StreamResponse(status=200, headers={
+            **extra_headers,
+            "Content-Type": self._encoder.content_type,
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx would otherwise buffer the whole stream
+            "X-Request-Id": self._rid,
+        })
+        self._response = response
+        await response.prepare(self._request)
+        self._last_write = asyncio.get_running_loop().time()
+
+    async def _write(self, data: bytes) -> None:
+        assert self._response is not None
+        await self._response.write(data)
+        self._last_write = asyncio.get_running_loop().time()
+
+    async def _write_frame(self, frame: Any) -> None:
+        kind = frame.WhichOneof("frame")
+        if kind == "start":
+            if not self._started:
+                await self._write_start(frame.start)
+        elif kind == "delta":
+            await self._ensure_started()
+            self._deltas += 1
+            await self._write(self._encoder.delta(frame.delta.text, self._deltas))
+        elif kind == "done":
+            await self._ensure_started()
+            await self._write(self._encoder.done(frame.done))
+        else:
+            log.warning("unknown frame kind ignored",
+                        extra={"request_id": self._rid, "kind": kind})
+
+    async def _ensure_started(self) -> None:
+        """A downstream that skipped `start`: the client still gets one."""
+        if not self._started:
+            await self._write_start(prompt_pb2.ChatStart(request_id=self._rid, model=self._model))
+
+    async def _write_start(self, start: prompt_pb2.ChatStart) -> None:
+        self._started = True
+        await self._write(self._encoder.start(start))
+
+    async def _fail(self, err: PromptlineError) -> web.StreamResponse:
+        err.at(self._stage(), request_id=self._rid, origin=ORIGIN)
+        self.outcome = f"error:{err.code.value}"
+        if self._response is None:
+            return error_response(err, self._rid, headers=rejection_headers(self._config, err),
+                                  body=self._encoder.error_body)
+        await self._write(self._encoder.error(err))
+        await self._response.write_eof()
+        return self._response
+
+    def _stage(self) -> Stage:
+        return Stage.MID_STREAM if self._deltas else Stage.FIRST_PACKET
+
+
+def start_data(start: prompt_pb2.ChatStart, request_id: str, model: str) -> dict[str, Any]:
+    """The SSE `start` event's data."""
+    data: dict[str, Any] = {"request_id": start.request_id or request_id,
+                            "model": start.model or model}
+    if start.conversation_id:
+        data["conversation_id"] = start.conversation_id
+    if start.prompt_id:
+        data["prompt_id"] = start.prompt_id
+        data["prompt_version"] = start.prompt_version
+    if start.prompt_tokens:
+        data["prompt_tokens"] = start.prompt_tokens
+    return data
+
+
+def usage_data(usage: common_pb2.Usage) -> dict[str, int]:
+    """Token accounting as JSON (the same three fields on every wire)."""
+    return {"prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+def done_data(done: common_pb2.Done) -> dict[str, Any]:
+    """The SSE `done` event's data."""
+    data: dict[str, Any] = {"finish_reason": done.finish_reason, "usage": usage_data(done.usage)}
+    if done.model:
+        data["model"] = done.model
+    return data
+
+
+async def _get(queue: asyncio.Queue[Any]) -> Any:
+    item = await queue.get()
+    if isinstance(item, PromptlineError):
+        raise item
+    return item
+
+
+async def _read_into(call: Any, queue: asyncio.Queue[Any], request_id: str) -> None:
+    """Reader task: frames into `queue`, ending with the terminal frame or a PromptlineError."""
+    try:
+        async with contextlib.aclosing(read_frames(call)) as frames:
+            async for frame in frames:
+                await queue.put(frame)
+    except PromptlineError as err:
+        await queue.put(err)
+    except Exception:
+        log.exception("reading the prompt stream failed", extra={"request_id": request_id})
+        await queue.put(internal_error(request_id))
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait until it finished; our own cancellation still propagates."""
+    task.cancel()
+    await asyncio.wait({task})  # unlike `await task`, never raises the task's CancelledError
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("task ended with an error", exc_info=task.exception())

@@ -1,0 +1,141 @@
+"""PromptAdmin gRPC service: prompt versions and labels, conversation history.
+
+Every call authenticates the `authorization` metadata first and works only on the caller's own
+tenant. Registry writes (CreatePromptVersion, SetPromptLabel) need a tenant with `admin: true`
+(PERMISSION_DENIED otherwise); reads need any key of the tenant. Failures end the call with the
+rich status of `PromptlineError` (`abort_unary`); anything unexpected becomes INTERNAL with a safe
+message. Protobuf stops here: the registry and the store work on dataclasses.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from promptline.auth import Authenticator
+from promptline.config import TenantConfig
+from promptline.config_reload import LiveConfig
+from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
+from promptline.streams import abort_unary
+from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
+
+from .history import ConversationStore
+from .prompts import PromptDraft, PromptRegistry
+
+log = logging.getLogger("promptline.prompt.admin")
+
+ORIGIN = "prompt"
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def _unary(method: Handler[R]) -> Handler[R]:
+    """Map PromptlineError (and anything unexpected) to the call's status, in one place."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        rid = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+        try:
+            return await method(self, request, context)
+        except PromptlineError as exc:
+            err = exc
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__, extra={"request_id": rid})
+            err = internal_error(rid)
+        await abort_unary(context, err.at(Stage.CONNECT, request_id=rid, origin=ORIGIN))
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
+    """Implements PromptAdmin over a PromptRegistry and a ConversationStore."""
+
+    def __init__(self, live: LiveConfig, prompts: PromptRegistry,
+                 conversations: ConversationStore) -> None:
+        self._live = live
+        self._prompts = prompts
+        self._conversations = conversations
+
+    def _tenant(self, context: grpc.aio.ServicerContext, *, admin: bool = False) -> TenantConfig:
+        metadata = dict(context.invocation_metadata() or ())
+        auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
+        tenant = auth.tenant_for_header(metadata.get("authorization"))
+        if admin and not tenant.admin:
+            raise PromptlineError(ErrorCode.PERMISSION_DENIED,
+                                  "this API key may not manage prompts (needs an admin tenant)",
+                                  stage=Stage.CONNECT)
+        return tenant
+
+    @_unary
+    async def CreatePromptVersion(self, request: prompt_admin_pb2.CreatePromptVersionRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> prompt_admin_pb2.PromptVersion:
+        tenant = self._tenant(context, admin=True)
+        version = await self._prompts.create(tenant.name, PromptDraft.from_pb(request))
+        log.info("prompt version created", extra={"tenant": tenant.name,
+                                                  "prompt_id": version.prompt_id,
+                                                  "version": version.version})
+        return version.to_pb()
+
+    @_unary
+    async def ListPromptVersions(self, request: prompt_admin_pb2.ListPromptVersionsRequest,
+                                 context: grpc.aio.ServicerContext
+                                 ) -> prompt_admin_pb2.ListPromptVersionsResponse:
+        tenant = self._tenant(context)
+        page = await self._prompts.list(tenant.name, request.prompt_id, request.page_size,
+                                        request.before_version)
+        return prompt_admin_pb2.ListPromptVersionsResponse(
+            prompt_id=page.prompt_id, versions=[v.to_pb() for v in page.versions],
+            labels=page.labels, latest_version=page.latest_version,
+            next_before_version=page.next_before_version)
+
+    @_unary
+    async def GetPromptVersion(self, request: prompt_admin_pb2.GetPromptVersionRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> prompt_admin_pb2.PromptVersion:
+        tenant = self._tenant(context)
+        version = await self._prompts.get(tenant.name, request.prompt_id, request.version,
+                                          request.label)
+        return version.to_pb()
+
+    @_unary
+    async def SetPromptLabel(self, request: prompt_admin_pb2.SetPromptLabelRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> prompt_admin_pb2.SetPromptLabelResponse:
+        tenant = self._tenant(context, admin=True)
+        previous = await self._prompts.set_label(tenant.name, request.prompt_id, request.label,
+                                                 request.version)
+        log.info("prompt label moved", extra={"tenant": tenant.name,
+                                              "prompt_id": request.prompt_id,
+                                              "label": request.label, "version": request.version,
+                                              "previous_version": previous})
+        return prompt_admin_pb2.SetPromptLabelResponse(
+            prompt_id=request.prompt_id, label=request.label, version=request.version,
+            previous_version=previous)
+
+    @_unary
+    async def GetConversation(self, request: prompt_admin_pb2.GetConversationRequest,
+                              context: grpc.aio.ServicerContext) -> prompt_admin_pb2.Conversation:
+        tenant = self._tenant(context)
+        conversation = await self._conversations.get(tenant.name, request.conversation_id)
+        return prompt_admin_pb2.Conversation(
+            conversation_id=conversation.conversation_id,
+            turns=[prompt_admin_pb2.ConversationTurn(
+                role=t.role, content=t.content, partial=t.partial,
+                created_at_ms=t.created_at_ms, request_id=t.request_id)
+                for t in conversation.turns],
+            expires_in_ms=conversation.expires_in_ms)
+
+    @_unary
+    async def DeleteConversation(self, request: prompt_admin_pb2.DeleteConversationRequest,
+                                 context: grpc.aio.ServicerContext
+                                 ) -> prompt_admin_pb2.DeleteConversationResponse:
+        tenant = self._tenant(context)
+        deleted = await self._conversations.delete(tenant.name, request.conversation_id)
+        return prompt_admin_pb2.DeleteConversationResponse(
+            conversation_id=request.conversation_id, deleted_turns=deleted)

@@ -1,0 +1,1005 @@
+"""Offline checks of the Kubernetes manifests (k8s/) and the Dockerfile.
+
+Every kustomization (the base and each overlay) is rendered, with `kustomize build` or
+`kubectl kustomize` when one is installed, otherwise with the small renderer below (it implements
+exactly the kustomize features k8s/ uses, and `test_renderer_matches_kustomize` keeps it honest
+wherever a real binary exists). Then:
+
+- every rendered object validates against the Kubernetes JSON schemas of a pinned version, strictly
+  (unknown fields are errors), with the `kubernetes-validate` package (schemas ship in the wheel);
+- every container runs non-root on a read-only root filesystem, without privilege escalation or
+  capabilities, under seccomp RuntimeDefault, with CPU/memory requests and limits;
+- the gRPC services use native `grpc:` probes (readiness on their proto service name), the edge
+  uses /readyz and /healthz;
+- terminationGracePeriodSeconds > preStop sleep + `shutdown_grace` of the mounted config;
+- the Ingress keeps SSE unbuffered, its read/send timeouts exceed `edge.heartbeat` and
+  `edge.request_timeout`, its body limit is not below `edge.max_body_bytes`;
+- the ConfigMap's config loads with the real loader (`promptline.config.load_config`), its
+  targets/listen/redis_url match the Services and container ports, its tenant keys are digests;
+- HPAs and PDBs cover every service; every referenced ConfigMap/Secret exists;
+- the Dockerfile generates the protobuf code and runs as the uid the pods require.
+
+Each check is a function returning a list of problems; `test_checks_catch_breakage` feeds each one
+a deliberately broken render to prove it can fail.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_validate import utils as kv
+
+from promptline.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+KUSTOMIZATIONS = {"base": K8S / "base", "local": K8S / "overlays" / "local",
+                  "prod": K8S / "overlays" / "prod"}
+# Oldest Kubernetes we support: native gRPC probes are GA since 1.27, autoscaling/v2 since 1.23.
+K8S_VERSION = "1.30.0"
+APP_UID = 10001
+APP_MODULES = {"services.edge_http": "edge_http", "services.prompt": "prompt",
+               "services.llm_engine": "llm_engine"}
+GRPC_MODULES = {"services.prompt": "prompt.proto", "services.llm_engine": "llm_engine.proto"}
+# Secrets that an overlay expects to be created out of band (never rendered from git).
+OUT_OF_BAND_SECRETS = {"prod": {"promptline-provider-keys"}}
+SHELLS = {"sh", "bash", "/bin/sh", "/bin/bash", "ash", "/bin/ash", "dash"}
+DEV_KEY_DIGEST = hashlib.sha256(b"dev-key").hexdigest()
+
+Obj = dict[str, Any]
+Problems = list[str]
+
+
+# ==============================================================================================
+# A minimal kustomize: resources, components, configMapGenerator (with the content-hash suffix and
+# reference rewriting), patches (strategic-merge for maps/scalars, JSON 6902, $patch: delete,
+# target by kind/name), images, namespace. Anything else in a kustomization is an error, so a new
+# feature in k8s/ cannot be silently ignored here.
+
+_KNOWN_FIELDS = {"apiVersion", "kind", "resources", "components", "configMapGenerator",
+                 "patches", "images", "namespace"}
+_CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "IngressClass",
+                   "PriorityClass", "StorageClass", "CustomResourceDefinition",
+                   "PersistentVolume"}
+
+
+def _load_docs(path: Path) -> list[Obj]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+
+
+def _kustomization(directory: Path) -> Obj:
+    data = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8"))
+    unknown = set(data) - _KNOWN_FIELDS
+    if unknown:
+        raise NotImplementedError(f"{directory}: the test renderer does not support {unknown}")
+    return data
+
+
+def _go_json(value: Any) -> str:
+    """What Go's json.Marshal emits for maps of strings: sorted keys, HTML characters escaped."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for char, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
+                      ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, esc)
+    return text
+
+
+def _config_map_hash(obj: Obj) -> str:
+    """kustomize's name suffix (api/hasher): the first 10 hex digits of the sha256 of the JSON
+    encoding, with 0, 1, 3, a, e swapped for letters. kustomize 5 hashes with an empty name (the
+    generated name is set afterwards), so the suffix depends on the data only."""
+    encoded = _go_json({"data": obj.get("data", {}), "kind": "ConfigMap", "name": ""})
+    digest = hashlib.sha256(encoded.encode("utf-8")).hexdigest()[:10]
+    return digest.translate(str.maketrans({"0": "g", "1": "h", "3": "k", "a": "m", "e": "t"}))
+
+
+def _smp(base: Any, patch: Any) -> Any:
+    """Strategic merge, as far as k8s/ needs it: maps merge, null deletes, lists replace."""
+    if not isinstance(base, dict) or not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _smp(base.get(key), value)
+    return out
+
+
+def _json6902(obj: Obj, ops: list[Obj]) -> Obj:
+    obj = copy.deepcopy(obj)
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        node = obj
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        leaf: Any = parts[-1]
+        if isinstance(node, list):
+            leaf = len(node) if leaf == "-" else int(leaf)
+        if op["op"] == "replace":
+            node[leaf] = copy.deepcopy(op["value"])
+        elif op["op"] == "add":
+            if isinstance(node, list):
+                node.insert(leaf, copy.deepcopy(op["value"]))
+            else:
+                node[leaf] = copy.deepcopy(op["value"])
+        elif op["op"] == "remove":
+            del node[leaf]
+        else:
+            raise NotImplementedError(f"JSON patch op {op['op']!r}")
+    return obj
+
+
+def _matches(obj: Obj, target: Obj | None, patch: Any) -> bool:
+    if target is None:  # an untargeted patch names its object
+        return (obj["kind"] == patch["kind"]
+                and obj["metadata"]["name"] == patch["metadata"]["name"])
+    unknown = set(target) - {"kind", "name"}
+    if unknown:
+        raise NotImplementedError(f"patch target fields {unknown}")
+    return (target.get("kind", obj["kind"]) == obj["kind"]
+            and re.fullmatch(target.get("name", ".*"), obj["metadata"]["name"]) is not None)
+
+
+def _apply_patches(objs: list[Obj], directory: Path, patches: list[Obj]) -> list[Obj]:
+    for entry in patches:
+        text = (directory / entry["path"]).read_text() if "path" in entry else entry["patch"]
+        patch = yaml.safe_load(text)
+        target = entry.get("target")
+        hits = [o for o in objs if _matches(o, target, patch)]
+        if not hits:
+            raise AssertionError(f"{directory}: patch {entry} matches no object")
+        out = []
+        for obj in objs:
+            if not any(obj is hit for hit in hits):
+                out.append(obj)
+            elif isinstance(patch, list):
+                out.append(_json6902(obj, patch))
+            elif patch.get("$patch") == "delete":
+                continue
+            else:
+                body = {k: v for k, v in patch.items() if k not in ("apiVersion", "kind")}
+                body["metadata"] = {k: v for k, v in body.get("metadata", {}).items()
+                                    if k != "name"}
+                out.append(_smp(obj, body))
+        objs = out
+    return objs
+
+
+def _generate(objs: list[Obj], directory: Path, generators: list[Obj]) -> list[Obj]:
+    for gen in generators:
+        unknown = set(gen) - {"name", "files", "behavior"}
+        if unknown:
+            raise NotImplementedError(f"configMapGenerator fields {unknown}")
+        data = {}
+        for item in gen.get("files", []):
+            key, _, rel = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+            data[key] = (directory / rel).read_text(encoding="utf-8")
+        behavior = gen.get("behavior", "create")
+        existing = [o for o in objs if o["kind"] == "ConfigMap"
+                    and o["metadata"]["name"] == gen["name"] and o.get("_generated")]
+        if behavior == "create":
+            assert not existing, f"{directory}: ConfigMap {gen['name']} generated twice"
+            objs.append({"apiVersion": "v1", "kind": "ConfigMap",
+                         "metadata": {"name": gen["name"]}, "data": data, "_generated": True})
+        elif behavior in ("replace", "merge"):
+            assert existing, f"{directory}: {behavior} of unknown ConfigMap {gen['name']}"
+            cm = existing[0]
+            cm["data"] = data if behavior == "replace" else {**cm["data"], **data}
+        else:
+            raise NotImplementedError(f"configMapGenerator behavior {behavior!r}")
+    return objs
+
+
+def _set_images(objs: list[Obj], images: list[Obj]) -> None:
+    for obj in objs:
+        for container in _containers(obj):
+            name, sep, tag = container["image"].partition(":")
+            for img in images:
+                if img["name"] == name:
+                    container["image"] = (img.get("newName", name) + ":"
+                                          + str(img.get("newTag", tag if sep else "latest")))
+                    if not sep and "newTag" not in img:
+                        container["image"] = img.get("newName", name)
+
+
+def _render_dir(directory: Path) -> list[Obj]:
+    kust = _kustomization(directory)
+    objs: list[Obj] = []
+    for res in kust.get("resources", []):
+        path = directory / res
+        objs += _render_dir(path) if path.is_dir() else _load_docs(path)
+    for comp in kust.get("components", []):
+        objs = _apply_component(objs, directory / comp)
+    objs = _generate(objs, directory, kust.get("configMapGenerator", []))
+    objs = _apply_patches(objs, directory, kust.get("patches", []))
+    if "namespace" in kust:
+        for obj in objs:
+            if obj["kind"] not in _CLUSTER_SCOPED:
+                obj["metadata"]["namespace"] = kust["namespace"]
+    _set_images(objs, kust.get("images", []))
+    return objs
+
+
+def _apply_component(objs: list[Obj], directory: Path) -> list[Obj]:
+    kust = _kustomization(directory)
+    assert kust.get("kind") == "Component", f"{directory} is not a kustomize Component"
+    for res in kust.get("resources", []):
+        objs += _load_docs(directory / res)
+    objs = _generate(objs, directory, kust.get("configMapGenerator", []))
+    return _apply_patches(objs, directory, kust.get("patches", []))
+
+
+def python_render(directory: Path) -> list[Obj]:
+    """Render a kustomization the way `kustomize build` does, for the features k8s/ uses."""
+    objs = copy.deepcopy(_render_dir(directory))
+    renames = {}
+    for obj in objs:
+        if obj.pop("_generated", False):
+            old = obj["metadata"]["name"]
+            obj["metadata"]["name"] = f"{old}-{_config_map_hash(obj)}"
+            renames[old] = obj["metadata"]["name"]
+    for obj in objs:
+        spec = _pod_spec(obj)
+        if spec is None:
+            continue
+        for vol in spec.get("volumes", []):
+            if "configMap" in vol:
+                vol["configMap"]["name"] = renames.get(vol["configMap"]["name"],
+                                                       vol["configMap"]["name"])
+        for container in _containers(obj):
+            for src in container.get("envFrom", []):
+                if "configMapRef" in src:
+                    ref = src["configMapRef"]
+                    ref["name"] = renames.get(ref["name"], ref["name"])
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                if ref:
+                    ref["name"] = renames.get(ref["name"], ref["name"])
+    return objs
+
+
+def _kustomize_binary() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+def binary_render(directory: Path) -> list[Obj]:
+    cmd = _kustomize_binary()
+    assert cmd is not None
+    out = subprocess.run([*cmd, str(directory)], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, f"{' '.join(cmd)} {directory} failed:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+_RENDERS: dict[str, list[Obj]] = {}
+
+
+def render(name: str) -> list[Obj]:
+    """The rendered objects of a kustomization (real binary when present), cached per session."""
+    if name not in _RENDERS:
+        directory = KUSTOMIZATIONS[name]
+        _RENDERS[name] = binary_render(directory) if _kustomize_binary() else \
+            python_render(directory)
+    return copy.deepcopy(_RENDERS[name])
+
+
+# ==============================================================================================
+# Helpers over rendered objects
+
+
+def _pod_spec(obj: Obj) -> Obj | None:
+    if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return obj["spec"]["template"]["spec"]
+    return None
+
+
+def _containers(obj: Obj) -> list[Obj]:
+    spec = _pod_spec(obj)
+    if spec is None:
+        return []
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def _by_kind(objs: list[Obj], kind: str) -> list[Obj]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def _named(objs: list[Obj], kind: str, name: str) -> Obj | None:
+    return next((o for o in _by_kind(objs, kind) if o["metadata"]["name"] == name), None)
+
+
+def _module(container: Obj) -> str | None:
+    """The service module a promptline container runs (`args` after ENTRYPOINT python -m)."""
+    args = container.get("args", [])
+    return args[0] if args and args[0] in APP_MODULES else None
+
+
+def app_deployments(objs: list[Obj]) -> dict[str, tuple[Obj, Obj]]:
+    """module -> (Deployment, its promptline container)."""
+    found: dict[str, tuple[Obj, Obj]] = {}
+    for dep in _by_kind(objs, "Deployment"):
+        for container in _containers(dep):
+            module = _module(container)
+            if module:
+                found[module] = (dep, container)
+    return found
+
+
+def _port_number(container: Obj, port: Any) -> int | None:
+    if isinstance(port, int):
+        return port
+    for p in container.get("ports", []):
+        if p.get("name") == port:
+            return p["containerPort"]
+    return None
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _service_for(objs: list[Obj], host: str) -> Obj | None:
+    short = host.split(".")[0]  # `prompt`, `prompt.ns`, `prompt.ns.svc.cluster.local`
+    return _named(objs, "Service", short)
+
+
+def _duration_annotation(value: str | None) -> float | None:
+    """ingress-nginx timeouts are plain seconds."""
+    return float(value) if value is not None and re.fullmatch(r"\d+", value) else None
+
+
+def _size_bytes(value: str | None) -> int | None:
+    """nginx sizes: 1024, 512k, 2m, 1g."""
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", value or "")
+    if not match:
+        return None
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[
+        match.group(2).lower()]
+
+
+def mounted_config(objs: list[Obj], tmp: Path) -> tuple[Config | None, Obj | None, Problems]:
+    """The config the app pods read (PROMPTLINE_CONFIG -> mount -> ConfigMap), loaded for real."""
+    problems: Problems = []
+    sources = set()
+    for module, (dep, container) in app_deployments(objs).items():
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        path = env.get("PROMPTLINE_CONFIG")
+        if not path:
+            problems.append(f"{module}: PROMPTLINE_CONFIG is not set")
+            continue
+        mount = next((m for m in container.get("volumeMounts", [])
+                      if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+        if mount is None:
+            problems.append(f"{module}: nothing is mounted at {path}")
+            continue
+        key = path[len(mount["mountPath"].rstrip("/")) + 1:]
+        vol = next((v for v in _pod_spec(dep).get("volumes", [])
+                    if v["name"] == mount["name"]), {})
+        if "configMap" not in vol:
+            problems.append(f"{module}: volume {mount['name']} is not a ConfigMap")
+            continue
+        sources.add((vol["configMap"]["name"], key))
+    if len(sources) != 1:
+        return None, None, [*problems, f"the services read different configs: {sorted(sources)}"]
+    cm_name, key = sources.pop()
+    cm = _named(objs, "ConfigMap", cm_name)
+    if cm is None or key not in cm.get("data", {}):
+        return None, None, [*problems, f"ConfigMap {cm_name} with key {key} is not rendered"]
+    file = tmp / key
+    file.write_text(cm["data"][key], encoding="utf-8")
+    # env={}: the test runner's environment must not leak overrides into the check.
+    return load_config(file, env={}), yaml.safe_load(cm["data"][key]), problems
+
+
+# ==============================================================================================
+# Checks: each returns the problems it finds (an empty list is a pass)
+
+
+def check_schemas(objs: list[Obj]) -> Problems:
+    problems = []
+    for obj in objs:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        try:
+            kv.validate(obj, K8S_VERSION, strict=True)
+        except kv.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            problems.append(f"{where}: {path}: {exc.message}")
+        except kv.SchemaNotFoundError as exc:
+            problems.append(f"{where}: {exc.message}")
+    return problems
+
+
+def check_hardening(objs: list[Obj]) -> Problems:
+    problems = []
+    for obj in objs:
+        spec = _pod_spec(obj)
+        if spec is None:
+            continue
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        pod_sc = spec.get("securityContext", {})
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: automountServiceAccountToken must be false")
+        if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+            problems.append(f"{where}: host namespaces are not allowed")
+        for c in _containers(obj):
+            cw = f"{where}/{c['name']}"
+            sc = {**pod_sc, **c.get("securityContext", {})}
+            if sc.get("runAsNonRoot") is not True:
+                problems.append(f"{cw}: runAsNonRoot must be true")
+            if sc.get("runAsUser") == 0:
+                problems.append(f"{cw}: runAsUser 0")
+            if c.get("securityContext", {}).get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{cw}: readOnlyRootFilesystem must be true")
+            if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{cw}: allowPrivilegeEscalation must be false")
+            if sc.get("privileged"):
+                problems.append(f"{cw}: privileged")
+            caps = c.get("securityContext", {}).get("capabilities", {})
+            if "ALL" not in caps.get("drop", []) or caps.get("add"):
+                problems.append(f"{cw}: capabilities must drop ALL and add none")
+            if sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+                problems.append(f"{cw}: seccompProfile must be RuntimeDefault")
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    if r not in res.get(kind, {}):
+                        problems.append(f"{cw}: resources.{kind}.{r} is missing")
+            if _module(c) and sc.get("runAsUser") != APP_UID:
+                problems.append(f"{cw}: runAsUser must be the image's uid {APP_UID}")
+            if ":" not in c["image"].rsplit("/", 1)[-1] or c["image"].endswith(":latest"):
+                problems.append(f"{cw}: image {c['image']!r} needs a pinned tag")
+    return problems
+
+
+def _proto_service(proto_file: str) -> str:
+    text = (ROOT / "protos" / "promptline" / "v1" / proto_file).read_text(encoding="utf-8")
+    package = re.search(r"^package\s+([\w.]+);", text, re.M).group(1)
+    service = re.search(r"^service\s+(\w+)", text, re.M).group(1)
+    return f"{package}.{service}"
+
+
+def check_probes(objs: list[Obj], config: Config) -> Problems:
+    problems = []
+    apps = app_deployments(objs)
+    for module in APP_MODULES:
+        if module not in apps:
+            problems.append(f"no Deployment runs {module}")
+    listen_port = {"services.edge_http": config.listen.edge_http,
+                   "services.prompt": config.listen.prompt,
+                   "services.llm_engine": config.listen.llm_engine}
+    for module, (dep, c) in apps.items():
+        where = f"Deployment/{dep['metadata']['name']}"
+        port = int(listen_port[module].rsplit(":", 1)[1])
+        if port not in [p["containerPort"] for p in c.get("ports", [])]:
+            problems.append(f"{where}: the config listens on {port}, not a container port")
+        for probe in ("readinessProbe", "livenessProbe"):
+            spec = c.get(probe)
+            if spec is None:
+                problems.append(f"{where}: no {probe}")
+                continue
+            if module in GRPC_MODULES:
+                grpc = spec.get("grpc")
+                if grpc is None:
+                    problems.append(f"{where}: {probe} must be a native grpc probe")
+                    continue
+                if grpc.get("port") != port:
+                    problems.append(f"{where}: {probe} probes port {grpc.get('port')}, "
+                                    f"the server listens on {port}")
+                if probe == "readinessProbe" and grpc.get("service") != _proto_service(
+                        GRPC_MODULES[module]):
+                    problems.append(f"{where}: readiness must check the health of "
+                                    f"{_proto_service(GRPC_MODULES[module])}")
+            else:
+                path = {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}[probe]
+                http = spec.get("httpGet", {})
+                if http.get("path") != path or _port_number(c, http.get("port")) != port:
+                    problems.append(f"{where}: {probe} must GET {path} on port {port}")
+    return problems
+
+
+def _prestop_sleep(container: Obj) -> tuple[float | None, str | None]:
+    command = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+    sleep = container.get("lifecycle", {}).get("preStop", {}).get("sleep")
+    if sleep is not None:
+        return float(sleep["seconds"]), None
+    if not command:
+        return None, "no preStop hook (endpoints must be removed before SIGTERM)"
+    if command[0] in SHELLS:
+        return None, f"preStop runs a shell ({command[0]}); the image needs none"
+    match = re.search(r"time\.sleep\((\d+(?:\.\d+)?)\)", " ".join(command))
+    if command[0] not in ("python", "python3") or not match:
+        return None, f"preStop {command} is not a python time.sleep"
+    return float(match.group(1)), None
+
+
+def check_termination(objs: list[Obj], config: Config) -> Problems:
+    problems = []
+    for module, (dep, c) in app_deployments(objs).items():
+        where = f"Deployment/{dep['metadata']['name']}"
+        sleep, problem = _prestop_sleep(c)
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        grace = _pod_spec(dep).get("terminationGracePeriodSeconds", 30)
+        if not grace > sleep + config.shutdown_grace:
+            problems.append(f"{where}: terminationGracePeriodSeconds {grace} must exceed preStop "
+                            f"{sleep:g}s + shutdown_grace {config.shutdown_grace:g}s ({module})")
+    return problems
+
+
+def check_ingress(objs: list[Obj], config: Config) -> Problems:
+    problems = []
+    ingresses = _by_kind(objs, "Ingress")
+    if not ingresses:
+        return ["no Ingress"]
+    edge = app_deployments(objs).get("services.edge_http")
+    for ing in ingresses:
+        where = f"Ingress/{ing['metadata']['name']}"
+        ann = ing["metadata"].get("annotations", {})
+        pre = "nginx.ingress.kubernetes.io/"
+        if ann.get(pre + "proxy-buffering") != "off":
+            problems.append(f"{where}: proxy-buffering must be off for SSE")
+        for name in ("proxy-read-timeout", "proxy-send-timeout"):
+            value = _duration_annotation(ann.get(pre + name))
+            if value is None:
+                problems.append(f"{where}: {name} must be set in seconds")
+                continue
+            if not value > config.edge.heartbeat:
+                problems.append(f"{where}: {name} {value:g}s must exceed edge.heartbeat "
+                                f"{config.edge.heartbeat:g}s")
+            if not value > config.edge.header_hold:
+                problems.append(f"{where}: {name} {value:g}s must exceed edge.header_hold")
+            # Strictly longer: at equality nginx's 504 races the edge's typed DEADLINE_EXCEEDED.
+            if not value > config.edge.request_timeout:
+                problems.append(f"{where}: {name} {value:g}s must exceed edge.request_timeout "
+                                f"{config.edge.request_timeout:g}s")
+        body = _size_bytes(ann.get(pre + "proxy-body-size"))
+        if body is None or (body != 0 and body < config.edge.max_body_bytes):
+            problems.append(f"{where}: proxy-body-size must be >= edge.max_body_bytes "
+                            f"({config.edge.max_body_bytes})")
+        for rule in ing["spec"].get("rules", []):
+            for path in rule.get("http", {}).get("paths", []):
+                svc_ref = path["backend"]["service"]
+                svc = _named(objs, "Service", svc_ref["name"])
+                port = next((p for p in (svc or {}).get("spec", {}).get("ports", [])
+                             if p.get("name") == svc_ref["port"].get("name")
+                             or p["port"] == svc_ref["port"].get("number")), None)
+                if svc is None or port is None or edge is None:
+                    problems.append(f"{where}: backend {svc_ref} is not a rendered Service port")
+                    continue
+                dep, c = edge
+                if not _selects(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]
+                                ["labels"]) or _port_number(c, port["targetPort"]) != int(
+                                    config.listen.edge_http.rsplit(":", 1)[1]):
+                    problems.append(f"{where}: backend {svc_ref} does not reach the edge")
+    return problems
+
+
+def check_config(objs: list[Obj], config: Config, raw: Obj, *, expect_redis: bool) -> Problems:
+    problems = []
+    apps = app_deployments(objs)
+    for key, target, module in (("targets.prompt", config.prompt_target, "services.prompt"),
+                                ("targets.llm_engine", config.llm_engine_target,
+                                 "services.llm_engine")):
+        host, _, port = target.rpartition(":")
+        svc = _service_for(objs, host)
+        if svc is None:
+            problems.append(f"{key} {target}: no Service named {host.split('.')[0]}")
+            continue
+        svc_port = next((p for p in svc["spec"]["ports"] if p["port"] == int(port)), None)
+        if svc_port is None:
+            problems.append(f"{key} {target}: Service {host} has no port {port}")
+            continue
+        dep, c = apps.get(module, ({}, {}))
+        labels = dep.get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+        listen = int(getattr(config.listen, key.split(".")[1]).rsplit(":", 1)[1])
+        if not _selects(svc["spec"].get("selector", {}), labels) or \
+                _port_number(c, svc_port["targetPort"]) != listen:
+            problems.append(f"{key} {target}: Service {host} does not reach the {module} pods "
+                            f"on their listen port {listen}")
+    for addr in (config.listen.edge_http, config.listen.prompt, config.listen.llm_engine):
+        if not addr.startswith(("0.0.0.0:", "[::]:")):
+            problems.append(f"listen {addr}: pods must listen on all interfaces")
+    if config.redis_url is None:
+        problems.append("redis_url is not set (the embedded Redis is for local runs only)")
+    elif expect_redis:
+        match = re.match(r"rediss?://(?:[^@/]*@)?([^:/]+)(?::(\d+))?", config.redis_url)
+        svc = _service_for(objs, match.group(1)) if match else None
+        port = int(match.group(2) or 6379) if match else None
+        sts = _by_kind(objs, "StatefulSet")
+        if svc is None or port not in [p["port"] for p in svc["spec"]["ports"]] or not any(
+                _selects(svc["spec"].get("selector", {}),
+                         s["spec"]["template"]["metadata"]["labels"]) for s in sts):
+            problems.append(f"redis_url {config.redis_url}: no Service reaching a Redis "
+                            "StatefulSet")
+    for i, tenant in enumerate(raw.get("tenants", [])):
+        for j, key in enumerate(tenant.get("api_keys", [])):
+            if not str(key).startswith("sha256:"):
+                problems.append(f"tenants[{i}].api_keys[{j}]: plain key in a ConfigMap")
+    engine = apps.get("services.llm_engine")
+    for model in config.models:
+        if not model.api_key_env:
+            continue
+        if engine is None:
+            problems.append(f"model {model.name}: no llm_engine Deployment for its key")
+            continue
+        _, c = engine
+        direct = any(e["name"] == model.api_key_env and "secretKeyRef" in e.get("valueFrom", {})
+                     for e in c.get("env", []))
+        secrets = [s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s]
+        rendered = [_named(objs, "Secret", s) for s in secrets]
+        has_key = any(s and model.api_key_env in {**s.get("data", {}), **s.get("stringData", {})}
+                      for s in rendered)
+        out_of_band = secrets and not any(rendered)
+        if not (direct or has_key or out_of_band):
+            problems.append(f"model {model.name}: {model.api_key_env} does not come from a "
+                            "Secret in the llm_engine container")
+    return problems
+
+
+def check_scaling(objs: list[Obj]) -> Problems:
+    problems = []
+    hpas = _by_kind(objs, "HorizontalPodAutoscaler")
+    pdbs = _by_kind(objs, "PodDisruptionBudget")
+    for module, (dep, _) in app_deployments(objs).items():
+        name = dep["metadata"]["name"]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        hpa = [h for h in hpas if h["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+               and h["spec"]["scaleTargetRef"]["name"] == name]
+        if len(hpa) != 1 or hpa[0]["apiVersion"] != "autoscaling/v2":
+            problems.append(f"Deployment/{name}: needs exactly one autoscaling/v2 HPA")
+        elif not 1 <= hpa[0]["spec"].get("minReplicas", 1) <= hpa[0]["spec"]["maxReplicas"]:
+            problems.append(f"HPA/{name}: bad bounds")
+        elif "replicas" in dep["spec"]:
+            problems.append(f"Deployment/{name}: `replicas` fights the HPA on every apply")
+        if not any(_selects(p["spec"]["selector"].get("matchLabels", {}), labels) for p in pdbs):
+            problems.append(f"Deployment/{name}: no PodDisruptionBudget ({module})")
+    return problems
+
+
+def check_references(objs: list[Obj], out_of_band: set[str]) -> Problems:
+    problems = []
+    for obj in objs:
+        spec = _pod_spec(obj)
+        if spec is None:
+            continue
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        wanted = []
+        for vol in spec.get("volumes", []):
+            if "configMap" in vol:
+                wanted.append(("ConfigMap", vol["configMap"]["name"]))
+            if "secret" in vol:
+                wanted.append(("Secret", vol["secret"]["secretName"]))
+        for c in _containers(obj):
+            for src in c.get("envFrom", []):
+                for kind, field in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                    if field in src:
+                        wanted.append((kind, src[field]["name"]))
+            for mount in c.get("volumeMounts", []):
+                if mount["name"] not in {v["name"] for v in spec.get("volumes", [])}:
+                    problems.append(f"{where}: mounts unknown volume {mount['name']}")
+        for kind, name in wanted:
+            if _named(objs, kind, name) is None and not (kind == "Secret" and name in out_of_band):
+                problems.append(f"{where}: {kind} {name} is not rendered")
+        if obj["kind"] == "StatefulSet":
+            svc = _named(objs, "Service", obj["spec"].get("serviceName", ""))
+            if svc is None or svc["spec"].get("clusterIP") != "None":
+                problems.append(f"{where}: serviceName must be a rendered headless Service")
+    for svc in _by_kind(objs, "Service"):
+        sel = svc["spec"].get("selector", {})
+        if not any(_selects(sel, o["spec"]["template"]["metadata"]["labels"])
+                   for o in objs if _pod_spec(o) is not None):
+            problems.append(f"Service/{svc['metadata']['name']} selects no pods")
+    return problems
+
+
+def check_dockerfile(text: str) -> Problems:
+    problems = []
+    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines()
+             if ln.strip() and not ln.strip().startswith("#")]
+    froms = [ln for ln in lines if ln.upper().startswith("FROM ")]
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
+    images = [re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), ""), f.split()[1])
+              for f in froms]
+    if len(froms) < 2:
+        problems.append("the Dockerfile must be multi-stage (build, then a slim runtime)")
+    if not images or not all(img.startswith("python:3.11-slim") for img in images):
+        problems.append(f"stages must build FROM python:3.11-slim, got {images}")
+    body = " ".join(lines)
+    if "grpc_tools.protoc" not in body or "--grpc_python_out=." not in body or \
+            "protos/promptline/v1/*.proto" not in body or "touch promptline/v1/__init__.py" \
+            not in body:
+        problems.append("the image must generate promptline/v1 from protos/ (as `make protos`)")
+    protoc_at = body.find("grpc_tools.protoc")
+    install_at = body.find("pip install .", max(protoc_at, 0))
+    if protoc_at < 0 or install_at < 0:
+        problems.append("`pip install .` must run after the protobuf code is generated")
+    users = [ln.split()[1] for ln in lines if ln.upper().startswith("USER ")]
+    if not users or users[-1].split(":")[0] != str(APP_UID):
+        problems.append(f"the last USER must be the numeric uid {APP_UID} (runAsNonRoot "
+                        "can only verify a numeric user)")
+    entry = [ln for ln in lines if ln.upper().startswith("ENTRYPOINT ")]
+    try:
+        entrypoint = json.loads(entry[-1].split(None, 1)[1]) if entry else None
+    except json.JSONDecodeError:
+        entrypoint = None  # shell form
+    if entrypoint != ["python", "-m"]:
+        problems.append('ENTRYPOINT must be ["python", "-m"] (exec form, no shell)')
+    if "PYTHONDONTWRITEBYTECODE=1" not in body:
+        problems.append("the read-only root FS needs PYTHONDONTWRITEBYTECODE=1")
+    return problems
+
+
+# ==============================================================================================
+# Tests
+
+RENDERS = list(KUSTOMIZATIONS)
+OVERLAYS = ["local", "prod"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Config, Obj]]:
+    out = {}
+    for name in RENDERS:
+        config, raw, problems = mounted_config(render(name), tmp_path_factory.mktemp(name))
+        assert not problems, problems
+        out[name] = (config, raw)
+    return out
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_every_object_matches_the_kubernetes_schema(name: str) -> None:
+    objs = render(name)
+    assert objs
+    assert not check_schemas(objs)
+
+
+def test_schema_version_is_pinned_and_shipped() -> None:
+    assert kv.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}},
+                       K8S_VERSION, strict=True) == "1.30"
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_containers_are_hardened_and_bounded(name: str) -> None:
+    assert not check_hardening(render(name))
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_probes(name: str, loaded: dict[str, tuple[Config, Obj]]) -> None:
+    assert not check_probes(render(name), loaded[name][0])
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_termination_grace_outlasts_the_drain(name: str,
+                                               loaded: dict[str, tuple[Config, Obj]]) -> None:
+    assert not check_termination(render(name), loaded[name][0])
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_ingress_sse_settings_match_the_config(name: str,
+                                               loaded: dict[str, tuple[Config, Obj]]) -> None:
+    assert not check_ingress(render(name), loaded[name][0])
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_configmap_config_matches_services(name: str,
+                                           loaded: dict[str, tuple[Config, Obj]]) -> None:
+    config, raw = loaded[name]
+    assert not check_config(render(name), config, raw, expect_redis=name in OVERLAYS)
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_hpa_and_pdb_cover_every_service(name: str) -> None:
+    assert not check_scaling(render(name))
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_references_resolve(name: str) -> None:
+    assert not check_references(render(name), OUT_OF_BAND_SECRETS.get(name, set()))
+
+
+def test_local_overlay(loaded: dict[str, tuple[Config, Obj]]) -> None:
+    objs = render("local")
+    assert all(h["spec"]["minReplicas"] == 1 for h in _by_kind(objs, "HorizontalPodAutoscaler"))
+    config, _ = loaded["local"]
+    assert {m.provider for m in config.models} == {"simulated"}
+    assert _by_kind(objs, "StatefulSet"), "the local overlay runs the in-cluster Redis"
+
+
+def test_prod_overlay(loaded: dict[str, tuple[Config, Obj]]) -> None:
+    objs = render("prod")
+    hpas = _by_kind(objs, "HorizontalPodAutoscaler")
+    assert hpas and all(h["spec"]["minReplicas"] >= 2 for h in hpas)
+    ing = _by_kind(objs, "Ingress")[0]
+    assert all(r.get("host") for r in ing["spec"]["rules"]) and ing["spec"].get("tls")
+    # The placeholder provider-key Secret must never overwrite the real one.
+    assert not _by_kind(objs, "Secret")
+    for c in (c for o in objs for c in _containers(o) if _module(c)):
+        assert not c["image"].endswith((":dev", ":latest")), c["image"]
+    _, raw = loaded["prod"]
+    digests = {str(k).removeprefix("sha256:").lower() for t in raw["tenants"]
+               for k in t["api_keys"]}
+    assert DEV_KEY_DIGEST not in digests, "the well-known dev-key must not open production"
+    assert all(o["metadata"].get("namespace") == "promptline" for o in objs)
+
+
+def test_dockerfile() -> None:
+    assert not check_dockerfile((ROOT / "Dockerfile").read_text(encoding="utf-8"))
+
+
+def test_dockerignore_keeps_generated_and_local_state_out() -> None:
+    ignored = {ln.strip().rstrip("/") for ln in
+               (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()}
+    assert {".git", ".venv", "promptline/v1"} <= ignored
+
+
+def _package_data_covers(file: Path, package_data: dict[str, list[str]]) -> bool:
+    for package, patterns in package_data.items():
+        bases = ([file.parent, *file.parents] if package == "*"
+                 else [ROOT / package.replace(".", "/")])
+        for base in bases:
+            if base != ROOT and base in file.parents and any(
+                    fnmatch.fnmatch(file.relative_to(base).as_posix(), pat) for pat in patterns):
+                return True
+    return False
+
+
+def test_image_ships_every_package_file() -> None:
+    """The image runs what `pip install .` installs, and setuptools installs only Python files
+    unless package data is declared: a page or template under promptline/ or services/ that
+    pyproject.toml does not declare is missing from the image (the Dockerfile's build check
+    fails the same way)."""
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8")).get(
+        "tool", {}).get("setuptools", {}).get("package-data", {})
+    missing = [p.relative_to(ROOT).as_posix() for d in ("promptline", "services")
+               for p in sorted((ROOT / d).rglob("*"))
+               if p.is_file() and p.suffix not in (".py", ".pyc", ".pyi")
+               and "__pycache__" not in p.parts and not p.is_relative_to(ROOT / "promptline/v1")
+               and not _package_data_covers(p, package_data)]
+    assert not missing, (f"not installed by `pip install .`, so not in the image: {missing}; "
+                         "declare them in [tool.setuptools.package-data] of pyproject.toml")
+
+
+def test_renderer_matches_kustomize() -> None:
+    """The fallback renderer gives what real kustomize gives (skipped without a binary)."""
+    if _kustomize_binary() is None:
+        pytest.skip("neither kustomize nor kubectl is installed")
+
+    def key(o: Obj) -> tuple[str, str, str]:
+        return o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]
+
+    for name, directory in KUSTOMIZATIONS.items():
+        real = {key(o): o for o in binary_render(directory)}
+        ours = {key(o): o for o in python_render(directory)}
+        assert sorted(ours) == sorted(real), name
+        for k, obj in real.items():
+            assert ours[k] == obj, f"{name}: {k} differs"
+
+
+# --- every check can fail ----------------------------------------------------------------------
+
+
+def _first(objs: list[Obj], kind: str, name: str) -> Obj:
+    obj = _named(objs, kind, name)
+    assert obj is not None
+    return obj
+
+
+def _edge_container(objs: list[Obj]) -> Obj:
+    return app_deployments(objs)["services.edge_http"][1]
+
+
+def _engine_container(objs: list[Obj]) -> Obj:
+    return app_deployments(objs)["services.llm_engine"][1]
+
+
+def _with_config(objs: list[Obj], **edits: Any) -> tuple[Config, Obj]:
+    """The prod config with `edits` applied to the raw YAML mapping, reloaded for real."""
+    cm = _by_kind(objs, "ConfigMap")[0]
+    raw = yaml.safe_load(cm["data"]["promptline.yaml"])
+    for dotted, value in edits.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    from promptline.config import parse_config
+    return parse_config(copy.deepcopy(raw), env={}), raw
+
+
+MUTATIONS: list[tuple[str, Callable[[list[Obj]], Problems]]] = [
+    ("schema: typo in a field", lambda o: (
+        _edge_container(o).__setitem__("imagePullPolicyy", "Always"), check_schemas(o))[1]),
+    ("schema: unknown kind", lambda o: check_schemas(
+        [*o, {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}])),
+    ("hardening: writable root FS", lambda o: (
+        _edge_container(o)["securityContext"].__setitem__("readOnlyRootFilesystem", False),
+        check_hardening(o))[1]),
+    ("hardening: no memory limit", lambda o: (
+        _engine_container(o)["resources"]["limits"].pop("memory"), check_hardening(o))[1]),
+    ("hardening: root", lambda o: (
+        _containers(_first(o, "StatefulSet", "redis"))[0]["securityContext"].__setitem__(
+            "runAsNonRoot", False), check_hardening(o))[1]),
+    ("hardening: capability added", lambda o: (
+        _edge_container(o)["securityContext"]["capabilities"].__setitem__("add", ["NET_ADMIN"]),
+        check_hardening(o))[1]),
+    ("probes: httpGet instead of grpc", lambda o: (
+        _engine_container(o).__setitem__("readinessProbe", {"tcpSocket": {"port": 50052}}),
+        check_probes(o, _with_config(o)[0]))[1]),
+    ("probes: wrong health service", lambda o: (
+        _engine_container(o)["readinessProbe"]["grpc"].__setitem__("service", "x.Y"),
+        check_probes(o, _with_config(o)[0]))[1]),
+    ("probes: config listens elsewhere", lambda o: check_probes(
+        o, _with_config(o, listen__prompt="0.0.0.0:6000")[0])),
+    ("termination: grace too short", lambda o: check_termination(
+        o, _with_config(o, shutdown_grace="2m")[0])),
+    ("termination: shell preStop", lambda o: (
+        _edge_container(o)["lifecycle"]["preStop"]["exec"].__setitem__(
+            "command", ["sh", "-c", "sleep 5"]), check_termination(o, _with_config(o)[0]))[1]),
+    ("ingress: request_timeout above read timeout", lambda o: check_ingress(
+        o, _with_config(o, edge__request_timeout="15m")[0])),
+    ("ingress: heartbeat above read timeout", lambda o: check_ingress(
+        o, _with_config(o, edge__heartbeat="20m", edge__request_timeout="30m")[0])),
+    ("ingress: buffering on", lambda o: (
+        _by_kind(o, "Ingress")[0]["metadata"]["annotations"].__setitem__(
+            "nginx.ingress.kubernetes.io/proxy-buffering", "on"),
+        check_ingress(o, _with_config(o)[0]))[1]),
+    ("ingress: body limit below the edge's", lambda o: check_ingress(
+        o, _with_config(o, edge__max_body_bytes=8 << 20)[0])),
+    ("config: target names no Service", lambda o: check_config(
+        o, *_with_config(o, targets__prompt="prompt-svc:50051"), expect_redis=True)),
+    ("config: target on the wrong port", lambda o: check_config(
+        o, *_with_config(o, targets__llm_engine="llm-engine:50051"), expect_redis=True)),
+    ("config: redis_url names no Redis", lambda o: check_config(
+        o, *_with_config(o, redis_url="redis://cache:6379/0"), expect_redis=True)),
+    ("config: plain tenant key", lambda o: check_config(
+        o, *_with_config(o, tenants=[{"name": "t", "api_keys": ["plain-key"]}]),
+        expect_redis=True)),
+    ("config: provider key not from a Secret", lambda o: (
+        _engine_container(o).pop("envFrom"),
+        check_config(o, *_with_config(o), expect_redis=True))[1]),
+    ("scaling: replicas beside an HPA", lambda o: (
+        _first(o, "Deployment", "prompt")["spec"].__setitem__("replicas", 3),
+        check_scaling(o))[1]),
+    ("scaling: no PDB", lambda o: check_scaling(
+        [x for x in o if not (x["kind"] == "PodDisruptionBudget"
+                              and x["metadata"]["name"] == "llm-engine")])),
+    ("references: missing ConfigMap", lambda o: check_references(
+        [x for x in o if x["kind"] != "ConfigMap"], set())),
+    ("references: redis Service not headless", lambda o: (
+        _first(o, "Service", "redis")["spec"].pop("clusterIP"), check_references(o, set()))[1]),
+]
+
+
+@pytest.mark.parametrize("label,mutate", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_checks_catch_breakage(label: str, mutate: Callable[[list[Obj]], Problems]) -> None:
+    assert mutate(render("prod")), f"{label}: the check did not notice"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda t: t.replace("USER 10001:10001", "USER root"),
+    lambda t: t.replace("touch promptline/v1/__init__.py", "true"),
+    lambda t: t.replace('ENTRYPOINT ["python", "-m"]', "ENTRYPOINT python -m"),
+    lambda t: t.replace("python:3.11-slim", "python:3.12"),
+], ids=["root", "no-generated-package", "shell-entrypoint", "base-image"])
+def test_dockerfile_check_catches_breakage(edit: Callable[[str], str]) -> None:
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert edit(text) != text
+    assert check_dockerfile(edit(text))
