@@ -16,7 +16,10 @@ import time
 import urllib.request
 from types import FrameType
 
-from promptline.config import ConfigError, load_config
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from promptline.config import Config, ConfigError, load_config
 from promptline.embedded_redis import EmbeddedRedis
 
 SERVICES = ("llm_engine", "prompt", "edge_http")  # start order; stop order is the reverse
@@ -56,7 +59,7 @@ def main() -> int:
                 _say(f"{', '.join(dead)} exited (code {children[dead[0]].returncode}); stopping")
                 exit_code = 1
                 break
-            if not ready and _healthy(edge_url + "/healthz"):
+            if not ready and _ready(edge_url, config):
                 ready = True
                 _say(f"ready: chat page {edge_url}/  ·  try:\n  curl -N -H 'Authorization: "
                      f"Bearer dev-key' -d '{{\"model\":\"sim\",\"messages\":[{{\"role\":\"user\","
@@ -84,9 +87,19 @@ def _stop_all(children: dict[str, subprocess.Popen[bytes]], grace: float) -> Non
             proc.wait()
 
 
-def _healthy(url: str) -> bool:
+def _ready(edge_url: str, config: Config) -> bool:
+    """Every hop answers: the engine's and prompt's gRPC health, then the edge's /readyz."""
+    for target in (config.llm_engine_target, config.prompt_target):
+        with grpc.insecure_channel(target) as channel:
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.5).status
+            except grpc.RpcError:
+                return False
+            if status != health_pb2.HealthCheckResponse.SERVING:
+                return False
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as resp:
+        with urllib.request.urlopen(edge_url + "/readyz", timeout=0.5) as resp:
             return resp.status == 200
     except OSError:
         return False

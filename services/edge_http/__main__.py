@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import signal
-import sys
+from dataclasses import dataclass
 
-from promptline.config import Config, ConfigError, load_config
-from promptline.logs import setup_logging
-from services.edge_http.app import start_edge
-
-log = logging.getLogger("promptline.edge_http")
+from promptline.config import Config
+from promptline.config_reload import LiveConfig
+from promptline.service_main import run_service
+from services.edge_http.app import EdgeServer, start_edge
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -20,39 +16,21 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def serve(config: Config) -> None:
-    """Serve until a stop signal, then shut down in phases (see `EdgeServer.stop`)."""
+@dataclass
+class _Edge:
+    """The edge as `run_service` stops it. aiohttp fixes the drain time when the runner is built
+    (`config.shutdown_grace`, the same value `run_service` passes), so `grace` is already set."""
+
+    server: EdgeServer
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop()
+
+
+async def _start(config: Config, live: LiveConfig) -> _Edge:
     host, port = split_address(config.listen.edge_http)
-    server = await start_edge(config, host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-        log.info("stopping: draining streams", extra={"grace_s": config.shutdown_grace})
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await server.stop()
-    log.info("stopped")
-
-
-def main() -> int:
-    try:
-        config = load_config()
-    except ConfigError as exc:
-        print(f"edge_http: config error: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("edge_http", config.log_level)
-    try:
-        asyncio.run(serve(config))
-    except OSError as exc:  # typically the port is already in use
-        log.error("cannot start the edge", extra={"address": config.listen.edge_http,
-                                                  "error": str(exc)})
-        return 1
-    return 0
+    return _Edge(await start_edge(config, host, port, live=live))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_service("edge_http", _start)

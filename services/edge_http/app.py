@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.propagate import extract
+from opentelemetry.trace import SpanKind
 
-from promptline.auth import Authenticator
 from promptline.config import Config
+from promptline.config_reload import LiveConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.grpc_server import insecure_channel
+from promptline.metrics import metrics_handler
+from promptline.tracing import client_interceptors, tracer
 from promptline.v1 import prompt_pb2, prompt_pb2_grpc
 from services.edge_http import chat_page, openai_api, prompts_api
 from services.edge_http.chat_request import (
@@ -32,12 +36,13 @@ from services.edge_http.chat_request import (
     read_body,
 )
 from services.edge_http.context import (
-    AUTH_KEY,
     CHANNEL_KEY,
-    CONFIG_KEY,
     LIFECYCLE_KEY,
+    LIVE_CONFIG_KEY,
     STUB_KEY,
     Lifecycle,
+    authenticator,
+    current_config,
     request_id_from,
 )
 from services.edge_http.relay import (
@@ -53,21 +58,22 @@ log = logging.getLogger("promptline.edge_http")
 
 PROMPT_SERVICE_NAME = prompt_pb2.DESCRIPTOR.services_by_name["PromptService"].full_name
 READY_TIMEOUT = 1.0
-__all__ = ["CONFIG_KEY", "ORIGIN", "EdgeServer", "Lifecycle", "build_app", "error_response",
+__all__ = ["ORIGIN", "EdgeServer", "Lifecycle", "build_app", "error_response",
            "request_id_from", "start_edge"]
 
 
-def build_app(config: Config, channel: grpc.aio.Channel) -> web.Application:
+def build_app(config: Config, channel: grpc.aio.Channel, *,
+              live: LiveConfig | None = None) -> web.Application:
     """The edge application; the caller owns `channel` (one per process) and closes it."""
-    app = web.Application(middlewares=[json_errors])
-    app[CONFIG_KEY] = config
+    app = web.Application(middlewares=[traced, json_errors])
+    app[LIVE_CONFIG_KEY] = live or LiveConfig(config, "edge_http")
     app[CHANNEL_KEY] = channel
     app[STUB_KEY] = prompt_pb2_grpc.PromptServiceStub(channel)
-    app[AUTH_KEY] = Authenticator(config.tenants)
     app[LIFECYCLE_KEY] = Lifecycle()
     app.router.add_post("/v1/chat/stream", chat_stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
     openai_api.add_routes(app)
     chat_page.add_routes(app)
     prompts_api.add_routes(app)
@@ -102,10 +108,11 @@ class EdgeServer:
             await self.channel.close()
 
 
-async def start_edge(config: Config, host: str = "127.0.0.1", port: int = 0) -> EdgeServer:
+async def start_edge(config: Config, host: str = "127.0.0.1", port: int = 0, *,
+                     live: LiveConfig | None = None) -> EdgeServer:
     """Create the process's prompt channel, build the app and serve it on host:port (0 = any)."""
-    channel = insecure_channel(config.prompt_target)
-    app = build_app(config, channel)
+    channel = insecure_channel(config.prompt_target, interceptors=client_interceptors())
+    app = build_app(config, channel, live=live)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client disconnect must cancel the model work
@@ -138,6 +145,24 @@ def _code_for_http_status(status: int) -> ErrorCode:
     if status == 404:
         return ErrorCode.NOT_FOUND
     return ErrorCode.INTERNAL if status >= 500 else ErrorCode.INVALID_REQUEST
+
+
+@web.middleware
+async def traced(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A SERVER span per request that continues an incoming W3C `traceparent`; the gRPC client
+    interceptor carries it on to the prompt service."""
+    with tracer.start_as_current_span(
+        f"{request.method} {request.path}", context=extract(request.headers),
+        kind=SpanKind.SERVER, attributes={"http.request.method": request.method,
+                                          "url.path": request.path},
+    ) as span:
+        response = await handler(request)
+        span.set_attribute("http.response.status_code", response.status)
+        if rid := response.headers.get("X-Request-Id"):
+            span.set_attribute("promptline.request_id", rid)
+        return response
 
 
 @web.middleware
@@ -210,12 +235,12 @@ async def readyz(request: web.Request) -> web.Response:
 async def chat_stream(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/stream: auth, body, then relay the prompt service's stream as SSE."""
     app = request.app
-    config = app[CONFIG_KEY]
+    config = current_config(app)
     rid = request_id_from(request.headers.get("X-Request-Id"))
     authorization = request.headers.get("Authorization", "")
     # Auth first: an unauthenticated caller gets no body parsing and no downstream call.
     try:
-        app[AUTH_KEY].tenant_for_header(authorization)
+        authenticator(app).tenant_for_header(authorization)
     except PromptlineError as err:
         return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid)
     try:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from promptline.auth import Authenticator
 from promptline.config import Config
+from promptline.config_reload import LiveConfig
 from promptline.v1 import prompt_pb2_grpc
 
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -27,11 +28,20 @@ class Lifecycle:
     draining: bool = False
 
 
-CONFIG_KEY = web.AppKey("promptline_config", Config)
+LIVE_CONFIG_KEY = web.AppKey("promptline_live_config", LiveConfig)
 CHANNEL_KEY = web.AppKey("prompt_channel", grpc.aio.Channel)
 STUB_KEY = web.AppKey("prompt_stub", prompt_pb2_grpc.PromptServiceStub)
-AUTH_KEY = web.AppKey("authenticator", Authenticator)
 LIFECYCLE_KEY = web.AppKey("lifecycle", Lifecycle)
+
+
+def current_config(app: web.Application) -> Config:
+    """The config new requests use (it changes on a live reload; a request keeps its copy)."""
+    return app[LIVE_CONFIG_KEY].current
+
+
+def authenticator(app: web.Application) -> Authenticator:
+    """The Authenticator for the current config's tenants and keys."""
+    return app[LIVE_CONFIG_KEY].derived("auth", lambda c: Authenticator(c.tenants))
 
 
 def request_id_from(header: str | None) -> str:

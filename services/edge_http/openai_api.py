@@ -32,7 +32,7 @@ from services.edge_http.chat_request import (
     json_kind,
     read_body,
 )
-from services.edge_http.context import AUTH_KEY, CONFIG_KEY, STUB_KEY, request_id_from
+from services.edge_http.context import STUB_KEY, authenticator, current_config, request_id_from
 from services.edge_http.relay import (
     ORIGIN,
     StreamRelay,
@@ -231,11 +231,11 @@ def _data(obj: dict[str, Any]) -> bytes:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions: auth, body, then a chunk stream or one aggregated completion."""
     app = request.app
-    config = app[CONFIG_KEY]
+    config = current_config(app)
     rid = request_id_from(request.headers.get("X-Request-Id"))
     authorization = request.headers.get("Authorization", "")
     try:
-        app[AUTH_KEY].tenant_for_header(authorization)  # before any body parsing
+        authenticator(app).tenant_for_header(authorization)  # before any body parsing
     except PromptlineError as err:
         return _reject(err, rid)
     try:
@@ -283,7 +283,7 @@ async def _complete(request: web.Request, call: Any, rid: str, model: str) -> we
         err.at(Stage.MID_STREAM if texts else Stage.FIRST_PACKET, request_id=rid, origin=ORIGIN)
         log.info("chat completion ended", extra={"request_id": rid, "model": model,
                                                  "outcome": f"error:{err.code.value}"})
-        return error_response(err, rid, headers=rejection_headers(request.app[CONFIG_KEY], err),
+        return error_response(err, rid, headers=rejection_headers(current_config(request.app), err),
                               body=error_body)
     assert done is not None  # read_frames ends with `done` or raises
     log.info("chat completion ended", extra={"request_id": rid, "model": model, "outcome": "done",
@@ -309,12 +309,12 @@ async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the configured models this caller's tenant may use, in OpenAI's shape."""
     rid = request_id_from(request.headers.get("X-Request-Id"))
     try:
-        tenant = request.app[AUTH_KEY].tenant_for_header(request.headers.get("Authorization"))
+        tenant = authenticator(request.app).tenant_for_header(request.headers.get("Authorization"))
     except PromptlineError as err:
         return _reject(err, rid)
     models = [
         {"id": m.name, "object": "model", "created": 0, "owned_by": "promptline"}
-        for m in request.app[CONFIG_KEY].models if tenant.may_use(m.name)
+        for m in current_config(request.app).models if tenant.may_use(m.name)
     ]
     return web.json_response({"object": "list", "data": models}, headers={"X-Request-Id": rid})
 

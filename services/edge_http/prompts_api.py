@@ -31,7 +31,7 @@ from services.edge_http.chat_request import (
     json_kind,
     read_body,
 )
-from services.edge_http.context import AUTH_KEY, CHANNEL_KEY, CONFIG_KEY, request_id_from
+from services.edge_http.context import CHANNEL_KEY, authenticator, current_config, request_id_from
 from services.edge_http.relay import ORIGIN, error_response
 
 ADMIN_TIMEOUT = 10.0  # seconds; each call is a few Redis round trips
@@ -61,7 +61,7 @@ def _admin(call: Call) -> Handler:
         rid = request_id_from(request.headers.get("X-Request-Id"))
         authorization = request.headers.get("Authorization", "")
         try:
-            request.app[AUTH_KEY].tenant_for_header(authorization)
+            authenticator(request.app).tenant_for_header(authorization)
             stub = prompt_admin_pb2_grpc.PromptAdminStub(request.app[CHANNEL_KEY])
             metadata = (("authorization", authorization), ("x-request-id", rid))
             response = await call(stub, request, metadata)
@@ -228,7 +228,7 @@ class _BodyTooLarge(Exception):
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
         body = await read_body(request.content.iter_any(),
-                               request.app[CONFIG_KEY].edge.max_body_bytes,
+                               current_config(request.app).edge.max_body_bytes,
                                request.content_length)
     except PromptlineError as err:  # read_body's only error: the body is over the limit
         raise _BodyTooLarge(err) from None

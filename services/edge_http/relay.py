@@ -23,6 +23,7 @@ from aiohttp import web
 
 from promptline.config import Config
 from promptline.errors import PromptlineError, Stage, internal_error
+from promptline.metrics import ACTIVE_STREAMS, ERRORS, StreamTimer
 from promptline.ratelimit import rejection_limits
 from promptline.streams import read_frames
 from promptline.v1 import common_pb2, prompt_pb2
@@ -35,6 +36,7 @@ ORIGIN = "edge_http"
 # next read, small enough that a slow client pushes back through gRPC flow control instead of
 # having the edge buffer a whole reply in memory.
 FRAME_QUEUE_SIZE = 8
+_ACTIVE = ACTIVE_STREAMS.labels("edge_http")
 
 ErrorBody = Callable[[PromptlineError], dict[str, Any]]
 
@@ -141,6 +143,7 @@ class StreamRelay:
         self._started = False
         self._deltas = 0
         self._last_write = 0.0
+        self._timer = StreamTimer("edge_http", model)
         self.outcome = "unfinished"
 
     async def run(self, call: Any, *, header_hold: float) -> web.StreamResponse:
@@ -149,6 +152,7 @@ class StreamRelay:
         queue: asyncio.Queue[Any] = asyncio.Queue(FRAME_QUEUE_SIZE)
         reader = asyncio.create_task(_read_into(call, queue, self._rid),
                                      name=f"edge-read-{self._rid}")
+        _ACTIVE.inc()
         try:
             return await self._relay(queue, header_hold)
         except ConnectionResetError:
@@ -162,6 +166,8 @@ class StreamRelay:
         finally:
             call.cancel()  # stop the chain now, whatever the reader task is doing
             await cancel_and_wait(reader)
+            _ACTIVE.dec()
+            self._timer.finish(self.outcome.removeprefix("error:"))
             log.info("chat stream ended", extra={
                 "request_id": self._rid, "model": self._model, "endpoint": self._endpoint,
                 "outcome": self.outcome, "deltas": self._deltas,
@@ -199,6 +205,8 @@ class StreamRelay:
 
     async def _next_frame(self, queue: asyncio.Queue[Any]) -> Any:
         """The next frame, writing a heartbeat whenever nothing was written for a while."""
+        if not queue.empty():  # a consumer that keeps up never pays for a timeout wrapper
+            return _unwrap(queue.get_nowait())
         loop = asyncio.get_running_loop()
         while True:
             idle = loop.time() - self._last_write
@@ -231,6 +239,8 @@ class StreamRelay:
                 await self._write_start(frame.start)
         elif kind == "delta":
             await self._ensure_started()
+            if not self._deltas:
+                self._timer.first_token()
             self._deltas += 1
             await self._write(self._encoder.delta(frame.delta.text, self._deltas))
         elif kind == "done":
@@ -252,6 +262,7 @@ class StreamRelay:
     async def _fail(self, err: PromptlineError) -> web.StreamResponse:
         err.at(self._stage(), request_id=self._rid, origin=ORIGIN)
         self.outcome = f"error:{err.code.value}"
+        ERRORS.labels("edge_http", err.code.value, err.stage.value if err.stage else "").inc()
         if self._response is None:
             return error_response(err, self._rid, headers=rejection_headers(self._config, err),
                                   body=self._encoder.error_body)
@@ -293,7 +304,10 @@ def done_data(done: common_pb2.Done) -> dict[str, Any]:
 
 
 async def _get(queue: asyncio.Queue[Any]) -> Any:
-    item = await queue.get()
+    return _unwrap(await queue.get())
+
+
+def _unwrap(item: Any) -> Any:
     if isinstance(item, PromptlineError):
         raise item
     return item

@@ -5,4 +5,4 @@ from promptline.service_main import run_service
 from .server import start_engine
 
 if __name__ == "__main__":
-    run_service("llm_engine", start_engine)
+    run_service("llm_engine", lambda config, live: start_engine(config, live=live))

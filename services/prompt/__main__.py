@@ -5,4 +5,4 @@ from promptline.service_main import run_service
 from .server import start_prompt
 
 if __name__ == "__main__":
-    run_service("prompt", start_prompt)
+    run_service("prompt", lambda config, live: start_prompt(config, live=live))
