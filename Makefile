@@ -19,6 +19,10 @@ protos: $(GEN)
 lint: $(STAMP) $(GEN)
 	$(VENV)/bin/ruff check .
 
+# Render k8s/ (base and overlays), validate against pinned Kubernetes schemas, check the config.
+k8s-validate: $(STAMP)
+	$(PY) -m pytest tests/test_k8s.py -q
+
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,3 +40,17 @@ $(GEN): $(PROTOS) $(STAMP)
 
 clean:
 	rm -rf $(VENV) promptline/v1 .pytest_cache
+
+# Issue #7's measurements (not part of `make test`): bench/run.py, results in bench/results/.
+.PHONY: bench-compare
+LITELLM_VENV := .venv-litellm
+
+bench: $(STAMP) $(GEN)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The same loads, plus the LiteLLM proxy in its own venv, pointed at the same upstream.
+bench-compare: $(STAMP) $(GEN)
+	@test -x $(LITELLM_VENV)/bin/litellm || { $(PYTHON) -m venv $(LITELLM_VENV) && \
+	  $(LITELLM_VENV)/bin/pip install --quiet --disable-pip-version-check 'litellm[proxy]'; } || \
+	  { echo "bench-compare: could not install litellm[proxy] into $(LITELLM_VENV)" >&2; exit 1; }
+	$(PY) -m bench.run --litellm $(LITELLM_VENV)/bin/litellm $(BENCH_ARGS)

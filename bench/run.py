@@ -1,0 +1,773 @@
+"""`make bench`: concurrent streams through the whole chain, next to the same load sent direct.
+
+    python -m bench.run                 # the issue's loads, ~2-4 minutes
+    python -m bench.run --quick         # fewer streams per load, ~1 minute
+    python -m bench.run --litellm .venv-litellm/bin/litellm   # + LiteLLM proxy (bench-compare)
+
+Processes (each separate, so /proc gives each one's CPU and memory and the load generator's
+own CPU is excluded): an embedded Redis, the bench upstream (`bench.upstream`, an aiohttp
+OpenAI-compatible server whose reply shape is chosen by the model name), and llm_engine, prompt
+and edge_http with a generated config, all on free 127.0.0.1 ports. The load generator is this
+process (one aiohttp ClientSession); its CPU is measured and reported, and it competes with the
+services for the same cores.
+
+Scenarios, each run with every load: `direct` (the upstream alone, the baseline), `sse-sim`
+(POST /v1/chat/stream, simulated provider), `sse-up` (POST /v1/chat/stream, the upstream),
+`openai-up` (POST /v1/chat/completions at the edge, the upstream; skipped if the edge answers
+404) and, with --litellm, `litellm` (the LiteLLM proxy's /v1/chat/completions, same upstream).
+The chain is restarted for each scenario so memory figures start from a fresh idle process.
+
+Everything is bounded: per-stream and per-load timeouts, and a watchdog that kills every child
+and exits after --hard-timeout seconds whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from bench import procstat
+from bench.client import OPENAI, SSE, StreamResult, request_body, run_stream
+from bench.report import evaluate_targets, markdown
+from bench.stats import ms, percentile
+from bench.upstream import model_name, reply_text
+from promptline.embedded_redis import EmbeddedRedis
+from promptline.tokens import count_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICES = ("llm_engine", "prompt", "edge_http")  # start order
+API_KEY = "bench-key"
+SAMPLE_INTERVAL = 0.1
+STREAM_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    name: str
+    concurrency: int
+    tokens: int
+    delay_ms: int
+    streams: int
+    """Streams in the load (closed loop: `concurrency` workers, each starting its next stream
+    when its previous one ended)."""
+    ramp_s: float = 0.0
+    """Workers start spread evenly over this many seconds."""
+    timeout_s: float = 120.0
+
+
+LOADS = {
+    "c1": Load("c1", 1, 200, 0, streams=60),
+    "c50": Load("c50", 50, 200, 0, streams=200),
+    "c200": Load("c200", 200, 200, 20, streams=200, ramp_s=1.0),
+}
+QUICK_STREAMS = {"c1": 15, "c50": 50, "c200": 200}
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    key: str
+    label: str
+    kind: str
+    """SSE or OPENAI wire format."""
+    provider: str
+    """"sim" or "up": which model family the requests name."""
+    chain: bool = True
+
+
+SCENARIOS = (
+    Scenario("direct", "direct to upstream (baseline)", OPENAI, "up", chain=False),
+    Scenario("sse-sim", "edge /v1/chat/stream -> simulated", SSE, "sim"),
+    Scenario("sse-up", "edge /v1/chat/stream -> upstream", SSE, "up"),
+    Scenario("openai-up", "edge /v1/chat/completions -> upstream", OPENAI, "up"),
+)
+LITELLM = Scenario("litellm", "LiteLLM proxy -> upstream", OPENAI, "up", chain=False)
+
+
+def sim_name(tokens: int, delay_ms: int) -> str:
+    return f"sim-{tokens}x{delay_ms}ms"
+
+
+def machine_info() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {"cores": os.cpu_count(), "cpu_model": model, "mem_gib": round(mem_kib / 2**20, 1),
+            "python": sys.version.split()[0], "clk_tck": procstat.CLK_TCK}
+
+
+# --- the stack ---------------------------------------------------------------------------------
+
+
+class Stack:
+    """Redis, the upstream and (per scenario) the three services; `close()` ends them all."""
+
+    def __init__(self, workdir: Path, loads: list[Load], root: Path = ROOT) -> None:
+        self.workdir = workdir
+        self.root = root
+        """The checkout whose services run (another one compares before/after a change)."""
+        self.loads = loads
+        self.redis: EmbeddedRedis | None = None
+        self.upstream: procstat.Child | None = None
+        self.upstream_port = 0
+        self.services: dict[str, procstat.Child] = {}
+        self.edge_port = 0
+        self.litellm: procstat.Child | None = None
+        self.litellm_port = 0
+        self.litellm_key = ""
+        self.env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+        for var in list(self.env):  # the generated config is the whole truth
+            if var.startswith("PROMPTLINE_"):
+                del self.env[var]
+        self._lock = threading.Lock()
+
+    def children(self) -> list[procstat.Child]:
+        out = [*self.services.values()]
+        for extra in (self.upstream, self.litellm):
+            if extra is not None:
+                out.append(extra)
+        return out
+
+    def start_base(self) -> None:
+        self.redis = EmbeddedRedis().start()
+        self.upstream_port = procstat.free_port()
+        self.upstream = procstat.Child(
+            "upstream", [sys.executable, "-m", "bench.upstream", "--port",
+                         str(self.upstream_port)],
+            env={**self.env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
+            log_path=self.workdir / "upstream.log")
+        procstat.wait_port(self.upstream_port, self.upstream.proc, "bench upstream", 20)
+
+    @property
+    def redis_pid(self) -> int | None:
+        proc = getattr(self.redis, "_proc", None)
+        return proc.pid if proc is not None else None
+
+    def config(self, ports: dict[str, int]) -> dict[str, Any]:
+        timeouts = {"first_token": "60s", "idle": "30s", "total": "5m"}
+        models: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for load in self.loads:
+            sim, up = sim_name(load.tokens, load.delay_ms), model_name(load.tokens, load.delay_ms)
+            if sim in seen:
+                continue
+            seen.add(sim)
+            tps = 1000.0 / load.delay_ms if load.delay_ms else 0
+            models.append({"name": sim, "provider": "simulated", "timeouts": timeouts,
+                           "context_window": 65536, "max_tokens": load.tokens,
+                           "simulated": {"ttft_ms": 0, "tokens_per_second": tps,
+                                         "reply": reply_text(load.tokens)}})
+            models.append({"name": up, "provider": "openai", "timeouts": timeouts,
+                           "base_url": f"http://127.0.0.1:{self.upstream_port}/v1",
+                           "context_window": 65536, "max_tokens": load.tokens})
+        return {
+            "redis_url": self.redis.url if self.redis else None,
+            "listen": {name: f"127.0.0.1:{port}" for name, port in ports.items()},
+            "tenants": [{"name": "bench", "api_keys": [API_KEY]}],  # no quotas
+            "models": models,
+            "retries": {"max_attempts": 1},
+            "shutdown_grace": "1s",
+            "log_level": "INFO",
+        }
+
+    def start_chain(self, tag: str) -> None:
+        ports = {name: procstat.free_port() for name in SERVICES}
+        config = self.config(ports)
+        # Checkouts that serve /metrics on their own ports get free ones too, so a bench never
+        # collides with a `make run` or a test on the defaults (older configs reject the keys).
+        with contextlib.suppress(OSError):
+            source = (self.root / "promptline" / "config.py").read_text()
+            for key in ("prompt_metrics", "llm_engine_metrics"):
+                if f'"{key}"' in source:
+                    config["listen"][key] = f"127.0.0.1:{procstat.free_port()}"
+        cfg_path = self.workdir / f"config-{tag}.yaml"
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        env = {**self.env, "PROMPTLINE_CONFIG": str(cfg_path)}
+        for name in SERVICES:
+            child = procstat.Child(name, [sys.executable, "-m", f"services.{name}"], env=env,
+                                   cwd=str(self.root),
+                                   log_path=self.workdir / f"{tag}-{name}.log")
+            self.services[name] = child
+            try:
+                procstat.wait_port(ports[name], child.proc, name, 30)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n--- {name} log ---\n{child.tail()}") from None
+        self.edge_port = ports["edge_http"]
+        deadline = time.monotonic() + 20
+        while not _http_ok(f"http://127.0.0.1:{self.edge_port}/readyz"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the edge did not become ready within 20s")
+            time.sleep(0.1)
+        time.sleep(0.3)
+        self.check_chain()
+
+    def check_chain(self) -> None:
+        """RuntimeError naming any service that died (e.g. a port of its own already in use)."""
+        for name, child in self.services.items():
+            if not child.alive():
+                raise RuntimeError(f"{name} exited with code {child.proc.returncode}\n"
+                                   f"--- {name} log ---\n{child.tail()}")
+
+    def stop_chain(self) -> None:
+        for name in reversed(SERVICES):
+            child = self.services.pop(name, None)
+            if child is not None:
+                child.stop(grace=5)
+
+    def start_litellm(self, binary: str) -> None:
+        self.litellm_port = procstat.free_port()
+        model_list = []
+        seen: set[str] = set()
+        for load in self.loads:
+            up = model_name(load.tokens, load.delay_ms)
+            if up in seen:
+                continue
+            seen.add(up)
+            model_list.append({"model_name": up, "litellm_params": {
+                "model": f"openai/{up}", "api_base": f"http://127.0.0.1:{self.upstream_port}/v1",
+                "api_key": "bench-upstream-key"}})
+        cfg = {"model_list": model_list,
+               "litellm_settings": {"telemetry": False, "drop_params": True,
+                                    "set_verbose": False}}
+        cfg_path = self.workdir / "litellm.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        # A fresh strong key per run: LiteLLM refuses to start without one (the real set-up).
+        self.litellm_key = "sk-" + secrets.token_hex(32)
+        env = {**self.env, "LITELLM_MASTER_KEY": self.litellm_key,
+               "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"}
+        env.pop("PYTHONPATH", None)
+        self.litellm = procstat.Child(
+            "litellm", [os.path.abspath(binary), "--config", str(cfg_path), "--host",
+                        "127.0.0.1", "--port", str(self.litellm_port), "--num_workers", "1"],
+            env=env, cwd=str(self.workdir), log_path=self.workdir / "litellm.log")
+        try:
+            procstat.wait_port(self.litellm_port, self.litellm.proc, "litellm", 120)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- litellm log ---\n{self.litellm.tail()}") from None
+        deadline = time.monotonic() + 60
+        while not _http_ok(f"http://127.0.0.1:{self.litellm_port}/health/liveliness"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("litellm did not answer /health/liveliness within 60s")
+            time.sleep(0.2)
+
+    def stop_litellm(self) -> None:
+        if self.litellm is not None:
+            self.litellm.stop(grace=5)
+            self.litellm = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.stop_chain()
+            self.stop_litellm()
+            if self.upstream is not None:
+                self.upstream.stop(grace=3)
+                self.upstream = None
+            if self.redis is not None:
+                self.redis.stop()
+                self.redis = None
+
+    def kill_all(self) -> None:
+        """The watchdog's last resort: SIGKILL every process group we started."""
+        for child in self.children():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+        pid = self.redis_pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _git_commit(root: Path) -> str | None:
+    """HEAD of `root` (+ "-dirty" when it has local changes), or None outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5, check=True).stdout
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.strip() + ("-dirty" if dirty.strip() else "")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+# --- one load ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where a scenario's requests go and which processes serve them."""
+
+    scenario: Scenario
+    url: str
+    headers: dict[str, str]
+    pids: dict[str, int]
+    """Processes whose CPU and memory are attributed to the system under test."""
+    other_pids: dict[str, int] = field(default_factory=dict)
+    """Processes measured but not part of the sum (upstream, redis)."""
+    idle_rss: dict[str, int] = field(default_factory=dict)
+
+    def model(self, load: Load) -> str:
+        if self.scenario.provider == "sim":
+            return sim_name(load.tokens, load.delay_ms)
+        return model_name(load.tokens, load.delay_ms)
+
+
+class Sampler:
+    """Samples RSS of the measured processes every SAMPLE_INTERVAL while a load runs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.open_streams = 0
+        self.peak_open = 0
+        self.peak_rss: dict[str, int] = dict.fromkeys(pids, 0)
+        self.peak_sum = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        total = 0
+        for name, pid in self.pids.items():
+            rss = procstat.rss_tree(pid) if name == "litellm" else procstat.status_kib(pid,
+                                                                                       "VmRSS")
+            self.peak_rss[name] = max(self.peak_rss[name], rss)
+            total += rss
+        self.peak_sum = max(self.peak_sum, total)
+        self.peak_open = max(self.peak_open, self.open_streams)
+
+    async def _loop(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(SAMPLE_INTERVAL)
+
+    def __enter__(self) -> Sampler:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sample()
+
+
+def _cpu(pids: dict[str, int]) -> dict[str, float]:
+    return {name: procstat.cpu_tree(pid) for name, pid in pids.items()}
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+async def _upstream_stats(session: aiohttp.ClientSession, port: int) -> dict[str, int]:
+    async with session.get(f"http://127.0.0.1:{port}/stats") as resp:
+        return await resp.json()
+
+
+async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
+                   upstream_port: int) -> dict[str, Any]:
+    """Run one load against one target; return its figures."""
+    sc = target.scenario
+    body = request_body(sc.kind, target.model(load), load.tokens)
+    expected = reply_text(load.tokens)
+    all_pids = {**target.pids, **target.other_pids}
+    results: list[StreamResult] = []
+    started = 0
+
+    await asyncio.sleep(0.3)  # let the previous load's tail (closing sockets, GC) settle
+    up_before = await _upstream_stats(session, upstream_port)
+    cpu_before, own_before = _cpu(all_pids), _own_cpu()
+    sampler = Sampler(target.pids)
+
+    async def worker(index: int) -> None:
+        nonlocal started
+        if load.ramp_s:
+            await asyncio.sleep(load.ramp_s * index / load.concurrency)
+        while started < load.streams:
+            started += 1
+            sampler.open_streams += 1
+            try:
+                results.append(await run_stream(session, sc.kind, target.url, target.headers,
+                                                body, STREAM_TIMEOUT))
+            finally:
+                sampler.open_streams -= 1
+
+    t0 = time.perf_counter()
+    with sampler:
+        workers = [asyncio.create_task(worker(i)) for i in range(load.concurrency)]
+        try:
+            async with asyncio.timeout(load.timeout_s):
+                await asyncio.gather(*workers)
+        except TimeoutError:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+    wall = time.perf_counter() - t0
+    own_after, cpu_after = _own_cpu(), _cpu(all_pids)
+    hwm = {name: procstat.status_kib(pid, "VmHWM") for name, pid in target.pids.items()
+           if name != "litellm"}
+    for _ in range(100):  # the upstream's counters settle just after [DONE]; at most 5 s
+        up_after = await _upstream_stats(session, upstream_port)
+        if not up_after["streams_open"]:
+            break
+        await asyncio.sleep(0.05)
+
+    # --- figures (computed after the load, so the generator's CPU above is the load's) ---
+    errors: Counter[str] = Counter(r.error for r in results if r.error)
+    unfinished = started - len(results)
+    if unfinished:
+        errors["load_timeout"] += unfinished
+    ok = [r for r in results if r.error is None]
+    incomplete = sum(1 for r in ok if r.text != expected)
+    delivered_tokens = sum(count_tokens(r.text) for r in results)
+    if sc.provider == "sim":
+        upstream_tokens = load.tokens * started  # what the simulated provider produced
+    else:
+        upstream_tokens = up_after["tokens_sent"] - up_before["tokens_sent"]
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    durations = [r.duration for r in ok if r.duration is not None]
+    gaps = [r.max_gap for r in ok]
+    cpu_ms = {name: round((cpu_after[name] - cpu_before[name]) * 1000, 1) for name in all_pids}
+    measured = [n for n in target.pids]
+    if measured:
+        cpu_ms["sum"] = round(sum(cpu_ms[n] for n in measured), 1)
+    cpu_ms["generator"] = round((own_after - own_before) * 1000, 1)
+    per_1k = {name: (round(v * 1000 / upstream_tokens, 1) if upstream_tokens else None)
+              for name, v in cpu_ms.items()}
+    idle_sum = sum(target.idle_rss.values())
+    conc = max(1, sampler.peak_open)
+    kib_per_stream = {name: round((sampler.peak_rss[name] - target.idle_rss[name]) / conc, 1)
+                      for name in target.pids}
+    kib_per_stream["sum"] = round((sampler.peak_sum - idle_sum) / conc, 1)
+    return {
+        "load": asdict(load),
+        "model": target.model(load),
+        "streams": started,
+        "completed": len(results),
+        "ok": len(ok),
+        "errors": dict(errors),
+        "error_count": sum(errors.values()),
+        "incomplete": incomplete,
+        "all_tokens_delivered": not errors and incomplete == 0,
+        "expected_tokens_per_stream": load.tokens,
+        "delivered_tokens": delivered_tokens,
+        "upstream_tokens": upstream_tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(delivered_tokens / wall, 1) if wall else None,
+        "ttft_ms": {"p50": ms(percentile(ttfts, 50)), "p99": ms(percentile(ttfts, 99)),
+                    "min": ms(min(ttfts, default=None))},
+        "duration_ms": {"p50": ms(percentile(durations, 50)),
+                        "p99": ms(percentile(durations, 99))},
+        "max_gap_ms": {"p50": ms(percentile(gaps, 50)), "p99": ms(percentile(gaps, 99)),
+                       "max": ms(max(gaps, default=None))},
+        "deliveries_per_stream": round(sum(r.deliveries for r in ok) / len(ok), 1) if ok else None,
+        "cpu_ms": cpu_ms,
+        "cpu_ms_per_1k_upstream_tokens": per_1k,
+        "generator_cpu_pct_of_one_core": (round(cpu_ms["generator"] / 10 / wall, 1)
+                                          if wall else None),
+        "peak_open_streams": sampler.peak_open,
+        "rss_idle_kib": dict(target.idle_rss),
+        "rss_peak_sampled_kib": dict(sampler.peak_rss),
+        "vm_hwm_kib": hwm,
+        "kib_per_open_stream": kib_per_stream,
+    }
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+async def _warm_up(session: aiohttp.ClientSession, target: Target, loads: list[Load]) -> str | None:
+    """A few streams per model so imports, pools and caches are warm; an error text or None."""
+    sc = target.scenario
+    for load in loads:
+        body = request_body(sc.kind, target.model(load), load.tokens)
+        if load.delay_ms:  # a paced model: a short reply is enough to open its pool
+            body["max_tokens"] = 5
+        for _ in range(2):
+            r = await run_stream(session, sc.kind, target.url, target.headers, body, 30)
+            if r.error:
+                return r.error
+    load = loads[0]
+    body = request_body(sc.kind, target.model(load), load.tokens)
+    burst = await asyncio.gather(*(run_stream(session, sc.kind, target.url, target.headers,
+                                              body, 30) for _ in range(20)))
+    errs = {r.error for r in burst if r.error}
+    return ", ".join(sorted(errs)) if errs else None
+
+
+async def run_scenario(session: aiohttp.ClientSession, stack: Stack, sc: Scenario,
+                       loads: list[Load], say: Any) -> dict[str, Any]:
+    up_pid = stack.upstream.pid if stack.upstream else 0
+    other = {"upstream": up_pid}
+    if sc.key == "direct":
+        target = Target(sc, f"http://127.0.0.1:{stack.upstream_port}/v1/chat/completions",
+                        {"Authorization": "Bearer bench-upstream-key"}, pids={}, other_pids=other)
+    elif sc.key == "litellm":
+        assert stack.litellm is not None
+        target = Target(sc, f"http://127.0.0.1:{stack.litellm_port}/v1/chat/completions",
+                        {"Authorization": f"Bearer {stack.litellm_key}"},
+                        pids={"litellm": stack.litellm.pid}, other_pids=other)
+    else:
+        path = "/v1/chat/stream" if sc.kind == SSE else "/v1/chat/completions"
+        pids = {name: child.pid for name, child in stack.services.items()}
+        if stack.redis_pid:
+            other["redis"] = stack.redis_pid
+        target = Target(sc, f"http://127.0.0.1:{stack.edge_port}{path}",
+                        {"Authorization": f"Bearer {API_KEY}"}, pids=pids, other_pids=other)
+    problem = await _warm_up(session, target, loads)
+    if problem and sc.chain:
+        dead = [n for n, c in stack.services.items() if not c.alive()]
+        if dead:
+            problem += f"; {', '.join(dead)} exited (logs in {stack.workdir})"
+    if problem:
+        if sc.key == "openai-up" and problem == "http_404":
+            msg = ("skipped: the edge answers 404 to POST /v1/chat/completions "
+                   "(the OpenAI-compatible endpoint is not there yet)")
+        else:
+            msg = f"skipped: warm-up failed ({problem})"
+        say(f"  {sc.key}: {msg}")
+        return {"scenario": sc.key, "label": sc.label, "skipped": msg, "loads": {}}
+    await asyncio.sleep(0.5)
+    target.idle_rss = {name: (procstat.rss_tree(pid) if name == "litellm"
+                              else procstat.status_kib(pid, "VmRSS"))
+                       for name, pid in target.pids.items()}
+    out: dict[str, Any] = {"scenario": sc.key, "label": sc.label, "skipped": None,
+                           "idle_rss_kib": target.idle_rss, "loads": {}}
+    for load in loads:
+        fig = await run_load(session, target, load, stack.upstream_port)
+        out["loads"][load.name] = fig
+        say(f"  {sc.key:10s} {load.name:5s} C={load.concurrency:<3d} streams={fig['streams']:<4d}"
+            f" ttft p50={fig['ttft_ms']['p50']}ms p99={fig['ttft_ms']['p99']}ms"
+            f" dur p50={fig['duration_ms']['p50']}ms tok/s={fig['tokens_per_s']}"
+            f" cpu/1k={fig['cpu_ms_per_1k_upstream_tokens'].get('sum')}ms"
+            f" errors={fig['error_count']} incomplete={fig['incomplete']}"
+            f" gen={fig['generator_cpu_pct_of_one_core']}%")
+    return out
+
+
+def add_comparisons(report: dict[str, Any]) -> None:
+    """Added TTFT and duration ratio of every scenario vs `direct`, load by load."""
+    direct = next((s for s in report["scenarios"] if s["scenario"] == "direct"), None)
+    if direct is None:
+        return
+    for sc in report["scenarios"]:
+        if sc["scenario"] == "direct":
+            continue
+        for name, fig in sc["loads"].items():
+            base = direct["loads"].get(name)
+            if not base:
+                continue
+            added = {}
+            for q in ("p50", "p99"):
+                a, b = fig["ttft_ms"][q], base["ttft_ms"][q]
+                added[q] = round(a - b, 2) if a is not None and b is not None else None
+            fig["added_ttft_ms_vs_direct"] = added
+            a, b = fig["duration_ms"]["p50"], base["duration_ms"]["p50"]
+            fig["duration_p50_vs_direct"] = round(a / b, 3) if a and b else None
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+async def run_all(args: argparse.Namespace, stack: Stack, loads: list[Load],
+                  say: Any) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    report: dict[str, Any] = {"scenarios": []}
+    wanted = set(args.scenarios.split(",")) if args.scenarios else None
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        for sc in SCENARIOS:
+            if wanted and sc.key not in wanted:
+                continue
+            if sc.key == "openai-up" and args.skip_openai_endpoint:
+                report["scenarios"].append({"scenario": sc.key, "label": sc.label,
+                                            "skipped": "skipped: --skip-openai-endpoint",
+                                            "loads": {}})
+                continue
+            say(f"scenario {sc.key}: {sc.label}")
+            if sc.chain:
+                try:
+                    stack.start_chain(sc.key)
+                except RuntimeError as exc:
+                    stack.stop_chain()
+                    say(f"  {sc.key}: the chain did not start: {exc}")
+                    report["scenarios"].append({"scenario": sc.key, "label": sc.label,
+                                                "skipped": f"chain did not start: {exc}"[:2000],
+                                                "loads": {}})
+                    continue
+            try:
+                report["scenarios"].append(await run_scenario(session, stack, sc, loads, say))
+            finally:
+                if sc.chain:
+                    stack.stop_chain()
+        if args.litellm:
+            say(f"scenario litellm: {LITELLM.label}")
+            try:
+                await asyncio.to_thread(stack.start_litellm, args.litellm)
+            except (RuntimeError, OSError) as exc:
+                say(f"  litellm: could not start: {exc}")
+                report["scenarios"].append({"scenario": "litellm", "label": LITELLM.label,
+                                            "skipped": f"could not start: {exc}"[:2000],
+                                            "loads": {}})
+            else:
+                try:
+                    report["scenarios"].append(
+                        await run_scenario(session, stack, LITELLM, loads, say))
+                finally:
+                    stack.stop_litellm()
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("--loads", default="c1,c50,c200",
+                        help="comma-separated load names (c1, c50, c200) or custom "
+                             "NAME:C:TOKENS:DELAY_MS:STREAMS entries (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="fewer streams per load")
+    parser.add_argument("--scenarios", default="",
+                        help="subset of direct,sse-sim,sse-up,openai-up (default: all)")
+    parser.add_argument("--skip-openai-endpoint", action="store_true",
+                        help="do not drive the edge's POST /v1/chat/completions")
+    parser.add_argument("--litellm", default="",
+                        help="path of a `litellm` executable: also drive the LiteLLM proxy")
+    parser.add_argument("--out", default="",
+                        help="output path without extension (default: bench/results/<timestamp>)")
+    parser.add_argument("--root", default=str(ROOT),
+                        help="checkout whose services to run, e.g. a `git worktree` of the "
+                             "commit before a change (default: this one)")
+    parser.add_argument("--hard-timeout", type=float, default=600.0,
+                        help="kill everything and exit after this many seconds (default: 600)")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
+    return parser.parse_args(argv)
+
+
+def parse_loads(spec: str, quick: bool) -> list[Load]:
+    loads = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item in LOADS:
+            load = LOADS[item]
+            if quick:
+                load = Load(load.name, load.concurrency, load.tokens, load.delay_ms,
+                            QUICK_STREAMS[item], load.ramp_s, load.timeout_s)
+        else:
+            try:
+                name, c, tokens, delay, streams = item.split(":")
+                load = Load(name, int(c), int(tokens), int(delay), int(streams))
+            except ValueError:
+                raise SystemExit(f"bench: bad load {item!r} (use c1, c50, c200 or "
+                                 "NAME:C:TOKENS:DELAY_MS:STREAMS)") from None
+        loads.append(load)
+    if not loads:
+        raise SystemExit("bench: no loads given")
+    return loads
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    loads = parse_loads(args.loads, args.quick)
+    machine = machine_info()
+    print(f"cores: {machine['cores']}  ({machine['cpu_model']})", flush=True)
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(message, flush=True)
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_base = Path(args.out) if args.out else ROOT / "bench" / "results" / stamp
+    out_base.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="promptline-bench-"))
+    stack = Stack(workdir, loads, Path(args.root).resolve())
+
+    def watchdog() -> None:
+        print(f"bench: hard timeout ({args.hard_timeout:g}s) reached: killing everything",
+              file=sys.stderr, flush=True)
+        stack.kill_all()
+        os._exit(3)
+
+    timer = threading.Timer(args.hard_timeout, watchdog)
+    timer.daemon = True
+    timer.start()
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+    try:
+        stack.start_base()
+        report = asyncio.run(run_all(args, stack, loads, say))
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.close()
+        timer.cancel()
+    report.update({
+        "when": dt.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "root": str(Path(args.root).resolve()),
+        "commit": _git_commit(Path(args.root)),
+        "quick": args.quick,
+        "loads": [asdict(load) for load in loads],
+        "run_seconds": round(time.monotonic() - started, 1),
+        "logs": str(workdir),
+        "notes": [
+            "The load generator (one aiohttp process) and the bench upstream run on the same "
+            "cores as the services; their CPU is reported separately and excluded from the sum.",
+            "CPU from /proc/<pid>/stat utime+stime (10 ms ticks); RSS sampled every 100 ms; "
+            "KiB per open stream = (peak sampled RSS - idle RSS after warm-up) / peak open "
+            "streams.",
+            "Percentiles interpolate linearly between closest ranks; p99 of < 100 streams is "
+            "near the maximum.",
+        ],
+    })
+    add_comparisons(report)
+    report["targets"] = evaluate_targets(report)
+    table = markdown(report)
+    out_base.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out_base.with_suffix(".md").write_text(table)
+    print()
+    print(table)
+    print(f"wrote {out_base.with_suffix('.json')} and {out_base.with_suffix('.md')} "
+          f"(service logs in {workdir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""A tiny run of the bench harness (`make bench`): it starts, measures sane numbers and stops.
+
+One small load (C=2, 20 tokens, 6 streams) direct and through the chain; the real loads are
+`make bench`, which is not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_run_produces_sane_figures(tmp_path: Path) -> None:
+    out = tmp_path / "smoke"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--loads", "smoke:2:20:0:6",
+         "--scenarios", "direct,sse-sim,sse-up", "--out", str(out), "--quiet",
+         "--hard-timeout", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "cores: " in proc.stdout
+    report = json.loads(out.with_suffix(".json").read_text())
+    markdown = out.with_suffix(".md").read_text()
+    assert "| direct | smoke |" in markdown and "| sse-up | smoke |" in markdown
+
+    scenarios = {s["scenario"]: s for s in report["scenarios"]}
+    assert set(scenarios) == {"direct", "sse-sim", "sse-up"}
+    for key, sc in scenarios.items():
+        fig = sc["loads"]["smoke"]
+        assert fig["streams"] == 6, key
+        assert fig["error_count"] == 0, (key, fig["errors"])
+        assert fig["all_tokens_delivered"], key
+        assert fig["delivered_tokens"] == 6 * 20, key
+        assert fig["ttft_ms"]["p50"] > 0 and fig["ttft_ms"]["p99"] >= fig["ttft_ms"]["p50"]
+        assert fig["duration_ms"]["p50"] >= fig["ttft_ms"]["p50"]
+        assert fig["tokens_per_s"] > 0
+        assert fig["cpu_ms"]["upstream"] >= 0 and fig["cpu_ms"]["generator"] >= 0
+    for key in ("sse-sim", "sse-up"):
+        fig = scenarios[key]["loads"]["smoke"]
+        per_1k = fig["cpu_ms_per_1k_upstream_tokens"]
+        assert {"edge_http", "prompt", "llm_engine", "sum"} <= per_1k.keys()
+        assert per_1k["sum"] > 0  # three Python services cannot relay 120 tokens for free
+        assert all(v > 0 for v in fig["rss_idle_kib"].values())
+        assert "added_ttft_ms_vs_direct" in fig
+    assert scenarios["sse-up"]["loads"]["smoke"]["upstream_tokens"] == 6 * 20
+    assert any(t["target"].startswith("C=") for t in report["targets"]) is False  # custom load
