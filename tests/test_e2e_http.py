@@ -16,19 +16,23 @@ BODY = {"model": "sim", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 async def test_sim_stream_reaches_http_client_in_order(redis_server):
-    config = make_config(redis_url=redis_server.url)
+    # 200 tokens/s: a pace every hop keeps up with, so tokens arrive as separate deltas
+    config = make_config(redis_url=redis_server.url, models=[{
+        "name": "paced", "provider": "simulated",
+        "simulated": {"ttft_ms": 5, "tokens_per_second": 200, "reply": "word " * 30}}])
     async with running_chain(config) as chain, aiohttp.ClientSession() as http:
-        async with http.post(f"{chain.base_url}/v1/chat/stream", json=BODY, headers=AUTH) as resp:
+        async with http.post(f"{chain.base_url}/v1/chat/stream",
+                             json={**BODY, "model": "paced"}, headers=AUTH) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             assert resp.headers["X-Accel-Buffering"] == "no"
             got = [e for e in await collect(resp) if e.event != ":comment"]
-    assert got[0].event == "start" and got[0].data["model"] == "sim"
+    assert got[0].event == "start" and got[0].data["model"] == "paced"
     assert got[0].data["request_id"]
     deltas = [e for e in got if e.event == "delta"]
     assert len(deltas) >= 5
     assert [int(e.id) for e in deltas] == list(range(1, len(deltas) + 1))
-    assert "".join(e.data["text"] for e in deltas) == config.models[0].simulated.reply
+    assert "".join(e.data["text"] for e in deltas) == "word " * 30
     assert got[-1].event == "done"
     usage = got[-1].data["usage"]
     assert got[-1].data["finish_reason"] == "stop"

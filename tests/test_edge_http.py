@@ -217,10 +217,13 @@ async def test_happy_path_streams_start_deltas_done(
         rid = resp.headers["X-Request-Id"]
         items = events_only(await SseReader(resp).rest())
 
-    assert [e["event"] for e in items] == ["start"] + ["delta"] * 6 + ["done"]
+    events = [e["event"] for e in items]
+    # deltas that queue up while the client reads are sent as one: 1 to 6 of them, in order
+    assert events[0] == "start" and events[-1] == "done" and set(events[1:-1]) == {"delta"}
     assert items[0]["data"] == {"request_id": rid, "model": "sim", "prompt_tokens": 9}
     deltas = items[1:-1]
-    assert [e["id"] for e in deltas] == [str(i) for i in range(1, 7)]
+    assert 1 <= len(deltas) <= 6
+    assert [e["id"] for e in deltas] == [str(i) for i in range(1, len(deltas) + 1)]
     assert "".join(e["data"]["text"] for e in deltas) == "Hello from the fake model"
     assert items[-1]["data"] == {
         "finish_reason": "stop", "model": "sim",
@@ -412,7 +415,9 @@ async def test_error_after_deltas_is_an_sse_error_event_then_the_stream_closes(
         assert resp.status == 200
         reader = SseReader(resp)
         items = events_only(await reader.rest())  # returns only once the edge closed the stream
-    assert [e["event"] for e in items] == ["start", "delta", "delta", "delta", "error"]
+    events = [e["event"] for e in items]
+    assert events[0] == "start" and events[-1] == "error" and set(events[1:-1]) == {"delta"}
+    assert "".join(e["data"]["text"] for e in items if e["event"] == "delta") == "abc"
     error = items[-1]["data"]["error"]
     assert error["code"] == "UPSTREAM_ERROR" and error["stage"] == "mid_stream"
     assert error["request_id"] == resp.headers["X-Request-Id"]

@@ -55,6 +55,10 @@ def kinds(frames: list[Any]) -> list[str]:
     return [f.WhichOneof("frame") for f in frames]
 
 
+def delivered_tokens(frames: list[Any]) -> int:
+    return sum(f.delta.tokens for f in frames if f.HasField("delta"))
+
+
 def text(frames: list[Any]) -> str:
     return "".join(f.delta.text for f in frames if f.HasField("delta"))
 
@@ -67,7 +71,8 @@ async def test_simulated_stream_and_usage():
     assert text(frames) == REPLY
     done = frames[-1].done
     assert done.finish_reason == "stop" and done.model == "m"
-    assert done.usage.completion_tokens == len(frames) - 2
+    # deltas may be coalesced when the caller falls behind; every token is accounted for
+    assert done.usage.completion_tokens == delivered_tokens(frames)
     assert done.usage.prompt_tokens > 0
 
 
@@ -75,7 +80,8 @@ async def test_max_tokens_finishes_with_length():
     async with engine(sim()) as stub:
         frames, code = await run(stub.Generate(request(max_tokens=3), timeout=10))
     assert code == grpc.StatusCode.OK
-    assert kinds(frames) == ["start", "delta", "delta", "delta", "done"]
+    assert kinds(frames)[0] == "start" and kinds(frames)[-1] == "done"
+    assert delivered_tokens(frames) == 3 == frames[-1].done.usage.completion_tokens
     assert frames[-1].done.finish_reason == "length"
 
 
@@ -90,7 +96,8 @@ async def test_unknown_model_is_not_found_at_connect():
 async def test_provider_failure_mid_stream_ends_stream_without_retry():
     async with engine(sim(fail_after_tokens=3, fallback=["b"]), sim("b")) as stub:
         frames, code = await run(stub.Generate(request(), timeout=10))
-    assert kinds(frames) == ["start", "delta", "delta", "delta", "error"]
+    assert kinds(frames)[0] == "start" and kinds(frames)[-1] == "error"
+    assert delivered_tokens(frames) == 3
     assert code == grpc.StatusCode.UNAVAILABLE
     err = PromptlineError.from_pb(frames[-1].error)
     assert (err.code, err.stage) == (ErrorCode.UPSTREAM_ERROR, Stage.MID_STREAM)
@@ -129,7 +136,8 @@ async def test_idle_gap_timeout_mid_stream():
     timeouts = {"first_token": "5s", "idle": "300ms", "total": "20s"}
     async with engine(sim(stall_after_tokens=2, timeouts=timeouts)) as stub:
         frames, code = await run(stub.Generate(request(), timeout=10))
-    assert kinds(frames) == ["start", "delta", "delta", "error"]
+    assert kinds(frames)[0] == "start" and kinds(frames)[-1] == "error"
+    assert delivered_tokens(frames) == 2
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     err = PromptlineError.from_pb(frames[-1].error)
     assert (err.code, err.stage) == (ErrorCode.STREAM_TIMEOUT, Stage.MID_STREAM)

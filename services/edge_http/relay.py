@@ -140,6 +140,7 @@ class StreamRelay:
         self._heartbeat = config.edge.heartbeat
         self._response: web.StreamResponse | None = None
         self._call: Any = None
+        self._stash: Any = None  # a frame taken from the queue while merging deltas
         self._started = False
         self._deltas = 0
         self._last_write = 0.0
@@ -204,7 +205,26 @@ class StreamRelay:
             return None
 
     async def _next_frame(self, queue: asyncio.Queue[Any]) -> Any:
-        """The next frame, writing a heartbeat whenever nothing was written for a while."""
+        """The next frame; deltas that queued up while the client was slow leave as one."""
+        if self._stash is not None:
+            frame, self._stash = self._stash, None
+            return _unwrap(frame)
+        frame = await self._wait_frame(queue)
+        if frame.WhichOneof("frame") != "delta" or queue.empty():
+            return frame
+        texts, tokens = [frame.delta.text], frame.delta.tokens
+        while not queue.empty():
+            following = queue.get_nowait()
+            if isinstance(following, PromptlineError) or following.WhichOneof("frame") != "delta":
+                self._stash = following  # kept for the next call, in order
+                break
+            texts.append(following.delta.text)
+            tokens += following.delta.tokens
+        return prompt_pb2.StreamChatResponse(
+            delta=common_pb2.Delta(text="".join(texts), tokens=tokens))
+
+    async def _wait_frame(self, queue: asyncio.Queue[Any]) -> Any:
+        """The next queued frame, writing a heartbeat whenever nothing was written for a while."""
         if not queue.empty():  # a consumer that keeps up never pays for a timeout wrapper
             return _unwrap(queue.get_nowait())
         loop = asyncio.get_running_loop()

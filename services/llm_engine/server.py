@@ -41,7 +41,8 @@ from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 
 from .providers.base import GenerationRequest, Message, Provider, Usage
 from .providers.registry import build_provider
-from .timeouts import StreamClock, next_chunk
+from .pump import ChunkPump
+from .timeouts import StreamClock
 
 log = logging.getLogger("promptline.llm_engine")
 
@@ -189,19 +190,24 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         finish: str | None = None
         usage: Usage | None = None
         outcome = "cancelled"
+        pump = ChunkPump(gen, clock)
         try:
-            while True:
-                try:
-                    chunk = await next_chunk(gen, clock)
-                except StopAsyncIteration:
-                    break
+            while batch := await pump.take():
                 if not progress.started:
                     progress.started = True
                     PROVIDER_FIRST_CHUNK.labels(model.name, provider.kind).observe(
                         time.perf_counter() - called)
                     yield llm_engine_pb2.GenerateResponse(start=llm_engine_pb2.GenerateStart(
                         request_id=rid, model=model.name, provider=provider.kind))
-                if chunk.text:
+                text: list[str] = []
+                tokens = 0
+                for chunk in batch:
+                    if chunk.text:
+                        text.append(chunk.text)
+                        tokens += chunk.tokens or count_tokens(chunk.text)
+                    finish = chunk.finish_reason or finish
+                    usage = chunk.usage or usage
+                if text:
                     now = time.perf_counter()
                     if progress.delivered:
                         gap.observe(now - last)
@@ -209,14 +215,10 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                         timer.first_token()
                         span.set_attribute("llm.ttft_ms", round((now - called) * 1000, 1))
                     last = now
-                    clock.on_token()
-                    tokens = chunk.tokens or count_tokens(chunk.text)
                     completion += tokens
                     progress.delivered = True
                     yield llm_engine_pb2.GenerateResponse(
-                        delta=common_pb2.Delta(text=chunk.text, tokens=tokens))
-                finish = chunk.finish_reason or finish
-                usage = chunk.usage or usage
+                        delta=common_pb2.Delta(text="".join(text), tokens=tokens))
             if finish is None:
                 raise PromptlineError(ErrorCode.UPSTREAM_ERROR,
                                       "the model provider ended the stream without finishing")
@@ -226,7 +228,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             span.set_status(StatusCode.ERROR, err.code.value)
             raise
         finally:
-            await gen.aclose()
+            await pump.aclose()
             PROVIDER_REQUESTS.labels(model.name, provider.kind, outcome).inc()
             span.set_attribute("llm.completion_tokens", completion)
             span.end()

@@ -1,0 +1,68 @@
+"""Reads a provider stream in its own task so the gRPC writer can coalesce what piled up.
+
+When the caller keeps up, every chunk goes out at once on its own (the reader yields to the
+writer whenever the writer is idle, so no token waits). When the caller falls behind (gRPC flow
+control, a busy process), the chunks that arrived meanwhile leave as one frame: fewer frames,
+less work per token on every hop behind this one. Timeouts are enforced by the reader against
+the provider's own timing, so a slow caller is never mistaken for an idle model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from .providers.base import Chunk
+from .timeouts import StreamClock, next_chunk
+
+
+class ChunkPump:
+    """One provider stream, read ahead by a task; `take()` returns what accumulated."""
+
+    def __init__(self, chunks: AsyncIterator[Chunk], clock: StreamClock) -> None:
+        self._chunks = chunks
+        self._clock = clock
+        self._pending: list[Chunk] = []
+        self._ready = asyncio.Event()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    chunk = await next_chunk(self._chunks, self._clock)
+                except StopAsyncIteration:
+                    break
+                if chunk.text:
+                    self._clock.on_token()
+                idle_writer = not self._pending
+                self._pending.append(chunk)
+                self._ready.set()
+                if idle_writer:
+                    await asyncio.sleep(0)  # let the waiting writer send this one right away
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to the writer, which raises it in its own task
+            self._error = exc
+        finally:
+            self._ended = True
+            self._ready.set()
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+
+    async def take(self) -> list[Chunk]:
+        """The chunks that arrived since the last call; [] once the stream ended cleanly."""
+        await self._ready.wait()
+        batch, self._pending = self._pending, []
+        if not self._ended:
+            self._ready.clear()
+        if not batch and self._error is not None:
+            raise self._error
+        return batch
+
+    async def aclose(self) -> None:
+        """Stop reading and close the provider stream (idempotent)."""
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.wait({self._task})
