@@ -46,9 +46,19 @@ def run_service(name: str, start: Start) -> None:
     setup_logging(name, config.log_level)
     setup_tracing(name, os.environ)
     try:
-        asyncio.run(_main(name, config, start))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_main(name, config, start))
     except KeyboardInterrupt:
         pass
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed: it measured ~15% less CPU per streamed frame (docs/performance.md)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _main(name: str, config: Config, start: Start) -> None:

@@ -3,8 +3,8 @@
 When the caller keeps up, every chunk goes out at once on its own (the reader yields to the
 writer whenever the writer is idle, so no token waits). When the caller falls behind (gRPC flow
 control, a busy process), the chunks that arrived meanwhile leave as one frame: fewer frames,
-less work per token on every hop behind this one. Timeouts are enforced by the reader against
-the provider's own timing, so a slow caller is never mistaken for an idle model.
+less work per token on every hop behind this one. Timeouts watch the reader, i.e. the provider's
+own timing, so a slow caller is never mistaken for an idle model.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from .providers.base import Chunk
-from .timeouts import StreamClock, next_chunk
+from .timeouts import StreamClock, Watchdog
 
 
 class ChunkPump:
@@ -21,32 +21,36 @@ class ChunkPump:
 
     def __init__(self, chunks: AsyncIterator[Chunk], clock: StreamClock) -> None:
         self._chunks = chunks
-        self._clock = clock
         self._pending: list[Chunk] = []
         self._ready = asyncio.Event()
         self._ended = False
         self._error: BaseException | None = None
         self._task = asyncio.create_task(self._read())
+        self._watchdog = Watchdog(clock, self._task)
 
     async def _read(self) -> None:
         try:
             while True:
                 try:
-                    chunk = await next_chunk(self._chunks, self._clock)
+                    chunk = await anext(self._chunks)
                 except StopAsyncIteration:
                     break
                 if chunk.text:
-                    self._clock.on_token()
+                    self._watchdog.on_token()
                 idle_writer = not self._pending
                 self._pending.append(chunk)
                 self._ready.set()
                 if idle_writer:
                     await asyncio.sleep(0)  # let the waiting writer send this one right away
         except asyncio.CancelledError:
-            raise
+            if self._watchdog.expired is None:
+                raise  # the pump is being closed
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self._error = self._watchdog.expired  # a deadline passed: a typed error instead
         except Exception as exc:  # handed to the writer, which raises it in its own task
             self._error = exc
         finally:
+            self._watchdog.stop()
             self._ended = True
             self._ready.set()
             await self._chunks.aclose()  # type: ignore[attr-defined]

@@ -1,22 +1,18 @@
 """First-token, idle-gap and total deadlines of one stream, and which one fired.
 
 One `StreamClock` per request (shared across retries and fallbacks, so retries never extend the
-total budget). `next_chunk` waits for the provider's next chunk until the nearest deadline and
-turns a timeout into the right typed error; the cancelled `__anext__` closes the provider
-generator, so the upstream call ends with it.
+total budget). A `Watchdog` cancels the task reading the provider when the nearest deadline
+passes and names the deadline that fired; the cancelled read closes the provider generator, so
+the upstream call ends with it.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from promptline.config import Timeouts
 from promptline.errors import ErrorCode, PromptlineError, Stage
-
-T = TypeVar("T")
 
 # The engine's own total deadline fires this much before the caller's gRPC deadline, so the caller
 # receives a typed DEADLINE_EXCEEDED frame instead of a bare transport status.
@@ -79,10 +75,42 @@ class StreamClock:
         )
 
 
-async def next_chunk(it: AsyncIterator[T], clock: StreamClock) -> T:
-    """`anext(it)` bounded by the clock's nearest deadline; StopAsyncIteration passes through."""
-    try:
-        async with asyncio.timeout_at(clock.deadline()):
-            return await anext(it)
-    except TimeoutError:
-        raise clock.expired() from None
+class Watchdog:
+    """Cancels `task` when the clock's nearest deadline passes; then `expired` holds the error.
+
+    One timer per stream instead of one per token: a token only moves `last_token_at`, and
+    when the timer fires it re-arms itself for the deadline as it now stands, so the hot path
+    never touches the event loop's timer heap.
+    """
+
+    __slots__ = ("_armed_at", "_clock", "_handle", "_task", "expired")
+
+    def __init__(self, clock: StreamClock, task: asyncio.Task[object]) -> None:
+        self._clock = clock
+        self._task = task
+        self.expired: PromptlineError | None = None
+        self._arm(clock.deadline())
+
+    def _arm(self, deadline: float) -> None:
+        self._armed_at = deadline
+        self._handle = self._clock.loop.call_at(deadline, self._fire)
+
+    def on_token(self) -> None:
+        """A token arrived. Re-arms only if the deadline moved earlier (an idle gap shorter
+        than the first-token wait), which happens at most once per stream."""
+        self._clock.on_token()
+        deadline = self._clock.deadline()
+        if deadline < self._armed_at:
+            self._handle.cancel()
+            self._arm(deadline)
+
+    def _fire(self) -> None:
+        deadline = self._clock.deadline()
+        if self._clock.loop.time() < deadline:
+            self._arm(deadline)
+            return
+        self.expired = self._clock.expired()
+        self._task.cancel()
+
+    def stop(self) -> None:
+        self._handle.cancel()
