@@ -15,6 +15,9 @@ from collections.abc import AsyncIterator
 from .providers.base import Chunk
 from .timeouts import StreamClock, Watchdog
 
+MAX_HOLD = 0.002
+"""Longest time the reader keeps the event loop while chunks are already buffered (seconds)."""
+
 
 class ChunkPump:
     """One provider stream, read ahead by a task; `take()` returns what accumulated."""
@@ -29,6 +32,8 @@ class ChunkPump:
         self._watchdog = Watchdog(clock, self._task)
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        yielded = loop.time()
         try:
             while True:
                 try:
@@ -40,8 +45,12 @@ class ChunkPump:
                 idle_writer = not self._pending
                 self._pending.append(chunk)
                 self._ready.set()
-                if idle_writer:
-                    await asyncio.sleep(0)  # let the waiting writer send this one right away
+                # Reading buffered chunks never suspends, so without this the reader would keep
+                # the loop until the socket drained: hand over when the writer waits, and at
+                # least every MAX_HOLD so no token is held longer than that.
+                if idle_writer or loop.time() - yielded >= MAX_HOLD:
+                    await asyncio.sleep(0)
+                    yielded = loop.time()
         except asyncio.CancelledError:
             if self._watchdog.expired is None:
                 raise  # the pump is being closed
