@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from promptline.config import load_config
 from promptline.config_reload import LiveConfig
 from promptline.logs import JsonFormatter
-from promptline.tracing import setup_tracing
+from promptline.tracing import setup_tracing, tracing_enabled
 from services.edge_http.context import LIVE_CONFIG_KEY
 from tests.chain import running_chain
 from tests.conftest import BASE_CONFIG, make_config
@@ -39,7 +39,17 @@ def spans() -> InMemorySpanExporter:
         current = trace.get_tracer_provider()
         assert isinstance(current, TracerProvider)
         current.add_span_processor(SimpleSpanProcessor(exporter))
+    assert tracing_enabled()  # servers started from now on get the interceptors
     return exporter
+
+
+def test_tracing_is_off_without_an_exporter():
+    import promptline.tracing as tracing
+
+    if tracing.tracing_enabled():
+        pytest.skip("a tracer provider is already installed in this process")
+    assert setup_tracing("tests", {}) is None
+    assert tracing.server_interceptors() == [] and tracing.client_interceptors() == []
 
 
 def sample(name: str, **labels: str) -> float:
