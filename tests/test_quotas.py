@@ -343,11 +343,17 @@ async def test_100_concurrent_admits_from_two_replicas_never_overshoot(
 
 async def test_redis_down_fail_closed_raises_unavailable_quickly(
         down_client: aioredis.Redis) -> None:
+    from prometheus_client import REGISTRY
+
     manager = QuotaManager(down_client, CLOSED)
     before = QUOTA_REDIS_ERRORS["admit"]
+    metric = REGISTRY.get_sample_value("promptline_redis_errors_total",
+                                       {"operation": "quota_admit"}) or 0.0
     started = time.monotonic()
     err = await rejected(manager, tenant(qpm=10), model(), 10)
     assert time.monotonic() - started < 1.0
+    assert REGISTRY.get_sample_value("promptline_redis_errors_total",
+                                     {"operation": "quota_admit"}) == metric + 1
     assert err.code == ErrorCode.UNAVAILABLE
     assert err.message == "quota store unavailable"
     assert err.stage == Stage.FIRST_PACKET and err.retryable

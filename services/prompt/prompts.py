@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.metrics import REDIS_ERRORS
 from promptline.v1 import prompt_admin_pb2
 
 from .templates import declared_variables, invalid
@@ -158,6 +159,7 @@ def store_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (RedisError, TimeoutError, OSError):
+        REDIS_ERRORS.labels(what).inc()
         raise PromptlineError(ErrorCode.UNAVAILABLE, f"the {what} store is unavailable",
                               stage=Stage.CONNECT) from None
 

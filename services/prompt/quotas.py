@@ -78,6 +78,7 @@ from redis.exceptions import RedisError
 
 from promptline.config import ModelConfig, QuotaPolicy, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.metrics import REDIS_ERRORS
 from promptline.ratelimit import RateLimitInfo
 
 log = logging.getLogger("promptline.quotas")
@@ -453,6 +454,7 @@ def _unavailable(request_id: str) -> PromptlineError:
 
 def _record_store_error(operation: str, exc: BaseException, request_id: str) -> None:
     QUOTA_REDIS_ERRORS[operation] += 1
+    REDIS_ERRORS.labels(f"quota_{operation}").inc()
     if operation != "admit":
         log.warning("quota store unavailable during %s (%s)", operation, type(exc).__name__,
                     extra={"request_id": request_id})
