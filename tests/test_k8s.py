@@ -1003,3 +1003,23 @@ def test_dockerfile_check_catches_breakage(edit: Callable[[str], str]) -> None:
     text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert edit(text) != text
     assert check_dockerfile(edit(text))
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_metrics_ports_are_scraped_where_the_services_listen(
+        name: str, loaded: dict[str, tuple[Config, Obj]]) -> None:
+    """Each gRPC service's `/metrics` listens on all interfaces, on the port its pod declares
+    and annotates for Prometheus; the edge serves `/metrics` on its HTTP port."""
+    config, _ = loaded[name]
+    deployments = app_deployments(render(name))
+    wanted = {"services.prompt": config.listen.prompt_metrics,
+              "services.llm_engine": config.listen.llm_engine_metrics,
+              "services.edge_http": config.listen.edge_http}
+    for module, address in wanted.items():
+        deployment, container = deployments[module]
+        host, _, port = address.rpartition(":")
+        assert host == "0.0.0.0", f"{module}: metrics on {address} cannot be scraped"
+        annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+        assert annotations.get("prometheus.io/scrape") == "true", module
+        assert annotations.get("prometheus.io/port") == port, module
+        assert int(port) in {p["containerPort"] for p in container.get("ports", [])}, module
