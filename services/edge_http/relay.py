@@ -166,14 +166,16 @@ class StreamRelay:
             raise
         finally:
             call.cancel()  # stop the chain now, whatever the reader task is doing
-            await cancel_and_wait(reader)
-            _ACTIVE.dec()
-            self._timer.finish(self.outcome.removeprefix("error:"))
-            log.info("chat stream ended", extra={
-                "request_id": self._rid, "model": self._model, "endpoint": self._endpoint,
-                "outcome": self.outcome, "deltas": self._deltas,
-                "duration_ms": round((time.monotonic() - began) * 1000),
-            })
+            try:
+                await cancel_and_wait(reader)
+            finally:  # a second cancel (client gone while we clean up) must not skip this
+                _ACTIVE.dec()
+                self._timer.finish(self.outcome.removeprefix("error:"))
+                log.info("chat stream ended", extra={
+                    "request_id": self._rid, "model": self._model, "endpoint": self._endpoint,
+                    "outcome": self.outcome, "deltas": self._deltas,
+                    "duration_ms": round((time.monotonic() - began) * 1000),
+                })
 
     async def _relay(self, queue: asyncio.Queue[Any], header_hold: float) -> web.StreamResponse:
         try:
