@@ -30,23 +30,26 @@ async def read_all(call: grpc.aio.UnaryStreamCall) -> list:
 
 
 async def test_stream_through_prompt_and_engine(redis_server):
-    config = make_config(redis_url=redis_server.url)
+    # 200 tokens/s: a pace both hops keep up with, so tokens arrive as separate deltas
+    config = make_config(redis_url=redis_server.url, models=[{
+        "name": "paced", "provider": "simulated",
+        "simulated": {"ttft_ms": 0, "tokens_per_second": 200, "reply": "word " * 30}}])
     async with running_chain(config, with_edge=False) as chain:
-        call = chain.prompt_stub.StreamChat(chat(), metadata=AUTH, timeout=10)
+        call = chain.prompt_stub.StreamChat(chat("paced"), metadata=AUTH, timeout=10)
         frames = [f async for f in call]
         assert await call.code() == grpc.StatusCode.OK
     kinds = [f.WhichOneof("frame") for f in frames]
     assert kinds[0] == "start" and kinds[-1] == "done"
     assert kinds.count("delta") >= 5
     text = "".join(f.delta.text for f in frames if f.HasField("delta"))
-    assert text == config.models[0].simulated.reply
+    assert text == "word " * 30
     done = frames[-1].done
     assert done.finish_reason == "stop"
     # output moderation may merge tokens into fewer deltas, but every token is accounted for
     delivered = sum(f.delta.tokens for f in frames if f.HasField("delta"))
     assert done.usage.completion_tokens == delivered
     assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
-    assert frames[0].start.request_id and frames[0].start.model == "sim"
+    assert frames[0].start.request_id and frames[0].start.model == "paced"
 
 
 @pytest.mark.parametrize(

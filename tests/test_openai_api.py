@@ -35,6 +35,9 @@ MODELS = [
                    "reply": FLAKY_REPLY}},
     {"name": "slow", "provider": "simulated",
      "simulated": {"ttft_ms": 0, "tokens_per_second": 10, "reply": "tick " * 200}},
+    # a pace every hop keeps up with, so tokens are not coalesced into fewer chunks
+    {"name": "paced", "provider": "simulated",
+     "simulated": {"ttft_ms": 0, "tokens_per_second": 200, "reply": REPLY}},
 ]
 
 
@@ -59,14 +62,14 @@ def async_client(chain: Chain, key: str = "dev-key") -> openai.AsyncOpenAI:
 async def test_async_stream_with_usage(chain: Chain) -> None:
     async with async_client(chain) as client:
         stream = await client.chat.completions.create(
-            model="sim", messages=HI, stream=True, stream_options={"include_usage": True})
+            model="paced", messages=HI, stream=True, stream_options={"include_usage": True})
         chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == REPLY
     assert len(chunks) > 5  # really streamed, not one blob
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.id == chunks[0].id and c.id.startswith("chatcmpl-") for c in chunks)
-    assert all(c.object == "chat.completion.chunk" and c.model == "sim" for c in chunks)
+    assert all(c.object == "chat.completion.chunk" and c.model == "paced" for c in chunks)
     finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [c.choices[0].finish_reason for c in finishing] == ["stop"]
     usage_chunk = chunks[-1]
@@ -139,7 +142,7 @@ async def test_models_list_honours_the_tenant_allowlist(chain: Chain) -> None:
         everything = [m.id async for m in client.models.list()]
     async with async_client(chain, "oai-sim-only-key") as client:
         allowed = [m.id async for m in client.models.list()]
-    assert everything == ["sim", "flaky", "slow"]
+    assert everything == ["sim", "flaky", "slow", "paced"]
     assert allowed == ["sim"]
 
 

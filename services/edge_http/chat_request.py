@@ -72,7 +72,7 @@ def chat_request_from(data: dict[str, Any]) -> prompt_pb2.StreamChatRequest:
     request = prompt_pb2.StreamChatRequest(
         # With a managed prompt the model may come from the prompt version's default.
         model=("" if data.get("model") is None and data.get("prompt") is not None
-               else _string(data.get("model"), "model", required=True)),
+               else string_field(data.get("model"), "model", required=True)),
         messages=_messages(data.get("messages")),
     )
     max_tokens = data.get("max_tokens")
@@ -83,7 +83,7 @@ def chat_request_from(data: dict[str, Any]) -> prompt_pb2.StreamChatRequest:
         request.temperature = _temperature(temperature)
     conversation_id = data.get("conversation_id")
     if conversation_id is not None:
-        text = _string(conversation_id, "conversation_id")
+        text = string_field(conversation_id, "conversation_id")
         if not _CONVERSATION_ID.fullmatch(text):
             raise invalid("conversation_id must be 1-128 characters of letters, digits and . _ : -")
         request.conversation_id = text
@@ -128,10 +128,11 @@ def _messages(value: Any) -> list[common_pb2.ChatMessage]:
         path = f"messages[{i}]"
         if not isinstance(item, dict):
             raise invalid(f"{path} must be an object, got {json_kind(item)}")
-        role = _string(item.get("role"), f"{path}.role", required=True)
+        role = string_field(item.get("role"), f"{path}.role", required=True)
         if role not in ROLES:
             raise invalid(f"{path}.role must be one of assistant, system, user")
-        content = _string(item.get("content"), f"{path}.content", required=True, allow_empty=True)
+        content = string_field(item.get("content"), f"{path}.content", required=True,
+                               allow_empty=True)
         out.append(common_pb2.ChatMessage(role=role, content=content))
     return out
 
@@ -139,26 +140,28 @@ def _messages(value: Any) -> list[common_pb2.ChatMessage]:
 def _prompt_ref(value: Any) -> prompt_pb2.PromptRef:
     if not isinstance(value, dict):
         raise invalid(f"prompt must be an object, got {json_kind(value)}")
-    ref = prompt_pb2.PromptRef(id=_string(value.get("id"), "prompt.id", required=True))
+    ref = prompt_pb2.PromptRef(id=string_field(value.get("id"), "prompt.id", required=True))
     version, label = value.get("version"), value.get("label")
     if version is not None and label is not None:
         raise invalid("prompt takes either version or label, not both")
     if version is not None:
         ref.version = _int(version, "prompt.version", 1, _UINT32_MAX)
     if label is not None:
-        ref.label = _string(label, "prompt.label")
+        ref.label = string_field(label, "prompt.label")
     variables = value.get("variables")
     if variables is not None:
         if not isinstance(variables, dict):
             raise invalid(f"prompt.variables must be an object, got {json_kind(variables)}")
         for name, text in variables.items():
-            ref.variables[_string(name, "prompt.variables key")] = _string(
+            ref.variables[string_field(name, "prompt.variables key")] = string_field(
                 text, f"prompt.variables.{name}", allow_empty=True
             )
     return ref
 
 
-def _string(value: Any, path: str, *, required: bool = False, allow_empty: bool = False) -> str:
+def string_field(value: Any, path: str, *, required: bool = False,
+                 allow_empty: bool = False) -> str:
+    """A JSON string field, validated (type, emptiness, encodable as UTF-8), or INVALID_REQUEST."""
     if value is None and required:
         raise invalid(f"{path} is required")
     if not isinstance(value, str):

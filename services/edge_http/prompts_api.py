@@ -30,6 +30,7 @@ from services.edge_http.chat_request import (
     invalid,
     json_kind,
     read_body,
+    string_field,
 )
 from services.edge_http.context import CHANNEL_KEY, authenticator, current_config, request_id_from
 from services.edge_http.relay import ORIGIN, error_response
@@ -92,11 +93,11 @@ async def create_version(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: w
     parameters = _object(data.get("parameters", {}), "parameters")
     pb = prompt_admin_pb2.CreatePromptVersionRequest(
         prompt_id=request.match_info["prompt_id"],
-        template=_str(data.get("template"), "template", required=True),
+        template=string_field(data.get("template"), "template", required=True),
         variables=_str_list(data.get("variables", []), "variables"),
-        model=_str(data.get("model", ""), "model"),
-        message=_str(data.get("message", ""), "message"),
-        author=_str(data.get("author", ""), "author"),
+        model=string_field(data.get("model", ""), "model", allow_empty=True),
+        message=string_field(data.get("message", ""), "message", allow_empty=True),
+        author=string_field(data.get("author", ""), "author", allow_empty=True),
     )
     for name in parameters:
         if name not in ("max_tokens", "temperature"):
@@ -241,24 +242,10 @@ def _object(value: Any, path: str) -> dict[str, Any]:
     return value
 
 
-def _str(value: Any, path: str, *, required: bool = False) -> str:
-    if value is None and required:
-        raise invalid(f"{path} is required")
-    if not isinstance(value, str):
-        raise invalid(f"{path} must be a string, got {json_kind(value)}")
-    if required and not value:
-        raise invalid(f"{path} must not be empty")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(f"{path} contains an invalid Unicode escape (lone surrogate)") from None
-    return value
-
-
 def _str_list(value: Any, path: str) -> list[str]:
     if not isinstance(value, list):
         raise invalid(f"{path} must be a list of strings, got {json_kind(value)}")
-    return [_str(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    return [string_field(item, f"{path}[{i}]", allow_empty=True) for i, item in enumerate(value)]
 
 
 def _uint(value: Any, path: str) -> int:
