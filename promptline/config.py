@@ -151,7 +151,8 @@ class Listen:
 
 @dataclass(frozen=True, slots=True)
 class Targets:
-    """Where each hop dials the next; defaults to the `listen` addresses (single machine)."""
+    """Where each hop dials the next (`host:port` or `dns:///host:port`); defaults to the
+    `listen` addresses (single machine)."""
 
     prompt: str
     llm_engine: str
@@ -304,8 +305,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
         targets_raw = _mapping(root["targets"], "targets")
         _known(targets_raw, "targets", {"prompt", "llm_engine"})
         targets = Targets(
-            prompt=_address(targets_raw.get("prompt", listen.prompt), "targets.prompt"),
-            llm_engine=_address(targets_raw.get("llm_engine", listen.llm_engine),
+            prompt=_target(targets_raw.get("prompt", listen.prompt), "targets.prompt"),
+            llm_engine=_target(targets_raw.get("llm_engine", listen.llm_engine),
                                 "targets.llm_engine"),
         )
 
@@ -589,6 +590,15 @@ def _number(value: Any, path: str, minimum: float = 0) -> float:
 
 def _dur(value: Any, path: str, default: float) -> float:
     return default if value is None else parse_duration(value, path)
+
+
+def _target(value: Any, path: str) -> str:
+    """`host:port`, or `dns:///host:port` to resolve every address behind a name (a headless
+    Service) and spread calls over them round-robin."""
+    if isinstance(value, str) and value.startswith("dns:///"):
+        _address(value.removeprefix("dns:///"), path)
+        return value
+    return _address(value, path)
 
 
 def _address(value: Any, path: str) -> str:

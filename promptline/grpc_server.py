@@ -26,12 +26,19 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # Callers hold one long-lived channel, so a scaled-up replica would get no traffic: ask every
+    # client to reconnect (and re-resolve) every few minutes. The grace lets running streams
+    # finish first, so it must outlast the longest stream (edge.request_timeout, 10 min default).
+    ("grpc.max_connection_age_ms", 5 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 15 * 60_000),
 ]
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    # With a `dns:///` target (a headless Service) calls are spread over every resolved replica.
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 
 

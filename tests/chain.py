@@ -43,15 +43,17 @@ class Chain:
 
 
 @asynccontextmanager
-async def running_chain(config: Config, *, with_edge: bool = True) -> AsyncIterator[Chain]:
+async def running_chain(config: Config, *, with_edge: bool = True,
+                        scheme: str = "") -> AsyncIterator[Chain]:
+    """`scheme="dns:///"` makes each hop dial the next the way Kubernetes configs do."""
     engine = await start_engine(config, "127.0.0.1:0")
-    engine_target = f"127.0.0.1:{engine.port}"
+    engine_target = f"{scheme}127.0.0.1:{engine.port}"
     prompt = edge = None
     try:
         prompt_config = dataclasses.replace(
             config, targets=Targets(prompt="127.0.0.1:1", llm_engine=engine_target))
         prompt = await start_prompt(prompt_config, "127.0.0.1:0")
-        prompt_target = f"127.0.0.1:{prompt.port}"
+        prompt_target = f"{scheme}127.0.0.1:{prompt.port}"
         full = dataclasses.replace(
             config, targets=Targets(prompt=prompt_target, llm_engine=engine_target))
         if with_edge:

@@ -82,3 +82,13 @@ async def test_connect_errors_are_frame_and_status(redis_server, metadata, reque
         from_status = PromptlineError.from_rpc_error(err)
         assert (from_status.code, from_status.stage) == (code, Stage.CONNECT)
         assert "wrong" not in from_frame.message
+
+
+async def test_dns_targets_with_round_robin(redis_server):
+    """`dns:///host:port` targets (headless Services in Kubernetes) work on every hop."""
+    config = make_config(redis_url=redis_server.url)
+    async with running_chain(config, scheme="dns:///") as chain:
+        assert chain.config.prompt_target.startswith("dns:///")
+        call = chain.prompt_stub.StreamChat(chat(), metadata=AUTH, timeout=10)
+        frames = [f async for f in call]
+    assert frames[-1].HasField("done")

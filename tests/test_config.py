@@ -205,3 +205,12 @@ def test_bad_config_stops_service_start_with_message(tmp_path):
     assert proc.returncode == 2
     assert "config error" in proc.stderr and "tenants: must not be empty" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_dns_targets_accepted_and_checked():
+    raw = {**BASE, "targets": {"prompt": "dns:///prompt-headless:50051",
+                               "llm_engine": "engine:50052"}}
+    config = parse_config(raw, env={})
+    assert config.prompt_target == "dns:///prompt-headless:50051"
+    with pytest.raises(ConfigError, match=r"targets\.prompt: must be host:port"):
+        parse_config({**BASE, "targets": {"prompt": "dns:///no-port"}}, env={})

@@ -598,8 +598,11 @@ def check_config(objs: list[Obj], config: Config, raw: Obj, *, expect_redis: boo
     for key, target, module in (("targets.prompt", config.prompt_target, "services.prompt"),
                                 ("targets.llm_engine", config.llm_engine_target,
                                  "services.llm_engine")):
-        host, _, port = target.rpartition(":")
+        host, _, port = target.removeprefix("dns:///").rpartition(":")
         svc = _service_for(objs, host)
+        if target.startswith("dns:///") and svc is not None and \
+                svc["spec"].get("clusterIP") != "None":
+            problems.append(f"{key} {target}: dns:/// round-robin needs a headless Service")
         if svc is None:
             problems.append(f"{key} {target}: no Service named {host.split('.')[0]}")
             continue
