@@ -27,6 +27,8 @@ class ChunkPump:
         self._pending: list[Chunk] = []
         self._ready = asyncio.Event()
         self._ended = False
+        self._text_taken = False
+        self._text_sent = False
         self._error: BaseException | None = None
         self._task = asyncio.create_task(self._read())
         self._watchdog = Watchdog(clock, self._task)
@@ -46,9 +48,10 @@ class ChunkPump:
                 self._pending.append(chunk)
                 self._ready.set()
                 # Reading buffered chunks never suspends, so without this the reader would keep
-                # the loop until the socket drained: hand over when the writer waits, and at
-                # least every MAX_HOLD so no token is held longer than that.
-                if idle_writer or loop.time() - yielded >= MAX_HOLD:
+                # the loop until the socket drained: hand over when the writer waits, after
+                # every chunk until the first text went out (time to first token comes first),
+                # then at least every MAX_HOLD so no token is held longer than that.
+                if idle_writer or not self._text_sent or loop.time() - yielded >= MAX_HOLD:
                     await asyncio.sleep(0)
                     yielded = loop.time()
         except asyncio.CancelledError:
@@ -67,7 +70,11 @@ class ChunkPump:
     async def take(self) -> list[Chunk]:
         """The chunks that arrived since the last call; [] once the stream ended cleanly."""
         await self._ready.wait()
+        # Called again by the writer: what it took last time has been sent.
+        self._text_sent = self._text_sent or self._text_taken
         batch, self._pending = self._pending, []
+        if not self._text_taken:
+            self._text_taken = any(chunk.text for chunk in batch)
         if not self._ended:
             self._ready.clear()
         if not batch and self._error is not None:
