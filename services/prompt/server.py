@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -137,6 +138,13 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         finally:
             _ACTIVE.dec()
             timer.finish(outcome)
+            usage = progress.usage
+            log.info("chat stream ended", extra={
+                "request_id": rid, "tenant": progress.tenant,
+                "model": progress.plan.model.name if progress.plan else request.model,
+                "outcome": outcome, "completion_tokens": usage.completion_tokens if usage
+                else progress.completion_tokens,
+                "duration_ms": round((time.perf_counter() - timer.started) * 1000)})
             if progress.delivered and not progress.remembered:
                 # Cancelled or closed mid-stream: store the partial reply from a task of its own.
                 task = asyncio.create_task(self._remember(progress, rid, partial=True))
