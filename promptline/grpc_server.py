@@ -16,6 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from promptline.malformed_requests import MalformedRequests
+
 log = logging.getLogger("promptline.grpc")
 
 # Keepalive pings keep long idle streams (minute-level first-token waits) alive through NATs and
@@ -69,7 +71,7 @@ async def start_grpc_server(
     server = grpc.aio.server(
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
-        interceptors=list(interceptors),
+        interceptors=[MalformedRequests(), *interceptors],
     )
     register(server)
     health_servicer = health.aio.HealthServicer()

@@ -73,7 +73,9 @@ async def prompt_with(engine: FakeEngine | None, redis_url: str
     prompt = await start_prompt(config, "127.0.0.1:0")
     try:
         async with insecure_channel(f"127.0.0.1:{prompt.port}") as channel:
-            yield prompt_pb2_grpc.PromptServiceStub(channel)
+            stub = prompt_pb2_grpc.PromptServiceStub(channel)
+            stub.channel = channel  # type: ignore[attr-defined]  (raw calls in one test)
+            yield stub
     finally:
         await prompt.stop(0.2)
         if fake is not None:
@@ -186,3 +188,33 @@ def test_authenticator_plain_and_hashed_keys():
             auth.tenant_for_header(header)
         assert info.value.code is ErrorCode.UNAUTHENTICATED
         assert "wrong-key" not in info.value.message
+
+
+@pytest.mark.parametrize("payload", [b"\x0a\x02\xff\xfe", b"\xff\xff\xff"])
+async def test_undecodable_grpc_request_is_invalid_request(redis_server, payload):
+    """Invalid UTF-8 or broken protobuf from a gRPC caller: a typed INVALID_REQUEST frame and
+    INVALID_ARGUMENT status, not gRPC's bare INTERNAL."""
+    async with prompt_with(None, redis_server.url) as stub:
+        call = stub.channel.unary_stream(
+            "/promptline.v1.PromptService/StreamChat",
+            request_serializer=lambda raw: raw,
+            response_deserializer=prompt_pb2.StreamChatResponse.FromString,
+        )(payload, metadata=AUTH, timeout=10)
+        frames = await read_all(call)
+        assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = PromptlineError.from_pb(frames[-1].error)
+    assert (err.code, err.stage) == (ErrorCode.INVALID_REQUEST, Stage.CONNECT)
+    assert "could not be decoded" in err.message
+
+
+async def test_undecodable_unary_request_is_invalid_argument(redis_server):
+    async with prompt_with(None, redis_server.url) as stub:
+        call = stub.channel.unary_unary(
+            "/promptline.v1.PromptAdmin/GetPromptVersion",
+            request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw,
+        )(b"\x0a\x02\xff\xfe", metadata=AUTH, timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    err = PromptlineError.from_rpc_error(info.value)
+    assert err.code is ErrorCode.INVALID_REQUEST
