@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from promptline.errors import PromptlineError, Stage
+from promptline.metrics import ERRORS
 from promptline.streams import read_frames
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
@@ -281,6 +282,7 @@ async def _complete(request: web.Request, call: Any, rid: str, model: str) -> we
                     done = frame.done
     except PromptlineError as err:
         err.at(Stage.MID_STREAM if texts else Stage.FIRST_PACKET, request_id=rid, origin=ORIGIN)
+        ERRORS.labels("edge_http", err.code.value, err.stage.value if err.stage else "").inc()
         log.info("chat completion ended", extra={"request_id": rid, "model": model,
                                                  "outcome": f"error:{err.code.value}"})
         return error_response(err, rid, headers=rejection_headers(current_config(request.app), err),
