@@ -51,6 +51,8 @@ ORIGIN = "llm_engine"
 # Failures another attempt or another model can cure; the rest would fail the same way again.
 _FALLBACK_CODES = {ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED, ErrorCode.UNAVAILABLE}
 _ACTIVE = ACTIVE_STREAMS.labels("llm_engine")
+RETIRE_SLACK = 5.0
+"""Seconds past a retired model's total timeout before its provider (connection pool) closes."""
 
 
 @dataclass(slots=True)
@@ -61,13 +63,16 @@ class _Progress:
 
 @dataclass
 class ProviderPool:
-    """One provider per model config, built on first use and kept for the process.
+    """One provider per model config, built on first use.
 
     Keyed by the (frozen) ModelConfig, so a reload that changes a model gets a new provider while
-    in-flight streams keep theirs; everything is closed at shutdown.
+    in-flight streams keep theirs. A provider whose model left the config is closed once the
+    longest stream that may still use it is over (its total timeout, plus a little).
     """
 
     _providers: dict[ModelConfig, Provider] = field(default_factory=dict)
+    _config: Config | None = None
+    retiring: dict[asyncio.Task[None], Provider] = field(default_factory=dict)
 
     def get(self, model: ModelConfig) -> Provider:
         provider = self._providers.get(model)
@@ -75,8 +80,30 @@ class ProviderPool:
             provider = self._providers[model] = build_provider(model)
         return provider
 
+    def follow(self, config: Config) -> None:
+        """Called with the config each stream starts with; cheap unless it is a new one."""
+        if config is self._config:
+            return
+        self._config = config
+        current = set(config.models)
+        for model in [m for m in self._providers if m not in current]:
+            provider = self._providers.pop(model)
+            task = asyncio.create_task(self._close_later(provider, model.timeouts.total))
+            self.retiring[task] = provider
+            task.add_done_callback(self.retiring.pop)
+
+    @staticmethod
+    async def _close_later(provider: Provider, after: float) -> None:
+        await asyncio.sleep(after + RETIRE_SLACK)
+        await provider.close()
+
     async def close(self) -> None:
-        await asyncio.gather(*(p.close() for p in self._providers.values()))
+        retiring = list(self.retiring.items())
+        for task, _ in retiring:
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in retiring), return_exceptions=True)
+        await asyncio.gather(*(p.close() for p in [*self._providers.values(),
+                                                   *(p for _, p in retiring)]))
         self._providers.clear()
 
 
@@ -96,6 +123,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         # included, see every frame of the stream.
         rid = request.request_id or uuid.uuid4().hex
         config = self._live.current  # this stream keeps the config it started with
+        self._providers.follow(config)
         progress = _Progress()
         timer = StreamTimer("llm_engine", request.model)
         outcome = "cancelled"
@@ -289,6 +317,7 @@ async def start_engine(config: Config, address: str | None = None, *,
     providers = ProviderPool()
     for model in config.models:  # build eagerly: a broken provider fails start-up, not a request
         providers.get(model)
+    providers.follow(config)
     servicer = LlmEngineServicer(live, providers)
     running = await start_grpc_server(
         address or config.listen.llm_engine,
