@@ -399,6 +399,12 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
     )
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`), as validated by the loader -> (host, port) for binding."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def key_digest(api_key: str) -> bytes:
     """sha256 of an API key: what configs may store and what auth compares."""
     return hashlib.sha256(api_key.encode("utf-8")).digest()

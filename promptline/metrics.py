@@ -13,6 +13,8 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from promptline.config import split_address
+
 # Minute-level budgets: buckets reach well past a minute for TTFT and duration.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -104,9 +106,9 @@ class MetricsServer:
         self.port = 0
 
     async def start(self, address: str) -> MetricsServer:
-        host, _, port = address.rpartition(":")
+        host, port = split_address(address)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port))
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self

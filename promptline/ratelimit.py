@@ -42,13 +42,19 @@ class RateLimitInfo:
         return out
 
 
+def parse_quota_subject(subject: str) -> tuple[str, str, str]:
+    """`tenant:dev:tpm` -> ("tenant", "dev", "tpm"); names may themselves hold colons."""
+    scope, _, rest = subject.partition(":")
+    name, _, kind = rest.rpartition(":")
+    return scope, name, kind
+
+
 def rejection_limits(config: Config, err: PromptlineError) -> RateLimitInfo:
     """`x-ratelimit-*` values for a tenant quota rejection (remaining 0, reset at the retry hint).
 
     Model budgets are shared by all tenants, so their rejections carry only Retry-After.
     """
-    scope, _, rest = err.quota_subject.partition(":")
-    name, _, kind = rest.rpartition(":")
+    scope, name, kind = parse_quota_subject(err.quota_subject)
     tenant = next((t for t in config.tenants if t.name == name), None)
     limit = None
     if scope == "tenant" and tenant is not None and kind in ("qpm", "tpm"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import lru_cache
 from typing import Protocol
 
@@ -103,6 +103,3 @@ def count_messages(messages: Iterable[tuple[str, str]]) -> int:
         total += TOKENS_PER_MESSAGE + len(tok.encode(role)) + len(tok.encode(content))
     return total
 
-
-def iter_pieces(text: str) -> Iterator[str]:
-    yield from get_tokenizer().pieces(text)

@@ -79,8 +79,3 @@ def client_interceptors() -> list[Any]:
     """Interceptors for every gRPC channel: a CLIENT span per call, `traceparent` injected."""
     return list(aio_client_interceptors()) if _enabled else []
 
-
-def current_trace_id() -> str:
-    """Hex trace id of the current span, or "" outside a trace."""
-    context = trace.get_current_span().get_span_context()
-    return format(context.trace_id, "032x") if context.is_valid else ""

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from promptline.config import Config
+from promptline.config import Config, split_address
 from promptline.config_reload import LiveConfig
 from promptline.service_main import run_service
 from services.edge_http.app import EdgeServer, start_edge
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """`host:port` (or `[v6]:port`) -> (host, port), as validated by the config loader."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 @dataclass

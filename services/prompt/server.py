@@ -44,7 +44,7 @@ from promptline.metrics import (
     MetricsServer,
     StreamTimer,
 )
-from promptline.ratelimit import rejection_limits
+from promptline.ratelimit import parse_quota_subject, rejection_limits
 from promptline.streams import error_frame, read_frames
 from promptline.tracing import client_interceptors, server_interceptors
 from promptline.v1 import (
@@ -155,9 +155,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                progress: _Progress) -> prompt_pb2.StreamChatResponse:
         ERRORS.labels("prompt", err.code.value, err.stage.value if err.stage else "").inc()
         if err.quota_subject:
-            scope, _, rest = err.quota_subject.partition(":")
-            QUOTA_REJECTIONS.labels(progress.tenant or "", f"{scope}:{rest.rpartition(':')[2]}"
-                                    ).inc()
+            scope, _, kind = parse_quota_subject(err.quota_subject)
+            QUOTA_REJECTIONS.labels(progress.tenant or "", f"{scope}:{kind}").inc()
         return error_frame(context, err, prompt_pb2.StreamChatResponse,
                            tuple(rejection_limits(config, err).headers().items()))
 
