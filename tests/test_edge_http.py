@@ -450,6 +450,29 @@ async def test_heartbeat_comments_while_the_stream_stalls(
     assert items[0]["id"] == "1"
 
 
+async def test_no_heartbeat_while_text_flows_faster_than_the_interval(
+    fake: FakePromptService, make_edge: EdgeFactory, session: aiohttp.ClientSession
+) -> None:
+    edge = await make_edge(heartbeat="500ms")
+
+    async def script(request: Any, context: Any) -> AsyncIterator[Any]:
+        yield start(request)
+        for i in range(10):  # 1 s of text, one delta every 100 ms: each write moves the deadline
+            await asyncio.sleep(0.1)
+            yield delta(f"t{i} ")
+        await fake.release.wait()  # then a stall: heartbeats resume
+        yield done()
+
+    fake.script = script
+    async with await post_chat(session, edge) as resp:
+        reader = SseReader(resp)
+        seen = [await reader.next() for _ in range(12)]
+        fake.release.set()
+        await reader.rest()
+    assert [(item or {}).get("event", "comment") for item in seen] == \
+        ["start"] + ["delta"] * 10 + ["comment"]
+
+
 async def test_headers_are_committed_when_the_hold_cap_passes(
     fake: FakePromptService, make_edge: EdgeFactory, session: aiohttp.ClientSession
 ) -> None:

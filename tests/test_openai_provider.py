@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 import pytest
@@ -103,17 +104,16 @@ def assert_llm_engine_error(err: PromptlineError) -> None:
 
 def capture_streams(provider: OpenAIProvider, monkeypatch: pytest.MonkeyPatch
                     ) -> list[Any]:
-    """Record the SDK responses the provider opens (to check they were closed)."""
+    """Record the upstream responses the provider opens (to check they were closed)."""
     streams: list[Any] = []
-    completions = provider.client.chat.completions
-    original = completions.create
+    original = provider.open_stream
 
-    async def create(**kwargs: Any) -> Any:
-        stream = await original(**kwargs)
+    async def open_stream(params: dict[str, Any]) -> Any:
+        stream = await original(params)
         streams.append(stream)
         return stream
 
-    monkeypatch.setattr(completions, "create", create)
+    monkeypatch.setattr(provider, "open_stream", open_stream)
     return streams
 
 
@@ -174,14 +174,13 @@ async def test_max_tokens_cut_reports_length(fake: FakeOpenAI, provider: OpenAIP
 async def test_missing_usage_chunk_yields_final_chunk_without_usage(
         fake: FakeOpenAI, provider: OpenAIProvider, monkeypatch: pytest.MonkeyPatch) -> None:
     # A server that ignores stream_options sends no usage chunk.
-    completions = provider.client.chat.completions
-    original = completions.create
+    original = provider.open_stream
 
-    async def create(**kwargs: Any) -> Any:
-        kwargs.pop("stream_options")
-        return await original(**kwargs)
+    async def open_stream(params: dict[str, Any]) -> Any:
+        params.pop("stream_options")
+        return await original(params)
 
-    monkeypatch.setattr(completions, "create", create)
+    monkeypatch.setattr(provider, "open_stream", open_stream)
     chunks = await collect(provider)
     assert "".join(c.text for c in chunks) == REPLY
     assert chunks[-1].finish_reason == "stop"
@@ -426,6 +425,17 @@ async def test_upstream_closed_after_error_and_normal_end(
 _REQ = httpx2.Request("POST", "https://provider.invalid/v1/chat/completions")
 
 
+def _via_aiohttp(cause: Exception) -> openai.APITimeoutError:
+    """What the SDK raises when its aiohttp transport fails to connect: cause chained twice."""
+    try:
+        try:
+            raise httpx2.ConnectTimeout(str(cause)) from cause
+        except httpx2.ConnectTimeout as mapped:
+            raise openai.APITimeoutError(request=_REQ) from mapped
+    except openai.APITimeoutError as exc:
+        return exc
+
+
 def _resp(status: int, headers: dict[str, str] | None = None) -> httpx2.Response:
     return httpx2.Response(status, headers=headers or {}, request=_REQ)
 
@@ -461,6 +471,11 @@ ROWS: list[tuple[str, BaseException, ErrorCode, bool]] = [
     ("418 plain status", _status_error(openai.APIStatusError, 418), ErrorCode.UPSTREAM_ERROR,
      False),
     ("timeout", openai.APITimeoutError(request=_REQ), ErrorCode.UPSTREAM_ERROR, True),
+    # The aiohttp transport reports every connection failure as a connect timeout.
+    ("aiohttp connect timeout", _via_aiohttp(aiohttp.ConnectionTimeoutError()),
+     ErrorCode.UPSTREAM_ERROR, True),
+    ("aiohttp connection reset", _via_aiohttp(aiohttp.ServerDisconnectedError()),
+     ErrorCode.UNAVAILABLE, True),
     ("connection", openai.APIConnectionError(request=_REQ), ErrorCode.UNAVAILABLE, True),
     ("in-stream", openai.APIError("An error occurred during streaming", _REQ,
                                   body={"message": "overloaded", "type": "server_error"}),

@@ -37,6 +37,8 @@ ORIGIN = "edge_http"
 # having the edge buffer a whole reply in memory.
 FRAME_QUEUE_SIZE = 8
 _ACTIVE = ACTIVE_STREAMS.labels("edge_http")
+_HEARTBEAT = object()
+"""Queued by a stream's heartbeat timer: nothing was written for `edge.heartbeat`."""
 
 ErrorBody = Callable[[PromptlineError], dict[str, Any]]
 
@@ -125,8 +127,9 @@ class StreamRelay:
     """Relays one StreamChat call to one HTTP client; the single writer of the response.
 
     A reader task drains the gRPC stream into a small queue, so waiting for frames with a timeout
-    (header hold, heartbeats) never cancels a pending gRPC read. Heartbeats are written by the
-    same loop when the wait for the next frame times out, so no two tasks write the response.
+    (the header hold) never cancels a pending gRPC read. Heartbeats: one timer per stream queues
+    a marker when nothing was written for `edge.heartbeat`, and the writer writes the comment,
+    so no two tasks write the response and no frame pays for a timeout of its own.
     """
 
     def __init__(self, request: web.Request, config: Config, request_id: str, *, model: str,
@@ -144,6 +147,7 @@ class StreamRelay:
         self._started = False
         self._deltas = 0
         self._last_write = 0.0
+        self._beat: asyncio.TimerHandle | None = None
         self._timer = StreamTimer("edge_http", model)
         self.outcome = "unfinished"
 
@@ -166,6 +170,8 @@ class StreamRelay:
             raise
         finally:
             call.cancel()  # stop the chain now, whatever the reader task is doing
+            if self._beat is not None:
+                self._beat.cancel()
             try:
                 await cancel_and_wait(reader)
             finally:  # a second cancel (client gone while we clean up) must not skip this
@@ -182,6 +188,7 @@ class StreamRelay:
             frame = await self._first_frame(queue, header_hold)
             # The prompt service sends its quota headers as initial metadata at admission.
             await self._open(await ratelimit_headers(self._call) if frame else {})
+            self._arm_heartbeat(queue)
             if frame is not None:
                 await self._write_frame(frame)
             while frame is None or frame.WhichOneof("frame") != "done":
@@ -217,6 +224,8 @@ class StreamRelay:
         texts, tokens = [frame.delta.text], frame.delta.tokens
         while not queue.empty():
             following = queue.get_nowait()
+            if following is _HEARTBEAT:
+                continue  # text is about to be written: no heartbeat needed
             if isinstance(following, PromptlineError) or following.WhichOneof("frame") != "delta":
                 self._stash = following  # kept for the next call, in order
                 break
@@ -226,16 +235,28 @@ class StreamRelay:
             delta=common_pb2.Delta(text="".join(texts), tokens=tokens))
 
     async def _wait_frame(self, queue: asyncio.Queue[Any]) -> Any:
-        """The next queued frame, writing a heartbeat whenever nothing was written for a while."""
-        if not queue.empty():  # a consumer that keeps up never pays for a timeout wrapper
-            return _unwrap(queue.get_nowait())
-        loop = asyncio.get_running_loop()
+        """The next queued frame; a heartbeat for each marker the timer queued meanwhile."""
         while True:
-            idle = loop.time() - self._last_write
-            try:
-                return await asyncio.wait_for(_get(queue), timeout=max(0.0, self._heartbeat - idle))
-            except TimeoutError:
+            item = queue.get_nowait() if not queue.empty() else await queue.get()
+            if item is not _HEARTBEAT:
+                return _unwrap(item)
+            if asyncio.get_running_loop().time() - self._last_write >= self._heartbeat:
                 await self._write(self._encoder.heartbeat)
+
+    def _arm_heartbeat(self, queue: asyncio.Queue[Any]) -> None:
+        loop = asyncio.get_running_loop()
+        self._beat = loop.call_at(self._last_write + self._heartbeat, self._heartbeat_due, queue)
+
+    def _heartbeat_due(self, queue: asyncio.Queue[Any]) -> None:
+        # A write since the timer was armed moved the deadline: sleep until the new one. A full
+        # queue means the writer has frames to write anyway.
+        loop = asyncio.get_running_loop()
+        due = self._last_write + self._heartbeat
+        if loop.time() >= due:
+            if not queue.full():
+                queue.put_nowait(_HEARTBEAT)
+            due = loop.time() + self._heartbeat
+        self._beat = loop.call_at(due, self._heartbeat_due, queue)
 
     async def _open(self, extra_headers: dict[str, str]) -> None:
         response = web.StreamResponse(status=200, headers={

@@ -35,7 +35,7 @@ from promptline.metrics import (
     StreamTimer,
 )
 from promptline.streams import error_frame
-from promptline.tokens import count_messages, count_tokens
+from promptline.tokens import count_messages, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 
@@ -318,6 +318,7 @@ async def start_engine(config: Config, address: str | None = None, *,
     for model in config.models:  # build eagerly: a broken provider fails start-up, not a request
         providers.get(model)
     providers.follow(config)
+    get_tokenizer()  # loading cl100k takes ~100 ms: before serving, not in the first request
     servicer = LlmEngineServicer(live, providers)
     running = await start_grpc_server(
         address or config.listen.llm_engine,

@@ -46,6 +46,7 @@ from promptline.metrics import (
 )
 from promptline.ratelimit import parse_quota_subject, rejection_limits
 from promptline.streams import error_frame, read_frames
+from promptline.tokens import get_tokenizer
 from promptline.tracing import client_interceptors, server_interceptors
 from promptline.v1 import (
     common_pb2,
@@ -176,7 +177,6 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         reservation = await self._quotas.admit(tenant, plan.model,
                                                plan.prompt_tokens + plan.max_tokens, rid)
         try:
-            await context.send_initial_metadata(tuple(reservation.limits.headers().items()))
             call = self._engine.Generate(
                 llm_engine_pb2.GenerateRequest(
                     request_id=rid,
@@ -188,6 +188,13 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 ),
                 timeout=context.time_remaining(),
             )
+            try:
+                # The engine call is on its way while the quota headers go out (one gRPC
+                # round trip less before the first token); no frame is yielded before them.
+                await context.send_initial_metadata(tuple(reservation.limits.headers().items()))
+            except BaseException:
+                call.cancel()
+                raise
             async with aclosing(self._relay(call, request, plan, moderator, rid,
                                             progress)) as frames:
                 async for frame in frames:
@@ -306,6 +313,7 @@ async def start_prompt(config: Config, address: str | None = None, *,
                        live: LiveConfig | None = None) -> PromptServer:
     """Start the prompt service (default address: config.listen.prompt; port 0 in tests)."""
     live = live or LiveConfig(config, "prompt")
+    get_tokenizer()  # loading cl100k takes ~100 ms: before serving, not in the first request
     embedded = None
     redis_url = config.redis_url
     if redis_url is None:

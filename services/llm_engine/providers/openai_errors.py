@@ -15,6 +15,9 @@ NotFoundError (404)                           -> UPSTREAM_ERROR, no ("model not 
 ConflictError (409), 408, InternalServerError -> UPSTREAM_ERROR, yes
   (5xx)
 any other APIStatusError (other 4xx)          -> UPSTREAM_ERROR, no
+APITimeoutError whose cause is a refused or   -> UNAVAILABLE, yes (the SDK's aiohttp transport
+  reset connection, not a timeout                reports every connection failure as a connect
+                                                 timeout; the chained cause tells them apart)
 APITimeoutError                               -> UPSTREAM_ERROR, yes
 APIConnectionError                            -> UNAVAILABLE, yes ("... is unreachable")
 APIResponseValidationError                    -> UPSTREAM_ERROR, no
@@ -37,6 +40,7 @@ from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import aiohttp
 import openai
 
 from promptline.errors import ErrorCode, PromptlineError
@@ -230,6 +234,16 @@ def _unreachable(_exc: Any) -> PromptlineError:
     return _error(ErrorCode.UNAVAILABLE, UNREACHABLE, retryable=True)
 
 
+def _timed_out_or_unreachable(exc: Any) -> PromptlineError:
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause,
+                                                                               TimeoutError):
+            return _unreachable(exc)
+        cause = cause.__cause__
+    return _timed_out(exc)
+
+
 def _bad_response(_exc: Any) -> PromptlineError:
     return _error(ErrorCode.UPSTREAM_ERROR, BAD_RESPONSE, retryable=False)
 
@@ -261,7 +275,7 @@ OPENAI_ERROR_TABLE: tuple[tuple[type[BaseException], Callable[[Any], PromptlineE
     (openai.ConflictError, _provider_failed),
     (openai.InternalServerError, _provider_failed),
     (openai.APIStatusError, _other_status),
-    (openai.APITimeoutError, _timed_out),
+    (openai.APITimeoutError, _timed_out_or_unreachable),
     (openai.APIConnectionError, _unreachable),
     (openai.APIResponseValidationError, _bad_response),
     (openai.APIError, _in_stream),
