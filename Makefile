@@ -42,11 +42,15 @@ clean:
 	rm -rf $(VENV) promptline/v1 .pytest_cache
 
 # Issue #7's measurements (not part of `make test`): bench/run.py, results in bench/results/.
-.PHONY: bench-compare
+.PHONY: bench-compare bench-floor
 LITELLM_VENV := .venv-litellm
 
 bench: $(STAMP) $(GEN)
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The floor under the chain: bare grpc.aio servers and relays next to our hops (bench/floor.py).
+bench-floor: $(STAMP) $(GEN)
+	$(PY) -m bench.floor
 
 # The same loads, plus the LiteLLM proxy in its own venv, pointed at the same upstream.
 bench-compare: $(STAMP) $(GEN)

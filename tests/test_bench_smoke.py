@@ -49,3 +49,22 @@ def test_bench_smoke_run_produces_sane_figures(tmp_path: Path) -> None:
         assert "added_ttft_ms_vs_direct" in fig
     assert scenarios["sse-up"]["loads"]["smoke"]["upstream_tokens"] == 6 * 20
     assert any(t["target"].startswith("C=") for t in report["targets"]) is False  # custom load
+
+
+def test_floor_smoke_run_measures_bare_grpc_and_our_hops(tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.floor", "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| bare grpc.aio: backend + 2 relays |" in proc.stdout
+    result = json.loads(out.read_text())
+    bare = {label: p50 for label, p50, _p90 in result["bare_ttft_ms"]}
+    # Each relay is one more process on the path: the first message arrives later, never sooner.
+    assert 0 < bare["backend (one hop)"] < bare["backend + 2 relays"]
+    paced = result["bare_paced"]
+    assert paced["messages"] == paced["streams"] * paced["messages_per_stream"]
+    assert all(v > 0 for v in paced["cpu_us_per_message"].values())
+    hops = {(model, hop): p50 for model, hop, p50, _p90 in result["chain_ttft_ms"]}
+    assert len(hops) == 6 and all(v > 0 for v in hops.values())
+    # The edge relays what the prompt service streams, which relays the engine.
+    assert hops[("sim-1x0ms", "gRPC to llm_engine")] < hops[("sim-1x0ms", "HTTP to the edge")]
