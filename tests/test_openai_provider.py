@@ -143,6 +143,23 @@ def fake_prompt_tokens(fake: FakeOpenAI) -> int:
     return 3 + sum(3 + len(m["content"].split()) for m in messages)
 
 
+async def test_without_the_aiohttp_transport_the_sdk_default_still_streams(
+        fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    def missing(**_kwargs: Any) -> Any:  # what an SDK without its aiohttp extra raises
+        raise RuntimeError("To use the aiohttp client you must have installed the package "
+                           "with the `aiohttp` extra")
+
+    monkeypatch.setattr(openai, "DefaultAioHttpClient", missing)
+    provider = OpenAIProvider(model_config(fake.base_url))
+    try:
+        chunks = await collect(provider)
+    finally:
+        await provider.close()
+    assert "".join(c.text for c in chunks) == REPLY
+    assert "aiohttp transport is unavailable" in caplog.text
+
+
 async def test_request_carries_key_upstream_model_and_parameters(
         fake: FakeOpenAI, provider: OpenAIProvider) -> None:
     await collect(provider, make_request(provider, max_tokens=77))
