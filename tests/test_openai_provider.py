@@ -160,6 +160,15 @@ async def test_without_the_aiohttp_transport_the_sdk_default_still_streams(
     assert "aiohttp transport is unavailable" in caplog.text
 
 
+async def test_sequential_streams_reuse_one_upstream_connection(
+        fake: FakeOpenAI, provider: OpenAIProvider) -> None:
+    for _ in range(3):
+        await collect(provider)
+    peers = {r.peer for r in fake.requests}
+    # Read to the end of each body, a connection goes back to the pool: no TCP set-up per request.
+    assert len(fake.requests) == 3 and len(peers) == 1 and None not in peers
+
+
 async def test_request_carries_key_upstream_model_and_parameters(
         fake: FakeOpenAI, provider: OpenAIProvider) -> None:
     await collect(provider, make_request(provider, max_tokens=77))

@@ -78,6 +78,8 @@ class RecordedRequest:
     body: dict[str, Any]
     authorization: str | None
     headers: dict[str, str] = field(default_factory=dict)
+    peer: Any = None
+    """The client's (host, port): the same for requests sent on one reused connection."""
 
     @property
     def api_key(self) -> str | None:
@@ -307,8 +309,9 @@ class FakeOpenAI:
         if not isinstance(body, dict):
             return _error_response(400, "body must be an object", "invalid_request_error", None)
         auth = request.headers.get("Authorization")
-        self.requests.append(RecordedRequest(body=body, authorization=auth,
-                                             headers=dict(request.headers)))
+        self.requests.append(RecordedRequest(
+            body=body, authorization=auth, headers=dict(request.headers),
+            peer=request.transport.get_extra_info("peername") if request.transport else None))
         self._notify()
         plan = self._plan()
         model = str(body.get("model") or "")
