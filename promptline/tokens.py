@@ -73,7 +73,7 @@ class ApproximateTokenizer:
 
 @lru_cache(maxsize=1)
 def get_tokenizer() -> Tokenizer:
-    """The process-wide tokenizer (loaded once; loading cl100k takes ~100 ms)."""
+    """The process-wide tokenizer (loaded once; loading cl100k takes ~250 ms here)."""
     try:
         import tiktoken
     except ImportError:

@@ -318,7 +318,7 @@ async def start_engine(config: Config, address: str | None = None, *,
     for model in config.models:  # build eagerly: a broken provider fails start-up, not a request
         providers.get(model)
     providers.follow(config)
-    get_tokenizer()  # loading cl100k takes ~100 ms: before serving, not in the first request
+    get_tokenizer()  # loading cl100k takes ~250 ms: before serving, not in the first request
     servicer = LlmEngineServicer(live, providers)
     running = await start_grpc_server(
         address or config.listen.llm_engine,

@@ -313,7 +313,7 @@ async def start_prompt(config: Config, address: str | None = None, *,
                        live: LiveConfig | None = None) -> PromptServer:
     """Start the prompt service (default address: config.listen.prompt; port 0 in tests)."""
     live = live or LiveConfig(config, "prompt")
-    get_tokenizer()  # loading cl100k takes ~100 ms: before serving, not in the first request
+    get_tokenizer()  # loading cl100k takes ~250 ms: before serving, not in the first request
     embedded = None
     redis_url = config.redis_url
     if redis_url is None:

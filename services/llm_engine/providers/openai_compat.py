@@ -82,7 +82,7 @@ class OpenAIProvider:
 
         `client.post` (the SDK's documented way to call an endpoint with a raw response) rather
         than `chat.completions.create`: create() first walks the parameters through its type
-        transform, ~1.8 ms per request, a no-op for the plain JSON built by `_params`. Auth
+        transform, ~1 ms per request, a no-op for the plain JSON built by `_params`. Auth
         headers, status errors and timeouts are the SDK's, as with create().
         """
         return await self._client.post("/chat/completions", body=params, cast_to=http.Response,
