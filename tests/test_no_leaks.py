@@ -56,7 +56,7 @@ async def test_nothing_survives_any_ending(redis_client, redis_server):
                     resp.close()  # the user closes the tab mid-stream
 
             async def stall_then_timeout() -> None:
-                upstream.push(stall_after_chunks=2)
+                upstream.push(for_model="up-stall", stall_after_chunks=2)
                 await complete("up-stall")
 
             await asyncio.gather(

@@ -209,7 +209,8 @@ class StreamRelay:
     async def _first_frame(self, queue: asyncio.Queue[Any], hold: float) -> Any | None:
         """The first frame, or None once `hold` passed (headers are then committed anyway)."""
         try:
-            return await asyncio.wait_for(_get(queue), timeout=hold)
+            async with asyncio.timeout(hold):  # not wait_for: no extra task per request
+                return await _get(queue)
         except TimeoutError:
             return None
 

@@ -209,7 +209,7 @@ class FakeOpenAI:
         """Streams (and non-stream replies) sent to the end."""
         self.drops = 0
 
-        self._overrides: deque[dict[str, Any]] = deque()
+        self._overrides: deque[tuple[str | None, dict[str, Any]]] = deque()
         self._templates: dict[tuple[str, str, int | None], _ChunkTemplates] = {}
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
@@ -255,12 +255,14 @@ class FakeOpenAI:
 
     # --- test helpers ----------------------------------------------------------------------
 
-    def push(self, **overrides: Any) -> None:
-        """Queue knob overrides for the next request (one call per request, in order)."""
+    def push(self, *, for_model: str | None = None, **overrides: Any) -> None:
+        """Queue knob overrides for the next request (one call per request, in order); with
+        `for_model`, for the next request naming that model (concurrent requests then cannot
+        take each other's overrides)."""
         unknown = set(overrides) - set(KNOBS)
         if unknown:
             raise TypeError(f"unknown FakeOpenAI knobs: {sorted(unknown)}")
-        self._overrides.append(overrides)
+        self._overrides.append((for_model, overrides))
 
     def reset(self) -> None:
         """Forget recorded requests and counters (knobs stay as they are)."""
@@ -290,10 +292,13 @@ class FakeOpenAI:
 
     # --- handlers --------------------------------------------------------------------------
 
-    def _plan(self) -> _Plan:
+    def _plan(self, model: str) -> _Plan:
         values = {name: getattr(self, name) for name in KNOBS}
-        if self._overrides:
-            values.update(self._overrides.popleft())
+        for i, (for_model, overrides) in enumerate(self._overrides):
+            if for_model is None or for_model == model:
+                values.update(overrides)
+                del self._overrides[i]
+                break
         return _Plan(**values)
 
     async def _models(self, _request: web.Request) -> web.Response:
@@ -313,8 +318,8 @@ class FakeOpenAI:
             body=body, authorization=auth, headers=dict(request.headers),
             peer=request.transport.get_extra_info("peername") if request.transport else None))
         self._notify()
-        plan = self._plan()
         model = str(body.get("model") or "")
+        plan = self._plan(model)
 
         if plan.fail_status:
             return self._fail(plan, model, auth)
