@@ -210,7 +210,7 @@ class StreamRelay:
         """The first frame, or None once `hold` passed (headers are then committed anyway)."""
         try:
             async with asyncio.timeout(hold):  # not wait_for: no extra task per request
-                return await _get(queue)
+                return _unwrap(await queue.get())
         except TimeoutError:
             return None
 
@@ -345,10 +345,6 @@ def done_data(done: common_pb2.Done) -> dict[str, Any]:
     if done.model:
         data["model"] = done.model
     return data
-
-
-async def _get(queue: asyncio.Queue[Any]) -> Any:
-    return _unwrap(await queue.get())
 
 
 def _unwrap(item: Any) -> Any:
