@@ -42,7 +42,7 @@ clean:
 	rm -rf $(VENV) promptline/v1 .pytest_cache
 
 # Issue #7's measurements (not part of `make test`): bench/run.py, results in bench/results/.
-.PHONY: bench-compare bench-floor
+.PHONY: bench-compare bench-floor bench-provider
 LITELLM_VENV := .venv-litellm
 
 bench: $(STAMP) $(GEN)
@@ -51,6 +51,11 @@ bench: $(STAMP) $(GEN)
 # The floor under the chain: bare grpc.aio servers and relays next to our hops (bench/floor.py).
 bench-floor: $(STAMP) $(GEN)
 	$(PY) -m bench.floor
+
+# The engine's OpenAI-compatible provider alone, in one process (bench/provider.py);
+# BENCH_ARGS="--root <other checkout>" measures another commit against the same upstream.
+bench-provider: $(STAMP) $(GEN)
+	$(PY) -m bench.provider $(BENCH_ARGS)
 
 # The same loads, plus the LiteLLM proxy in its own venv, pointed at the same upstream.
 bench-compare: $(STAMP) $(GEN)

@@ -68,3 +68,14 @@ def test_floor_smoke_run_measures_bare_grpc_and_our_hops(tmp_path: Path) -> None
     assert len(hops) == 6 and all(v > 0 for v in hops.values())
     # The edge relays what the prompt service streams, which relays the engine.
     assert hops[("sim-1x0ms", "gRPC to llm_engine")] < hops[("sim-1x0ms", "HTTP to the edge")]
+
+
+def test_provider_bench_smoke_run(tmp_path: Path) -> None:
+    out = tmp_path / "provider.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.provider", "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "time to first chunk" in proc.stdout
+    result = json.loads(out.read_text())
+    assert 0 < result["ttft_ms"]["p50"] <= result["ttft_ms"]["p90"]
+    assert result["burst_cpu_ms_per_stream"] > 0 and result["paced_cpu_us_per_chunk"] > 0
