@@ -137,11 +137,12 @@ class OpenAIProvider:
             response = await self.open_stream(self._params(request))
         except (openai.OpenAIError, ValueError) as exc:
             raise self._mapped(exc, request) from None
+        events = _sse_data(response.content)
         try:
             finish_reason: str | None = None
             usage: Usage | None = None
             try:
-                async for data in _sse_data(response.content):
+                async for data in events:
                     if data.startswith(b"[DONE]"):
                         # Read on to the end of the body: only a fully read response gives its
                         # connection back to the pool (else a new TCP connection per request,
@@ -177,6 +178,7 @@ class OpenAIProvider:
             # release() pools a fully read connection; on any other end (error, aclose, cancel)
             # it closes the socket, which is what tells the provider to stop generating.
             response.release()
+            await events.aclose()  # a loop left by break or raise does not close it
 
 
 async def _sse_data(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -193,11 +195,7 @@ async def _sse_data(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         else:
             buffer += block
             end = buffer.rfind(b"\n")
-            if end < 0:
-                if len(buffer) > MAX_LINE_BYTES:
-                    raise MalformedStreamError("an event-stream line exceeds the size limit")
-                continue
-            lines = bytes(buffer[:end]).split(b"\n")
+            lines = bytes(buffer[:end]).split(b"\n") if end >= 0 else []
             del buffer[:end + 1]
         for line in lines:
             if line.endswith(b"\r"):
