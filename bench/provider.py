@@ -4,9 +4,9 @@ The whole-chain bench moves ±15-30% between runs on a 2-core box; a change to t
 measured here instead, with nothing but the provider and the bench upstream (its own process):
 
 1. time to the first chunk, p50/p90 over sequential one-token streams;
-2. CPU per 200-chunk stream at C=50, chunks back to back (they arrive in large reads);
-3. CPU per chunk and RSS per open stream at C=200, chunks 20 ms apart (one read per chunk, as
-   in the issue's C=200 load).
+2. CPU per chunk and RSS growth per open stream at C=200, chunks 20 ms apart (one read per
+   chunk, as in the issue's C=200 load), measured before anything else grew the heap;
+3. CPU per 200-chunk stream at C=50, chunks back to back (they arrive in large reads).
 
 `--root` measures another checkout's provider (e.g. a `git worktree` of the commit before a
 change), with this checkout's upstream, so both sides see the same server:
@@ -82,12 +82,8 @@ async def measure(base_url: str, models: list[str], sizes: dict[str, int]) -> di
             await first_chunk()
         ttft = sorted([await first_chunk() for _ in range(sizes["ttft_streams"])])
 
-        cpu = time.process_time()
-        for _ in range(sizes["burst_rounds"]):
-            await asyncio.gather(*(drain(burst, 200) for _ in range(sizes["burst_streams"])))
-        burst_cpu = (time.process_time() - cpu) / (sizes["burst_rounds"]
-                                                   * sizes["burst_streams"])
-
+        # Paced first, on a heap only the sequential streams touched: after the burst, freed
+        # memory would be reused and hide what an open stream holds.
         gc.collect()
         idle_rss = _rss_kib()
         cpu = time.process_time()
@@ -97,6 +93,12 @@ async def measure(base_url: str, models: list[str], sizes: dict[str, int]) -> di
         open_rss = _rss_kib()
         await asyncio.gather(*tasks)
         paced_cpu = time.process_time() - cpu
+
+        cpu = time.process_time()
+        for _ in range(sizes["burst_rounds"]):
+            await asyncio.gather(*(drain(burst, 200) for _ in range(sizes["burst_streams"])))
+        burst_cpu = (time.process_time() - cpu) / (sizes["burst_rounds"]
+                                                   * sizes["burst_streams"])
     finally:
         for p in providers.values():
             await p.close()
