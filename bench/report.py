@@ -60,6 +60,16 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def gc_cell(pauses: dict[str, dict[str, Any]] | None) -> str:
+    """`n (longest <= x ms)` over the services that report GC pauses; `-` when none does."""
+    if not pauses:
+        return "-"
+    over = sum(p["over_10ms"] for p in pauses.values())
+    bounds = [p["longest_up_to_ms"] for p in pauses.values() if p["longest_up_to_ms"]]
+    longest = f" (longest <= {fmt(max(bounds))} ms)" if bounds else ""
+    return f"{over}{longest}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -102,11 +112,13 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "CPU-ms per 1,000 upstream tokens (the provider's tokens; for `sse-sim`, the simulated "
         "provider's). `sum` = edge + prompt + engine (LiteLLM: its process tree). Generator = "
-        "this bench's own client process, as % of one core over the load.",
+        "this bench's own client process, as % of one core over the load. GC = Python collections "
+        "over 10 ms in the three services during the load (each one stalls every stream of its "
+        "process) and the histogram bucket of the longest one.",
         "",
         "| scenario | load | edge | prompt | engine | **sum** | upstream | redis | generator | "
-        "generator % core | peak RSS MiB (sum) | KiB / open stream (sum) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "generator % core | peak RSS MiB (sum) | KiB / open stream (sum) | GC > 10 ms |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for sc in report["scenarios"]:
         if sc.get("skipped"):
@@ -122,7 +134,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {sc['scenario']} | {name} | {' | '.join(cells)} | **{fmt(total)}** | "
                 f"{fmt(per.get('upstream'))} | {fmt(per.get('redis'))} | "
                 f"{fmt(per.get('generator'))} | {fmt(f['generator_cpu_pct_of_one_core'], 0)} | "
-                f"{fmt(peak)} | {fmt(kib)} |")
+                f"{fmt(peak)} | {fmt(kib)} | {gc_cell(f.get('gc_pauses'))} |")
     if report.get("targets"):
         lines += ["", "## Targets (issue #7)", "",
                   "| target | scenario | measured | limit | status |", "|---|---|--:|---|---|"]

@@ -135,6 +135,8 @@ class Stack:
         self.upstream: procstat.Child | None = None
         self.upstream_port = 0
         self.services: dict[str, procstat.Child] = {}
+        self.metrics_urls: dict[str, str] = {}
+        """/metrics of each service of the running chain (for its GC pauses)."""
         self.edge_port = 0
         self.litellm: procstat.Child | None = None
         self.litellm_port = 0
@@ -204,6 +206,10 @@ class Stack:
             for key in ("prompt_metrics", "llm_engine_metrics"):
                 if f'"{key}"' in source:
                     config["listen"][key] = f"127.0.0.1:{procstat.free_port()}"
+        self.metrics_urls = {"edge_http": f"http://{config['listen']['edge_http']}/metrics"}
+        for name, key in (("prompt", "prompt_metrics"), ("llm_engine", "llm_engine_metrics")):
+            if key in config["listen"]:
+                self.metrics_urls[name] = f"http://{config['listen'][key]}/metrics"
         cfg_path = self.workdir / f"config-{tag}.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         env = {**self.env, "PROMPTLINE_CONFIG": str(cfg_path)}
@@ -338,6 +344,7 @@ class Target:
     other_pids: dict[str, int] = field(default_factory=dict)
     """Processes measured but not part of the sum (upstream, redis)."""
     idle_rss: dict[str, int] = field(default_factory=dict)
+    metrics_urls: dict[str, str] = field(default_factory=dict)
 
     def model(self, load: Load) -> str:
         if self.scenario.provider == "sim":
@@ -395,6 +402,49 @@ async def _upstream_stats(session: aiohttp.ClientSession, port: int) -> dict[str
         return await resp.json()
 
 
+GC_BUCKET = "promptline_gc_pause_seconds_bucket"
+
+
+async def _gc_pauses(session: aiohttp.ClientSession, urls: dict[str, str]
+                     ) -> dict[str, dict[float, float]]:
+    """Per service: cumulative GC pause counts by bucket bound (all generations summed);
+    services without the histogram (older checkouts) are left out."""
+    out: dict[str, dict[float, float]] = {}
+    for name, url in urls.items():
+        try:
+            async with session.get(url) as resp:
+                text = await resp.text()
+        except aiohttp.ClientError:
+            continue
+        buckets: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith(GC_BUCKET):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                bound = float("inf") if le == "+Inf" else float(le)
+                buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+        if buckets:
+            out[name] = buckets
+    return out
+
+
+def _gc_figures(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
+                ) -> dict[str, dict[str, Any]]:
+    """Collections during the load, those over 10 ms, and the bucket of the longest one."""
+    figures: dict[str, dict[str, Any]] = {}
+    for name, cumulative in after.items():
+        counts = {b: n - before.get(name, {}).get(b, 0.0) for b, n in sorted(cumulative.items())}
+        bounds = sorted(counts)
+        total = counts[bounds[-1]] if bounds else 0
+        longest = next((b for b in bounds if counts[b] >= total), None) if total else None
+        figures[name] = {
+            "collections": int(total),
+            "over_10ms": int(total - counts.get(0.01, total)),
+            "longest_up_to_ms": (None if longest is None or longest == float("inf")
+                                 else round(longest * 1000, 1)),
+        }
+    return figures
+
+
 async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
                    upstream_port: int) -> dict[str, Any]:
     """Run one load against one target; return its figures."""
@@ -407,6 +457,7 @@ async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
 
     await asyncio.sleep(0.3)  # let the previous load's tail (closing sockets, GC) settle
     up_before = await _upstream_stats(session, upstream_port)
+    gc_before = await _gc_pauses(session, target.metrics_urls)
     cpu_before, own_before = _cpu(all_pids), _own_cpu()
     sampler = Sampler(target.pids)
 
@@ -435,6 +486,7 @@ async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
             await asyncio.gather(*workers, return_exceptions=True)
     wall = time.perf_counter() - t0
     own_after, cpu_after = _own_cpu(), _cpu(all_pids)
+    gc_after = await _gc_pauses(session, target.metrics_urls)
     hwm = {name: procstat.status_kib(pid, "VmHWM") for name, pid in target.pids.items()
            if name != "litellm"}
     for _ in range(100):  # the upstream's counters settle just after [DONE]; at most 5 s
@@ -491,6 +543,7 @@ async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
                         "p99": ms(percentile(durations, 99))},
         "max_gap_ms": {"p50": ms(percentile(gaps, 50)), "p99": ms(percentile(gaps, 99)),
                        "max": ms(max(gaps, default=None))},
+        "gc_pauses": _gc_figures(gc_before, gc_after),
         "deliveries_per_stream": round(sum(r.deliveries for r in ok) / len(ok), 1) if ok else None,
         "cpu_ms": cpu_ms,
         "cpu_ms_per_1k_upstream_tokens": per_1k,
@@ -544,7 +597,8 @@ async def run_scenario(session: aiohttp.ClientSession, stack: Stack, sc: Scenari
         if stack.redis_pid:
             other["redis"] = stack.redis_pid
         target = Target(sc, f"http://127.0.0.1:{stack.edge_port}{path}",
-                        {"Authorization": f"Bearer {API_KEY}"}, pids=pids, other_pids=other)
+                        {"Authorization": f"Bearer {API_KEY}"}, pids=pids, other_pids=other,
+                        metrics_urls=dict(stack.metrics_urls))
     problem = await _warm_up(session, target, loads)
     if problem and sc.chain:
         dead = [n for n, c in stack.services.items() if not c.alive()]

@@ -8,7 +8,9 @@ resolved once per stream (`StreamMetrics`), keeping per-token cost to one histog
 
 from __future__ import annotations
 
+import gc
 import time
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -64,6 +66,29 @@ CONFIG_RELOADS = Counter(
     "promptline_config_reloads_total",
     "Config reload attempts by result (applied, rejected, unchanged).",
     ["service", "result"])
+GC_PAUSE = Histogram(
+    "promptline_gc_pause_seconds",
+    "Python garbage-collector pauses by generation: every open stream on the process waits.",
+    ["service", "generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+
+
+def track_gc_pauses(service: str) -> None:
+    """Time every collection of this process into `promptline_gc_pause_seconds` (idempotent)."""
+    if any(getattr(cb, "_promptline", False) for cb in gc.callbacks):
+        return
+    children = [GC_PAUSE.labels(service, str(generation)) for generation in range(3)]
+    began = 0.0
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        nonlocal began
+        if phase == "start":
+            began = time.perf_counter()
+        else:
+            children[info["generation"]].observe(time.perf_counter() - began)
+
+    on_gc._promptline = True  # type: ignore[attr-defined]
+    gc.callbacks.append(on_gc)
 
 
 class StreamTimer:

@@ -9,6 +9,7 @@ accepting, drain in-flight streams up to `shutdown_grace`, close clients.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Protocol
 from promptline.config import Config, ConfigError, load_config
 from promptline.config_reload import LiveConfig
 from promptline.logs import setup_logging
+from promptline.metrics import track_gc_pauses
 from promptline.tracing import setup_tracing
 
 
@@ -52,6 +54,16 @@ def run_service(name: str, start: Start) -> None:
         pass
 
 
+def _freeze_start_up_objects() -> None:
+    """Take what start-up built (modules, protobuf descriptors, config) out of the collector.
+
+    A full collection walks every tracked object: ~110k in the engine after its imports, a
+    50-70 ms stall of every open stream, measured at C=200. Frozen, they are never walked again.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when installed: it measured ~15% less CPU per streamed frame (docs/performance.md)."""
     try:
@@ -74,6 +86,8 @@ async def _main(name: str, config: Config, start: Start) -> None:
         log.error("cannot start: %s", exc)
         raise SystemExit(1) from None
     live.start()
+    _freeze_start_up_objects()
+    track_gc_pauses(name)
     log.info("started", extra={"config": config.source})
     await stop_requested.wait()
     log.info("stopping: draining streams", extra={"grace_s": config.shutdown_grace})

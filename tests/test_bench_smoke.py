@@ -47,6 +47,9 @@ def test_bench_smoke_run_produces_sane_figures(tmp_path: Path) -> None:
         assert per_1k["sum"] > 0  # three Python services cannot relay 120 tokens for free
         assert all(v > 0 for v in fig["rss_idle_kib"].values())
         assert "added_ttft_ms_vs_direct" in fig
+        # Scraped from each service's /metrics before and after the load.
+        assert set(fig["gc_pauses"]) == {"edge_http", "prompt", "llm_engine"}, fig["gc_pauses"]
+        assert all(p["collections"] >= p["over_10ms"] >= 0 for p in fig["gc_pauses"].values())
     assert scenarios["sse-up"]["loads"]["smoke"]["upstream_tokens"] == 6 * 20
     assert any(t["target"].startswith("C=") for t in report["targets"]) is False  # custom load
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ from prometheus_client import REGISTRY
 from promptline.config import load_config
 from promptline.config_reload import LiveConfig
 from promptline.logs import JsonFormatter
+from promptline.metrics import track_gc_pauses
 from promptline.tracing import setup_tracing, tracing_enabled
 from services.edge_http.context import LIVE_CONFIG_KEY
 from tests.chain import running_chain
@@ -242,3 +244,17 @@ async def test_in_flight_stream_keeps_its_config(redis_client, redis_server, tmp
     assert status == 200 and events[-1].event == "done"
     text = "".join(e.data["text"] for e in events if e.event == "delta")
     assert text == "word " * 30
+
+
+def test_gc_pauses_are_timed_once_per_collection():
+    def count() -> float:
+        return REGISTRY.get_sample_value("promptline_gc_pause_seconds_count",
+                                         {"service": "test", "generation": "2"}) or 0.0
+
+    track_gc_pauses("test")
+    track_gc_pauses("test")  # idempotent: one callback, one observation per collection
+    before = count()
+    gc.collect()
+    assert count() == before + 1
+    assert REGISTRY.get_sample_value("promptline_gc_pause_seconds_sum",
+                                     {"service": "test", "generation": "2"}) > 0

@@ -10,6 +10,7 @@ own timing, so a slow caller is never mistaken for an idle model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from .providers.base import Chunk
@@ -17,6 +18,9 @@ from .timeouts import StreamClock, Watchdog
 
 MAX_HOLD = 0.002
 """Longest time the reader keeps the event loop while chunks are already buffered (seconds)."""
+FIRST_TEXT_WAIT = 0.005
+"""Longest pause in reading while the first text frame goes out (seconds). The watchdog sees no
+token meanwhile, so this stays far below any idle timeout."""
 
 
 class ChunkPump:
@@ -29,6 +33,7 @@ class ChunkPump:
         self._ended = False
         self._text_taken = False
         self._text_sent = False
+        self._first_text_out = asyncio.Event()
         self._error: BaseException | None = None
         self._task = asyncio.create_task(self._read())
         self._watchdog = Watchdog(clock, self._task)
@@ -36,6 +41,7 @@ class ChunkPump:
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
         yielded = loop.time()
+        paused = False  # for the first text, once
         try:
             while True:
                 try:
@@ -51,7 +57,16 @@ class ChunkPump:
                 # the loop until the socket drained: hand over when the writer waits, after
                 # every chunk until the first text went out (time to first token comes first),
                 # then at least every MAX_HOLD so no token is held longer than that.
-                if idle_writer or not self._text_sent or loop.time() - yielded >= MAX_HOLD:
+                if chunk.text and not paused and not self._text_sent:
+                    paused = True
+                    # The writer sends nothing else until the first text is out, so reading on
+                    # would only take the CPU that the start and first frames need (a provider
+                    # that bursts: ~0.5 ms of TTFT at C=1, docs/performance.md).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(FIRST_TEXT_WAIT):
+                            await self._first_text_out.wait()
+                    yielded = loop.time()
+                elif idle_writer or not self._text_sent or loop.time() - yielded >= MAX_HOLD:
                     await asyncio.sleep(0)
                     yielded = loop.time()
         except asyncio.CancelledError:
@@ -69,9 +84,11 @@ class ChunkPump:
 
     async def take(self) -> list[Chunk]:
         """The chunks that arrived since the last call; [] once the stream ended cleanly."""
-        await self._ready.wait()
         # Called again by the writer: what it took last time has been sent.
-        self._text_sent = self._text_sent or self._text_taken
+        if self._text_taken and not self._text_sent:
+            self._text_sent = True
+            self._first_text_out.set()
+        await self._ready.wait()
         batch, self._pending = self._pending, []
         if not self._text_taken:
             self._text_taken = any(chunk.text for chunk in batch)
