@@ -42,7 +42,7 @@ clean:
 	rm -rf $(VENV) promptline/v1 .pytest_cache
 
 # Issue #7's measurements (not part of `make test`): bench/run.py, results in bench/results/.
-.PHONY: bench-compare bench-floor bench-provider
+.PHONY: bench-compare bench-floor bench-provider bench-ab
 LITELLM_VENV := .venv-litellm
 
 bench: $(STAMP) $(GEN)
@@ -56,6 +56,10 @@ bench-floor: $(STAMP) $(GEN)
 # BENCH_ARGS="--root <other checkout>" measures another commit against the same upstream.
 bench-provider: $(STAMP) $(GEN)
 	$(PY) -m bench.provider $(BENCH_ARGS)
+
+# C=1 time to first token, this checkout against BENCH_ARGS="--root <checkout>", interleaved.
+bench-ab: $(STAMP) $(GEN)
+	$(PY) -m bench.ab $(BENCH_ARGS)
 
 # The same loads, plus the LiteLLM proxy in its own venv, pointed at the same upstream.
 bench-compare: $(STAMP) $(GEN)

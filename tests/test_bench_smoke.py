@@ -82,3 +82,17 @@ def test_provider_bench_smoke_run(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert 0 < result["ttft_ms"]["p50"] <= result["ttft_ms"]["p90"]
     assert result["burst_cpu_ms_per_stream"] > 0 and result["paced_cpu_us_per_chunk"] > 0
+
+
+def test_ab_smoke_run_interleaves_two_chains(tmp_path: Path) -> None:
+    out = tmp_path / "ab.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", "--root", str(ROOT), "--quick",
+                           "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "| A |" in proc.stdout and "| B |" in proc.stdout
+    result = json.loads(out.read_text())
+    for side in ("A", "B"):
+        fig = result["sides"][side]
+        assert fig["n"] == result["rounds"] * result["streams"]
+        assert 0 < fig["p50"] <= fig["p90"] <= fig["p99"]
