@@ -12,13 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One chat message."""
-
-    role: str
-    content: str
+from promptline.messages import Message
 
 
 @dataclass(frozen=True, slots=True)
