@@ -405,41 +405,55 @@ async def _upstream_stats(session: aiohttp.ClientSession, port: int) -> dict[str
 GC_BUCKET = "promptline_gc_pause_seconds_bucket"
 
 
+Buckets = dict[str, dict[float, float]]
+"""Cumulative GC pause counts: generation -> histogram bucket bound (s) -> count."""
+
+
 async def _gc_pauses(session: aiohttp.ClientSession, urls: dict[str, str]
-                     ) -> dict[str, dict[float, float]]:
-    """Per service: cumulative GC pause counts by bucket bound (all generations summed);
-    services without the histogram (older checkouts) are left out."""
-    out: dict[str, dict[float, float]] = {}
+                     ) -> dict[str, Buckets]:
+    """Per service, its `promptline_gc_pause_seconds` buckets; services without the histogram
+    (older checkouts) are left out."""
+    out: dict[str, Buckets] = {}
     for name, url in urls.items():
         try:
             async with session.get(url) as resp:
                 text = await resp.text()
         except aiohttp.ClientError:
             continue
-        buckets: dict[float, float] = {}
+        buckets: Buckets = {}
         for line in text.splitlines():
             if line.startswith(GC_BUCKET):
+                generation = line.split('generation="', 1)[1].split('"', 1)[0]
                 le = line.split('le="', 1)[1].split('"', 1)[0]
                 bound = float("inf") if le == "+Inf" else float(le)
-                buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
+                buckets.setdefault(generation, {})[bound] = float(line.rsplit(" ", 1)[1])
         if buckets:
             out[name] = buckets
     return out
 
 
-def _gc_figures(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
+def _gc_figures(before: dict[str, Buckets], after: dict[str, Buckets]
                 ) -> dict[str, dict[str, Any]]:
-    """Collections during the load, those over 10 ms, and the bucket of the longest one."""
+    """Collections during the load, those over 10 ms (by generation), and the histogram bucket
+    of the longest one."""
     figures: dict[str, dict[str, Any]] = {}
-    for name, cumulative in after.items():
-        counts = {b: n - before.get(name, {}).get(b, 0.0) for b, n in sorted(cumulative.items())}
-        bounds = sorted(counts)
-        total = counts[bounds[-1]] if bounds else 0
-        longest = next((b for b in bounds if counts[b] >= total), None) if total else None
+    for name, generations in after.items():
+        over: dict[str, int] = {}
+        collections = 0
+        longest = 0.0
+        for generation, cumulative in generations.items():
+            earlier = before.get(name, {}).get(generation, {})
+            counts = {b: n - earlier.get(b, 0.0) for b, n in sorted(cumulative.items())}
+            total = counts.get(float("inf"), 0.0)
+            collections += int(total)
+            over[generation] = int(total - counts.get(0.01, total))
+            if total:
+                longest = max(longest, next(b for b, n in counts.items() if n >= total))
         figures[name] = {
-            "collections": int(total),
-            "over_10ms": int(total - counts.get(0.01, total)),
-            "longest_up_to_ms": (None if longest is None or longest == float("inf")
+            "collections": collections,
+            "over_10ms": sum(over.values()),
+            "over_10ms_by_generation": over,
+            "longest_up_to_ms": (None if not longest or longest == float("inf")
                                  else round(longest * 1000, 1)),
         }
     return figures

@@ -68,7 +68,8 @@ CONFIG_RELOADS = Counter(
     ["service", "result"])
 GC_PAUSE = Histogram(
     "promptline_gc_pause_seconds",
-    "Python garbage-collector pauses by generation: every open stream on the process waits.",
+    "Python garbage-collector pauses by generation, wall clock: every open stream on the "
+    "process waits.",
     ["service", "generation"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
 

@@ -96,3 +96,16 @@ def test_ab_smoke_run_interleaves_two_chains(tmp_path: Path) -> None:
         fig = result["sides"][side]
         assert fig["n"] == result["rounds"] * result["streams"]
         assert 0 < fig["p50"] <= fig["p90"] <= fig["p99"]
+
+
+def test_gc_figures_count_the_load_only_and_find_the_longest_bucket() -> None:
+    from bench.run import _gc_figures
+
+    inf = float("inf")
+    before = {"edge_http": {"0": {0.001: 5, 0.01: 9, 0.025: 9, inf: 9},
+                            "2": {0.001: 0, 0.01: 0, 0.1: 1, inf: 1}}}
+    after = {"edge_http": {"0": {0.001: 8, 0.01: 14, 0.025: 15, inf: 15},
+                           "2": {0.001: 0, 0.01: 0, 0.1: 2, inf: 2}}}
+    fig = _gc_figures(before, after)["edge_http"]
+    assert fig == {"collections": 7, "over_10ms": 2,
+                   "over_10ms_by_generation": {"0": 1, "2": 1}, "longest_up_to_ms": 100.0}
