@@ -11,6 +11,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from aiohttp.test_utils import TestServer
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
@@ -422,6 +423,43 @@ async def test_error_after_deltas_is_an_sse_error_event_then_the_stream_closes(
     assert error["code"] == "UPSTREAM_ERROR" and error["stage"] == "mid_stream"
     assert error["request_id"] == resp.headers["X-Request-Id"]
     assert "id" not in items[-1]
+
+
+async def test_done_leaves_with_the_end_of_the_body(
+    fake: FakePromptService, edge: EdgeServer, session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each write is a syscall and a packet: headers, `start`, one delta, and `done` with the
+    # chunked body's terminator make four (five when the terminator went on its own).
+    writes: list[bytes] = []
+    original_write, original_writelines = StreamWriter._write, StreamWriter._writelines
+
+    def write(self: StreamWriter, chunk: Any) -> None:
+        writes.append(bytes(chunk))
+        original_write(self, chunk)
+
+    def writelines(self: StreamWriter, chunks: Any) -> None:
+        chunks = [bytes(c) for c in chunks]
+        writes.append(b"".join(chunks))
+        original_writelines(self, chunks)
+
+    async def script(request: Any, context: Any) -> AsyncIterator[Any]:
+        yield start(request)
+        yield delta("hi")
+        yield done()
+
+    fake.script = script
+    monkeypatch.setattr(StreamWriter, "_write", write)
+    monkeypatch.setattr(StreamWriter, "_writelines", writelines)
+    async with await post_chat(session, edge) as resp:
+        items = events_only(await SseReader(resp).rest())
+    monkeypatch.undo()
+    assert [e["event"] for e in items] == ["start", "delta", "done"]
+    sent = [w for w in writes if not w.startswith(b"POST ")]  # the client's own request
+    assert len(sent) == 4, sent
+    assert sent[0].startswith(b"HTTP/1.1 200") and b"event: start" in sent[1]
+    assert b"event: delta" in sent[2]
+    assert b"event: done" in sent[3] and sent[3].endswith(b"0\r\n\r\n")
 
 
 # --- heartbeats, header hold, disconnects --------------------------------------------------------

@@ -276,6 +276,11 @@ class StreamRelay:
         await self._response.write(data)
         self._last_write = asyncio.get_running_loop().time()
 
+    async def _write_last(self, data: bytes) -> None:
+        """The final event and the end of the body in one write."""
+        assert self._response is not None
+        await self._response.write_eof(data)
+
     async def _write_frame(self, frame: Any) -> None:
         kind = frame.WhichOneof("frame")
         if kind == "start":
@@ -289,7 +294,7 @@ class StreamRelay:
             await self._write(self._encoder.delta(frame.delta.text, self._deltas))
         elif kind == "done":
             await self._ensure_started()
-            await self._write(self._encoder.done(frame.done))
+            await self._write_last(self._encoder.done(frame.done))
         else:
             log.warning("unknown frame kind ignored",
                         extra={"request_id": self._rid, "kind": kind})
@@ -310,8 +315,7 @@ class StreamRelay:
         if self._response is None:
             return error_response(err, self._rid, headers=rejection_headers(self._config, err),
                                   body=self._encoder.error_body)
-        await self._write(self._encoder.error(err))
-        await self._response.write_eof()
+        await self._write_last(self._encoder.error(err))
         return self._response
 
     def _stage(self) -> Stage:
