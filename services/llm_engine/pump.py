@@ -32,8 +32,8 @@ class ChunkPump:
         self._ready = asyncio.Event()
         self._ended = False
         self._text_taken = False
-        self._text_sent = False
-        self._first_text_out = asyncio.Event()
+        self._text_sent = asyncio.Event()
+        """Set once the writer has sent the first text (it came back for more)."""
         self._error: BaseException | None = None
         self._task = asyncio.create_task(self._read())
         self._watchdog = Watchdog(clock, self._task)
@@ -57,16 +57,17 @@ class ChunkPump:
                 # the loop until the socket drained: hand over when the writer waits, after
                 # every chunk until the first text went out (time to first token comes first),
                 # then at least every MAX_HOLD so no token is held longer than that.
-                if chunk.text and not paused and not self._text_sent:
+                if chunk.text and not paused and not self._text_sent.is_set():
                     paused = True
                     # The writer sends nothing else until the first text is out, so reading on
                     # would only take the CPU that the start and first frames need (a provider
                     # that bursts: ~0.5 ms of TTFT at C=1, docs/performance.md).
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(FIRST_TEXT_WAIT):
-                            await self._first_text_out.wait()
+                            await self._text_sent.wait()
                     yielded = loop.time()
-                elif idle_writer or not self._text_sent or loop.time() - yielded >= MAX_HOLD:
+                elif (idle_writer or not self._text_sent.is_set()
+                      or loop.time() - yielded >= MAX_HOLD):
                     await asyncio.sleep(0)
                     yielded = loop.time()
         except asyncio.CancelledError:
@@ -85,9 +86,8 @@ class ChunkPump:
     async def take(self) -> list[Chunk]:
         """The chunks that arrived since the last call; [] once the stream ended cleanly."""
         # Called again by the writer: what it took last time has been sent.
-        if self._text_taken and not self._text_sent:
-            self._text_sent = True
-            self._first_text_out.set()
+        if self._text_taken:
+            self._text_sent.set()
         await self._ready.wait()
         batch, self._pending = self._pending, []
         if not self._text_taken:
