@@ -91,6 +91,15 @@ async def collect(provider: OpenAIProvider, request: GenerationRequest | None = 
     return [c async for c in provider.stream(request or make_request(provider))]
 
 
+async def collect_once(model: ModelConfig) -> list[Chunk]:
+    """One stream from a provider of its own, closed afterwards."""
+    provider = OpenAIProvider(model)
+    try:
+        return await collect(provider)
+    finally:
+        await provider.close()
+
+
 async def fail_with(provider: OpenAIProvider, request: GenerationRequest | None = None
                     ) -> tuple[list[Chunk], PromptlineError]:
     got: list[Chunk] = []
@@ -452,11 +461,7 @@ async def test_without_an_api_key_no_authorization_header_is_sent(fake: FakeOpen
                                        "base_url": fake.base_url}]}, env={})
     model = config.model("local")
     assert model is not None
-    provider = OpenAIProvider(model)
-    try:
-        chunks = await collect(provider)
-    finally:
-        await provider.close()
+    chunks = await collect_once(model)
     assert "".join(c.text for c in chunks) == REPLY
     assert fake.requests[-1].authorization is None
     assert fake.requests[-1].body["model"] == "local"
@@ -468,11 +473,7 @@ async def test_requests_go_through_the_configured_proxy(fake: FakeOpenAI) -> Non
     proxy = fake.base_url.removesuffix("/v1")
     model = model_config("http://upstream.invalid/v1", proxy=proxy)
     assert model.proxy == proxy
-    provider = OpenAIProvider(model)
-    try:
-        chunks = await collect(provider)
-    finally:
-        await provider.close()
+    chunks = await collect_once(model)
     assert "".join(c.text for c in chunks) == REPLY
     assert fake.requests[-1].headers.get("Host") == "upstream.invalid"
 
