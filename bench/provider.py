@@ -48,7 +48,8 @@ def _rss_kib() -> int:
 async def measure(base_url: str, models: list[str], sizes: dict[str, int]) -> dict[str, Any]:
     """Run inside the process whose provider is measured (imported from sys.path)."""
     from promptline.config import parse_config
-    from services.llm_engine.providers.base import GenerationRequest, Message
+    from promptline.messages import Message
+    from services.llm_engine.providers.base import GenerationRequest
     from services.llm_engine.providers.openai_compat import OpenAIProvider
 
     def provider(model: str) -> Any:

@@ -19,8 +19,9 @@ from aiohttp import web
 
 from promptline.config import ModelConfig, parse_config
 from promptline.errors import ErrorCode, PromptlineError
+from promptline.messages import Message
 from services.llm_engine.providers import openai_compat
-from services.llm_engine.providers.base import Chunk, GenerationRequest, Message, Usage
+from services.llm_engine.providers.base import Chunk, GenerationRequest, Usage
 from services.llm_engine.providers.openai_compat import OpenAIProvider
 from services.llm_engine.providers.openai_errors import (
     CREDENTIALS_REJECTED,

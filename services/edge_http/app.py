@@ -254,6 +254,7 @@ async def chat_stream(request: web.Request) -> web.StreamResponse:
     except PromptlineError as err:
         return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid)
     chat.request_id = rid
+    del body  # the protobuf is the copy the stream keeps; a long prompt is not held twice
 
     call = app[STUB_KEY].StreamChat(
         chat,

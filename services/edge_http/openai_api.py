@@ -249,6 +249,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except PromptlineError as err:
         return _reject(err, rid)
     chat.request_id = rid
+    del body  # the protobuf is the copy the stream keeps; a long prompt is not held twice
 
     call = app[STUB_KEY].StreamChat(
         chat,

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -25,6 +25,7 @@ from promptline.config import Config, ModelConfig
 from promptline.config_reload import LiveConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.grpc_server import RunningServer, start_grpc_server
+from promptline.messages import ChatTurn
 from promptline.metrics import (
     ACTIVE_STREAMS,
     ERRORS,
@@ -39,7 +40,7 @@ from promptline.tokens import count_messages, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 
-from .providers.base import GenerationRequest, Message, Provider, Usage
+from .providers.base import GenerationRequest, Provider, Usage
 from .providers.registry import build_provider
 from .pump import ChunkPump
 from .timeouts import StreamClock
@@ -167,7 +168,9 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         if not request.messages:
             raise PromptlineError(ErrorCode.INVALID_REQUEST, "messages must not be empty",
                                   stage=Stage.CONNECT)
-        messages = tuple(Message(m.role, m.content) for m in request.messages)
+        # The request's own messages, not Python copies: gRPC holds the request for the whole
+        # call anyway, and a long prompt held twice costs as much as the rest of the stream.
+        messages = request.messages
         clock = StreamClock.start(model.timeouts, context.time_remaining())
         route = [model, *(m for n in model.fallback if (m := config.model(n)))]
         last: PromptlineError | None = None
@@ -196,7 +199,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         raise last
 
     async def _attempt(self, model: ModelConfig, request: llm_engine_pb2.GenerateRequest,
-                       messages: tuple[Message, ...], rid: str, clock: StreamClock,
+                       messages: Sequence[ChatTurn], rid: str, clock: StreamClock,
                        progress: _Progress, timer: StreamTimer
                        ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         """One provider call: provider chunks -> frames, bounded by the stream's clock."""

@@ -16,7 +16,7 @@ A prompt version's default model, max_tokens and temperature apply when the requ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from promptline.config import Config, ModelConfig, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
@@ -47,6 +47,11 @@ class ChatPlan:
     """(role, content) of the request's user/assistant messages: stored with the reply."""
     dropped_history: int = 0
     """Stored messages left out to fit the context window."""
+
+    def without_messages(self) -> ChatPlan:
+        """This plan once the engine request is built from it: gRPC keeps that request for the
+        whole call, so the stream need not hold a second copy of a long prompt."""
+        return replace(self, messages=())
 
 
 async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.StreamChatRequest,
@@ -101,7 +106,8 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
         temperature=temperature,
         prompt=prompt,
         conversation_id=request.conversation_id,
-        new_turns=tuple(p for p in new if p[0] != "system"),
+        # Only a conversation stores them; otherwise they would hold the prompt for the stream.
+        new_turns=tuple(p for p in new if p[0] != "system") if request.conversation_id else (),
         dropped_history=fitted.dropped,
     )
 

@@ -188,6 +188,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 ),
                 timeout=context.time_remaining(),
             )
+            plan = progress.plan = plan.without_messages()
             try:
                 # The engine call is on its way while the quota headers go out (one gRPC
                 # round trip less before the first token); no frame is yielded before them.
@@ -219,6 +220,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         """Engine frames -> output moderation -> caller, until the first terminal frame."""
         output = moderator.output_filter()
         held_tokens = 0  # tokens of text the moderation filter is still holding back
+        # Only a conversation stores the reply; without one, a long reply is not kept in memory.
+        reply = progress.reply if plan.conversation_id else None
         async with aclosing(read_frames(call)) as frames:
             async for frame in frames:
                 kind = frame.WhichOneof("frame")
@@ -228,7 +231,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                     text = output.feed(frame.delta.text)
                     if text:
                         progress.delivered = True
-                        progress.reply.append(text)
+                        if reply is not None:
+                            reply.append(text)
                         yield prompt_pb2.StreamChatResponse(
                             delta=common_pb2.Delta(text=text, tokens=held_tokens))
                         held_tokens = 0
@@ -244,7 +248,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 elif kind == "done":
                     tail = output.flush()
                     if tail:
-                        progress.reply.append(tail)
+                        if reply is not None:
+                            reply.append(tail)
                         yield prompt_pb2.StreamChatResponse(
                             delta=common_pb2.Delta(text=tail, tokens=held_tokens))
                     progress.usage = frame.done.usage

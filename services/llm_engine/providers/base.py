@@ -8,11 +8,11 @@ consumer stops early or is cancelled (`aclose()` on the async generator).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from promptline.messages import Message
+from promptline.messages import ChatTurn
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,7 @@ class GenerationRequest:
     request_id: str
     model: str
     """Model name the provider should use upstream."""
-    messages: tuple[Message, ...]
+    messages: Sequence[ChatTurn]
     max_tokens: int
     temperature: float | None = None
 
