@@ -144,10 +144,15 @@ async def run_stream(session: aiohttp.ClientSession, kind: str, url: str,
     return col.result
 
 
-def request_body(kind: str, model: str, max_tokens: int) -> dict[str, Any]:
-    """The request the bench sends: one short user message."""
+def request_body(kind: str, model: str, max_tokens: int, prompt_bytes: int = 0
+                 ) -> dict[str, Any]:
+    """The request the bench sends: one user message, a short sentence or `prompt_bytes` long."""
+    content = "Stream the bench reply."
+    if prompt_bytes > len(content):
+        words = " ".join(f"context{i % 1000}" for i in range(prompt_bytes // 8 + 1))
+        content = (content + " " + words)[:prompt_bytes]
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens,
-                            "messages": [{"role": "user", "content": "Stream the bench reply."}]}
+                            "messages": [{"role": "user", "content": content}]}
     if kind == OPENAI:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}

@@ -70,6 +70,14 @@ def gc_cell(pauses: dict[str, dict[str, Any]] | None) -> str:
     return f"{over}{longest}"
 
 
+def prompt_note(report: dict[str, Any]) -> list[str]:
+    """A line naming the padded prompt size, when the run used one (`--prompt-bytes`)."""
+    sizes = {load.get("prompt_bytes", 0) for load in report.get("loads", [])}
+    if sizes == {0} or not sizes:
+        return []
+    return ["", f"Every request's user message padded to {max(sizes)} bytes (`--prompt-bytes`)."]
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -80,6 +88,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['run_seconds']} s",
         "",
         "The load generator and the upstream share these cores with the services under test.",
+        *prompt_note(report),
         "",
         "## Latency and delivery",
         "",

@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,8 @@ class Load:
     ramp_s: float = 0.0
     """Workers start spread evenly over this many seconds."""
     timeout_s: float = 120.0
+    prompt_bytes: int = 0
+    """The user message padded to this many bytes (0: one short sentence)."""
 
 
 LOADS = {
@@ -463,7 +465,7 @@ async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
                    upstream_port: int) -> dict[str, Any]:
     """Run one load against one target; return its figures."""
     sc = target.scenario
-    body = request_body(sc.kind, target.model(load), load.tokens)
+    body = request_body(sc.kind, target.model(load), load.tokens, load.prompt_bytes)
     expected = reply_text(load.tokens)
     all_pids = {**target.pids, **target.other_pids}
     results: list[StreamResult] = []
@@ -578,7 +580,7 @@ async def _warm_up(session: aiohttp.ClientSession, target: Target, loads: list[L
     """A few streams per model so imports, pools and caches are warm; an error text or None."""
     sc = target.scenario
     for load in loads:
-        body = request_body(sc.kind, target.model(load), load.tokens)
+        body = request_body(sc.kind, target.model(load), load.tokens, load.prompt_bytes)
         if load.delay_ms:  # a paced model: a short reply is enough to open its pool
             body["max_tokens"] = 5
         for _ in range(2):
@@ -586,7 +588,7 @@ async def _warm_up(session: aiohttp.ClientSession, target: Target, loads: list[L
             if r.error:
                 return r.error
     load = loads[0]
-    body = request_body(sc.kind, target.model(load), load.tokens)
+    body = request_body(sc.kind, target.model(load), load.tokens, load.prompt_bytes)
     burst = await asyncio.gather(*(run_stream(session, sc.kind, target.url, target.headers,
                                               body, 30) for _ in range(20)))
     errs = {r.error for r in burst if r.error}
@@ -724,6 +726,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated load names (c1, c50, c200) or custom "
                              "NAME:C:TOKENS:DELAY_MS:STREAMS entries (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="fewer streams per load")
+    parser.add_argument("--prompt-bytes", type=int, default=0,
+                        help="pad every request's user message to this many bytes, as a chat "
+                             "with a long history sends (default: one short sentence)")
     parser.add_argument("--scenarios", default="",
                         help="subset of direct,sse-sim,sse-up,openai-up (default: all)")
     parser.add_argument("--skip-openai-endpoint", action="store_true",
@@ -764,7 +769,8 @@ def parse_loads(spec: str, quick: bool) -> list[Load]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    loads = parse_loads(args.loads, args.quick)
+    loads = [replace(load, prompt_bytes=args.prompt_bytes)
+             for load in parse_loads(args.loads, args.quick)]
     machine = machine_info()
     print(f"cores: {machine['cores']}  ({machine['cpu_model']})", flush=True)
 

@@ -109,3 +109,14 @@ def test_gc_figures_count_the_load_only_and_find_the_longest_bucket() -> None:
     fig = _gc_figures(before, after)["edge_http"]
     assert fig == {"collections": 7, "over_10ms": 2,
                    "over_10ms_by_generation": {"0": 1, "2": 1}, "longest_up_to_ms": 100.0}
+
+
+def test_prompt_bytes_pads_the_user_message_and_the_report_says_so() -> None:
+    from bench.client import SSE, request_body
+    from bench.report import prompt_note
+
+    short = request_body(SSE, "m", 5)["messages"][0]["content"]
+    long = request_body(SSE, "m", 5, 16384)["messages"][0]["content"]
+    assert long.startswith(short) and len(long.encode()) == 16384
+    assert prompt_note({"loads": [{"prompt_bytes": 0}]}) == []
+    assert "16384 bytes" in prompt_note({"loads": [{"prompt_bytes": 16384}]})[-1]
