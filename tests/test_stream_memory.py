@@ -3,7 +3,8 @@
 gRPC keeps each hop's request for the whole call (grpc.aio holds the received bytes), so the
 prompt service's and the engine's received copies are the floor. On top of them the chain used
 to hold the edge's raw body, the prompt service's plan (protobuf messages and Python strings)
-and the engine's Python copy of the messages: 5 copies of a long prompt for the whole stream.
+and the engine's Python copy of the messages for the whole stream: 5 copies of a long prompt in
+Python objects (tracemalloc does not see protobuf's own memory), 2 of them gRPC's.
 And the prompt service kept every delta it sent, for a conversation to store, even when there
 was none. Measured with tracemalloc as the difference between the same streams with a long and a
 short prompt (or reply), so per-stream overhead that does not grow with them cancels out.
