@@ -72,8 +72,8 @@ def gc_cell(pauses: dict[str, dict[str, Any]] | None) -> str:
 
 def prompt_note(report: dict[str, Any]) -> list[str]:
     """A line naming the padded prompt size, when the run used one (`--prompt-bytes`)."""
-    sizes = {load.get("prompt_bytes", 0) for load in report.get("loads", [])}
-    if sizes == {0} or not sizes:
+    sizes = {load.get("prompt_bytes", 0) for load in report.get("loads", [])} - {0}
+    if not sizes:
         return []
     return ["", f"Every request's user message padded to {max(sizes)} bytes (`--prompt-bytes`)."]
 

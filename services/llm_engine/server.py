@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -25,7 +25,6 @@ from promptline.config import Config, ModelConfig
 from promptline.config_reload import LiveConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.grpc_server import RunningServer, start_grpc_server
-from promptline.messages import ChatTurn
 from promptline.metrics import (
     ACTIVE_STREAMS,
     ERRORS,
@@ -168,9 +167,6 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         if not request.messages:
             raise PromptlineError(ErrorCode.INVALID_REQUEST, "messages must not be empty",
                                   stage=Stage.CONNECT)
-        # The request's own messages, not Python copies: gRPC holds the request for the whole
-        # call anyway, and a long prompt held twice costs as much as the rest of the stream.
-        messages = request.messages
         clock = StreamClock.start(model.timeouts, context.time_remaining())
         route = [model, *(m for n in model.fallback if (m := config.model(n)))]
         last: PromptlineError | None = None
@@ -179,7 +175,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                 if last is not None:
                     clock.restart_first_token()
                 try:
-                    async with aclosing(self._attempt(candidate, request, messages, rid, clock,
+                    async with aclosing(self._attempt(candidate, request, rid, clock,
                                                       progress, timer)) as frames:
                         async for frame in frames:
                             yield frame
@@ -199,15 +195,16 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         raise last
 
     async def _attempt(self, model: ModelConfig, request: llm_engine_pb2.GenerateRequest,
-                       messages: Sequence[ChatTurn], rid: str, clock: StreamClock,
-                       progress: _Progress, timer: StreamTimer
+                       rid: str, clock: StreamClock, progress: _Progress, timer: StreamTimer
                        ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         """One provider call: provider chunks -> frames, bounded by the stream's clock."""
         provider = self._providers.get(model)
         gen = provider.stream(GenerationRequest(
             request_id=rid,
             model=model.upstream_model or model.name,
-            messages=messages,
+            # The request's own messages, not Python copies: gRPC holds the request for the
+            # whole call anyway, and a long prompt held twice costs more than the rest of a stream.
+            messages=request.messages,
             max_tokens=request.max_tokens or model.default_max_tokens,
             temperature=request.temperature if request.HasField("temperature") else None,
         ))
@@ -264,7 +261,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             span.set_attribute("llm.completion_tokens", completion)
             span.end()
         if usage is None:
-            usage = Usage(count_messages((m.role, m.content) for m in messages), completion)
+            usage = Usage(count_messages((m.role, m.content) for m in request.messages), completion)
         span.set_attribute("llm.prompt_tokens", usage.prompt_tokens)
         yield llm_engine_pb2.GenerateResponse(done=common_pb2.Done(
             finish_reason=finish,

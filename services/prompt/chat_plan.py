@@ -44,7 +44,8 @@ class ChatPlan:
     """The managed prompt rendered as the first system message, if any."""
     conversation_id: str = ""
     new_turns: tuple[tuple[str, str], ...] = ()
-    """(role, content) of the request's user/assistant messages: stored with the reply."""
+    """(role, content) of the request's user/assistant messages, stored with the reply; only
+    with a conversation."""
     dropped_history: int = 0
     """Stored messages left out to fit the context window."""
 
