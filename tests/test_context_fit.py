@@ -7,8 +7,12 @@ import pytest
 
 from promptline.errors import ErrorCode, PromptlineError
 from promptline.tokens import count_messages, get_tokenizer
+from promptline.v1 import common_pb2, prompt_pb2
+from services.prompt import context_fit
 from services.prompt.chat_plan import split_resent_history
-from services.prompt.context_fit import fit_messages, message_tokens
+from services.prompt.context_fit import MessageTokenCounts, fit_messages, message_tokens
+from tests.chain import running_chain
+from tests.conftest import make_config
 
 SYSTEM = [("system", "You are a terse assistant for the Promptline docs.")]
 HISTORY = [
@@ -104,3 +108,72 @@ def test_newest_message_that_cannot_fit_is_context_too_long_with_counts():
 ])
 def test_split_resent_history(stored, messages, history, new):
     assert split_resent_history(stored, messages) == (history, new)
+
+
+LONG = " ".join(f"turn{i}" for i in range(400))  # ~2.4 KB, over the cache's 512 characters
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[str]:
+    """The contents `message_tokens` really counted (a cache hit counts nothing)."""
+    seen: list[str] = []
+
+    def spy(role: str, content: str) -> int:
+        seen.append(content)
+        return message_tokens(role, content)
+
+    monkeypatch.setattr(context_fit, "message_tokens", spy)
+    return seen
+
+
+def test_a_re_sent_long_message_is_counted_once_per_tenant(counted):
+    counts = MessageTokenCounts()
+    a, b = counts.counter("tenant-a"), counts.counter("tenant-b")
+    assert a("user", LONG) == a("user", LONG) == message_tokens("user", LONG)
+    assert counted == [LONG]
+    assert b("user", LONG) == message_tokens("user", LONG)  # another tenant counts for itself
+    assert a("assistant", LONG) == message_tokens("assistant", LONG)  # the role is in the key
+    assert counted == [LONG, LONG, LONG]
+    assert a("user", "short") == a("user", "short")  # short ones are not kept
+    assert counted[3:] == ["short", "short"] and len(counts) == 3
+
+
+def test_the_counts_are_bounded_and_the_oldest_goes_first(counted):
+    counts = MessageTokenCounts(max_entries=2)
+    count = counts.counter("t")
+    first, second, third = (LONG + f" {n}" for n in range(3))
+    count("user", first)
+    count("user", second)
+    count("user", first)  # used again: now the newest
+    count("user", third)  # evicts `second`
+    assert len(counts) == 2
+    counted.clear()
+    count("user", first)
+    count("user", third)
+    assert counted == []
+    count("user", second)
+    assert counted == [second]
+
+
+def test_fitting_with_remembered_counts_gives_the_same_plan():
+    history = [(role, f"{text} {LONG}") for role, text in HISTORY]
+    fresh = fit_messages(SYSTEM, history, NEW, window=5_000, reserve=100, model="m")
+    counter = MessageTokenCounts().counter("t")
+    for _ in range(2):  # counting, then remembering
+        assert fit_messages(SYSTEM, history, NEW, window=5_000, reserve=100, model="m",
+                            count=counter) == fresh
+
+
+async def test_the_prompt_service_counts_a_re_sent_transcript_once(redis_server, counted):
+    transcript = [common_pb2.ChatMessage(role=r, content=f"{c} {LONG}") for r, c in HISTORY]
+    request = prompt_pb2.StreamChatRequest(model="sim", messages=[
+        *transcript, common_pb2.ChatMessage(role="user", content=NEW[0][1])])
+    async with running_chain(make_config(redis_url=redis_server.url), with_edge=False) as chain:
+        starts = []
+        for _ in range(2):  # an OpenAI-style client: the whole transcript again, every turn
+            call = chain.prompt_stub.StreamChat(
+                request, metadata=(("authorization", "Bearer dev-key"),), timeout=10)
+            starts += [f.start for f in [f async for f in call] if f.HasField("start")]
+        assert starts[0].prompt_tokens == starts[1].prompt_tokens > 4 * 400
+        assert len(chain.prompt.servicer.token_counts) == len(transcript)
+    assert sum(LONG in content for content in counted) == len(transcript)  # not 2x

@@ -22,7 +22,7 @@ from promptline.config import Config, ModelConfig, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2, prompt_pb2
 
-from .context_fit import fit_messages
+from .context_fit import MessageTokenCounts, fit_messages, message_tokens
 from .history import ConversationStore, validate_conversation_id
 from .prompts import PromptRegistry, PromptVersion
 from .templates import render
@@ -57,7 +57,8 @@ class ChatPlan:
 
 async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.StreamChatRequest,
                     prompts: PromptRegistry | None = None,
-                    conversations: ConversationStore | None = None) -> ChatPlan:
+                    conversations: ConversationStore | None = None,
+                    token_counts: MessageTokenCounts | None = None) -> ChatPlan:
     """Validate, render, load history and fit; raises PromptlineError at stage `connect`."""
     # A named model is checked before any Redis read; otherwise the prompt's default applies.
     model = _model(config, tenant, request.model) if request.model else None
@@ -94,7 +95,9 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
     fitted = fit_messages(system, history, new, window=model.context_window,
                           reserve=requested or 1,
                           history_reserve=requested or model.default_max_tokens,
-                          model=model.name)
+                          model=model.name,
+                          count=token_counts.counter(tenant.name) if token_counts is not None
+                          else message_tokens)
     max_tokens = requested or min(model.default_max_tokens,
                                   model.context_window - fitted.prompt_tokens)
     temperature = request.temperature if request.HasField("temperature") else (

@@ -11,12 +11,16 @@ The rule:
 
 Counts use `promptline.tokens.count_messages` (chat-format overhead included), so the sum of the
 kept messages is exactly the prompt token count reported to the caller and charged to TPM.
+`MessageTokenCounts` remembers the counts of long messages, so a client that re-sends its
+transcript every turn is not counted again for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.tokens import TOKENS_PER_REPLY, count_messages
@@ -39,14 +43,51 @@ def message_tokens(role: str, content: str) -> int:
     return count_messages([(role, content)]) - TOKENS_PER_REPLY
 
 
+class MessageTokenCounts:
+    """Token counts of long messages, per tenant, keyed by a digest of the text (never the text).
+
+    Chat clients re-send the whole transcript every turn, and counting costs ~35 µs per KB on the
+    way to the first token (2.2 ms for 64 KB here): with this, a turn counts only what is new.
+    Per tenant, so that timing cannot tell one tenant whether another sent the same text.
+    """
+
+    def __init__(self, max_entries: int = 4096, min_chars: int = 512) -> None:
+        self._counts: OrderedDict[tuple[str, str, bytes], int] = OrderedDict()
+        self._max_entries = max_entries
+        self._min_chars = min_chars
+        """Shorter messages are counted every time: as cheap as looking them up."""
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def counter(self, tenant: str) -> Callable[[str, str], int]:
+        """`message_tokens` for one tenant's messages, remembering the long ones."""
+
+        def count(role: str, content: str) -> int:
+            if len(content) < self._min_chars:
+                return message_tokens(role, content)
+            key = (tenant, role, blake2b(content.encode(), digest_size=16).digest())
+            tokens = self._counts.get(key)
+            if tokens is None:
+                tokens = self._counts[key] = message_tokens(role, content)
+                if len(self._counts) > self._max_entries:
+                    self._counts.popitem(last=False)
+            else:
+                self._counts.move_to_end(key)
+            return tokens
+
+        return count
+
+
 def fit_messages(system: Sequence[Message], history: Sequence[Message], new: Sequence[Message],
-                 *, window: int, reserve: int, model: str,
-                 history_reserve: int | None = None) -> FittedChat:
+                 *, window: int, reserve: int, model: str, history_reserve: int | None = None,
+                 count: Callable[[str, str], int] = message_tokens) -> FittedChat:
     """Keep `system` and `new` (CONTEXT_TOO_LONG unless they leave `reserve` tokens free), then
-    as much of `history`, newest first, as leaves `history_reserve` (default `reserve`) free."""
-    required = TOKENS_PER_REPLY + sum(message_tokens(r, c) for r, c in (*system, *new))
+    as much of `history`, newest first, as leaves `history_reserve` (default `reserve`) free.
+    `count` gives one message's tokens (default: count it now)."""
+    required = TOKENS_PER_REPLY + sum(count(r, c) for r, c in (*system, *new))
     if required > window - reserve:
-        system_tokens = sum(message_tokens(r, c) for r, c in system)
+        system_tokens = sum(count(r, c) for r, c in system)
         raise PromptlineError(
             ErrorCode.CONTEXT_TOO_LONG,
             f"the request needs {required} prompt tokens ({system_tokens} for system messages) "
@@ -57,12 +98,12 @@ def fit_messages(system: Sequence[Message], history: Sequence[Message], new: Seq
     used = required
     kept: list[Message] = []
     for role, content in reversed(history):
-        cost = message_tokens(role, content)
+        cost = count(role, content)
         if used + cost > budget:
             break
         kept.append((role, content))
         used += cost
     kept.reverse()
     while kept and kept[0][0] != "user":  # an orphaned reply whose question was dropped
-        used -= message_tokens(*kept.pop(0))
+        used -= count(*kept.pop(0))
     return FittedChat((*system, *kept, *new), used, len(history) - len(kept))

@@ -60,6 +60,7 @@ from promptline.v1 import (
 
 from .admin import PromptAdminServicer
 from .chat_plan import ChatPlan, plan_chat
+from .context_fit import MessageTokenCounts
 from .history import ConversationStore, exchange
 from .moderation import Moderator, build_moderator
 from .prompts import PromptRegistry
@@ -100,6 +101,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         self._conversations = conversations
         self.background: set[asyncio.Task[None]] = set()
         """History writes of cancelled streams; `PromptServer.stop` waits for them."""
+        self.token_counts = MessageTokenCounts()
+        """Counts of long messages that clients re-send every turn."""
 
     async def StreamChat(
         self, request: prompt_pb2.StreamChatRequest, context: grpc.aio.ServicerContext
@@ -170,7 +173,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
         tenant = auth.tenant_for_header(metadata.get("authorization"))
         progress.tenant = tenant.name
-        plan = await plan_chat(config, tenant, request, self._prompts, self._conversations)
+        plan = await plan_chat(config, tenant, request, self._prompts, self._conversations,
+                               self.token_counts)
         progress.plan = plan
         moderator = self._live.derived("moderator", lambda c: build_moderator(c.moderation))
         await moderator.check_input([m.content for m in plan.messages])

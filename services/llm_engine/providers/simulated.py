@@ -43,7 +43,6 @@ class SimulatedProvider:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         s = self.settings
         pieces = _pieces(s.reply if s.reply is not None else BUILTIN_REPLY)
-        prompt_tokens = count_messages((m.role, m.content) for m in request.messages)
         if s.ttft_ms:
             await asyncio.sleep(s.ttft_ms / 1000)
         loop = asyncio.get_running_loop()
@@ -68,6 +67,9 @@ class SimulatedProvider:
                     await asyncio.sleep(delay)
             yield Chunk(text=piece, tokens=1)
             sent += 1
+        # Counted at the end, as a real model reports usage: a long prompt costs no time to the
+        # first token here (tiktoken takes ~2 ms for 64 KB).
+        prompt_tokens = count_messages((m.role, m.content) for m in request.messages)
         yield Chunk(finish_reason=finish, usage=Usage(prompt_tokens, sent))
 
     async def close(self) -> None:
