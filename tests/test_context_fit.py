@@ -135,7 +135,7 @@ def test_a_re_sent_long_message_is_counted_once_per_tenant(counted):
     assert a("assistant", LONG) == message_tokens("assistant", LONG)  # the role is in the key
     assert counted == [LONG, LONG, LONG]
     assert a("user", "short") == a("user", "short")  # short ones are not kept
-    assert counted[3:] == ["short", "short"] and len(counts) == 3
+    assert counted[3:] == ["short", "short"] and counts.entries == 3
 
 
 def test_the_counts_are_bounded_and_the_oldest_goes_first(counted):
@@ -146,7 +146,7 @@ def test_the_counts_are_bounded_and_the_oldest_goes_first(counted):
     count("user", second)
     count("user", first)  # used again: now the newest
     count("user", third)  # evicts `second`
-    assert len(counts) == 2
+    assert counts.entries == 2
     counted.clear()
     count("user", first)
     count("user", third)
@@ -175,5 +175,5 @@ async def test_the_prompt_service_counts_a_re_sent_transcript_once(redis_server,
                 request, metadata=(("authorization", "Bearer dev-key"),), timeout=10)
             starts += [f.start for f in [f async for f in call] if f.HasField("start")]
         assert starts[0].prompt_tokens == starts[1].prompt_tokens > 4 * 400
-        assert len(chain.prompt.servicer.token_counts) == len(transcript)
+        assert chain.prompt.servicer.token_counts.entries == len(transcript)
     assert sum(LONG in content for content in counted) == len(transcript)  # not 2x

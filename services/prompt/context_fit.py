@@ -57,7 +57,9 @@ class MessageTokenCounts:
         self._min_chars = min_chars
         """Shorter messages are counted every time: as cheap as looking them up."""
 
-    def __len__(self) -> int:
+    @property
+    def entries(self) -> int:
+        """Counts held (not `__len__`: an empty cache must not be falsy)."""
         return len(self._counts)
 
     def counter(self, tenant: str) -> Callable[[str, str], int]:
