@@ -3,10 +3,13 @@ history from new turns."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
+from promptline import tokens
 from promptline.errors import ErrorCode, PromptlineError
-from promptline.tokens import count_messages, get_tokenizer
+from promptline.tokens import OFF_LOOP_CHARS, count_messages, get_tokenizer
 from promptline.v1 import common_pb2, prompt_pb2
 from services.prompt import context_fit
 from services.prompt.chat_plan import split_resent_history
@@ -177,3 +180,39 @@ async def test_the_prompt_service_counts_a_re_sent_transcript_once(redis_server,
         assert starts[0].prompt_tokens == starts[1].prompt_tokens > 4 * 400
         assert chain.prompt.servicer.token_counts.entries == len(transcript)
     assert sum(LONG in content for content in counted) == len(transcript)  # not 2x
+
+
+HUGE = " ".join(f"page{i}" for i in range(OFF_LOOP_CHARS // 5))  # over OFF_LOOP_CHARS
+
+
+async def test_a_long_new_message_is_counted_off_the_event_loop(monkeypatch):
+    threads: list[str] = []
+
+    def spy(role: str, content: str) -> int:
+        threads.append(threading.current_thread().name)
+        return message_tokens(role, content)
+
+    monkeypatch.setattr(context_fit, "message_tokens", spy)
+    counts = MessageTokenCounts()
+    count = await counts.prepared("t", [("user", HUGE), ("user", "short")])
+    assert threads and threading.main_thread().name not in threads  # counted in a worker
+    threads.clear()
+    assert count("user", HUGE) == message_tokens("user", HUGE)  # prepared: no count now
+    assert threads == [] and counts.entries == 1
+    again = await counts.prepared("t", [("user", HUGE)])
+    assert again("user", HUGE) == message_tokens("user", HUGE) and threads == []  # remembered
+
+
+async def test_long_messages_are_counted_off_the_event_loop_for_usage_too(monkeypatch):
+    threads: list[str] = []
+    real = tokens.count_messages
+
+    def spy(messages):
+        threads.append(threading.current_thread().name)
+        return real(messages)
+
+    monkeypatch.setattr(tokens, "count_messages", spy)
+    short, long = [("user", "hi")], [("user", HUGE)]
+    assert await tokens.count_messages_off_loop(short) == real(short)
+    assert await tokens.count_messages_off_loop(long) == real(long)
+    assert threads[0] == threading.main_thread().name != threads[1]

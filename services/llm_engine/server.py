@@ -35,7 +35,7 @@ from promptline.metrics import (
     StreamTimer,
 )
 from promptline.streams import error_frame
-from promptline.tokens import count_messages, count_tokens, get_tokenizer
+from promptline.tokens import count_messages_off_loop, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 
@@ -261,7 +261,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             span.set_attribute("llm.completion_tokens", completion)
             span.end()
         if usage is None:
-            usage = Usage(count_messages((m.role, m.content) for m in request.messages), completion)
+            usage = Usage(await count_messages_off_loop(
+                [(m.role, m.content) for m in request.messages]), completion)
         span.set_attribute("llm.prompt_tokens", usage.prompt_tokens)
         yield llm_engine_pb2.GenerateResponse(done=common_pb2.Done(
             finish_reason=finish,

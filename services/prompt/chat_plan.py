@@ -92,12 +92,12 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
     # An explicit max_tokens (request, else prompt) must fit; without one, history leaves room
     # for the model's default and the reply gets what is left (at least one token).
     requested = request.max_tokens or (prompt.max_tokens if prompt and prompt.max_tokens else 0)
+    count = (message_tokens if token_counts is None
+             else await token_counts.prepared(tenant.name, [*system, *history, *new]))
     fitted = fit_messages(system, history, new, window=model.context_window,
                           reserve=requested or 1,
                           history_reserve=requested or model.default_max_tokens,
-                          model=model.name,
-                          count=token_counts.counter(tenant.name) if token_counts is not None
-                          else message_tokens)
+                          model=model.name, count=count)
     max_tokens = requested or min(model.default_max_tokens,
                                   model.context_window - fitted.prompt_tokens)
     temperature = request.temperature if request.HasField("temperature") else (

@@ -17,13 +17,14 @@ transcript every turn is not counted again for it.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.tokens import TOKENS_PER_REPLY, count_messages
+from promptline.tokens import OFF_LOOP_CHARS, TOKENS_PER_REPLY, count_messages
 
 Message = tuple[str, str]
 
@@ -68,17 +69,55 @@ class MessageTokenCounts:
         def count(role: str, content: str) -> int:
             if len(content) < self._min_chars:
                 return message_tokens(role, content)
-            key = (tenant, role, blake2b(content.encode(), digest_size=16).digest())
+            key = _key(tenant, role, content)
             tokens = self._counts.get(key)
             if tokens is None:
-                tokens = self._counts[key] = message_tokens(role, content)
-                if len(self._counts) > self._max_entries:
-                    self._counts.popitem(last=False)
-            else:
-                self._counts.move_to_end(key)
+                tokens = message_tokens(role, content)
+            self._remember(key, tokens)
             return tokens
 
         return count
+
+    async def prepared(self, tenant: str, messages: Sequence[Message]
+                       ) -> Callable[[str, str], int]:
+        """`counter(tenant)` for one request, with its messages of OFF_LOOP_CHARS or more already
+        digested and counted in a worker thread (hashlib and tiktoken release the GIL), so a
+        long new prompt does not stall every other stream of the process."""
+        count = self.counter(tenant)
+        long = [(role, content) for role, content in messages if len(content) >= OFF_LOOP_CHARS]
+        if not long:
+            return count
+        found = await asyncio.to_thread(self._look_up_or_count, tenant, long)
+        ready: dict[Message, int] = {}  # hashing a text here costs ~0.5 ms per MiB, once
+        for message, (key, tokens) in zip(long, found, strict=True):
+            self._remember(key, tokens)
+            ready[message] = tokens
+
+        def count_prepared(role: str, content: str) -> int:
+            tokens = ready.get((role, content))
+            return count(role, content) if tokens is None else tokens
+
+        return count_prepared
+
+    def _look_up_or_count(self, tenant: str, messages: list[Message]
+                          ) -> list[tuple[tuple[str, str, bytes], int]]:
+        # In a worker thread: only reads the dict; the loop thread writes it.
+        out = []
+        for role, content in messages:
+            key = _key(tenant, role, content)
+            tokens = self._counts.get(key)
+            out.append((key, message_tokens(role, content) if tokens is None else tokens))
+        return out
+
+    def _remember(self, key: tuple[str, str, bytes], tokens: int) -> None:
+        self._counts[key] = tokens
+        self._counts.move_to_end(key)
+        if len(self._counts) > self._max_entries:
+            self._counts.popitem(last=False)
+
+
+def _key(tenant: str, role: str, content: str) -> tuple[str, str, bytes]:
+    return tenant, role, blake2b(content.encode(), digest_size=16).digest()
 
 
 def fit_messages(system: Sequence[Message], history: Sequence[Message], new: Sequence[Message],

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from promptline.config import SimulatedSettings
 from promptline.errors import ErrorCode, PromptlineError
-from promptline.tokens import count_messages, get_tokenizer
+from promptline.tokens import count_messages_off_loop, get_tokenizer
 
 from .base import Chunk, GenerationRequest, Usage
 
@@ -69,7 +69,8 @@ class SimulatedProvider:
             sent += 1
         # Counted at the end, as a real model reports usage: a long prompt costs no time to the
         # first token here (tiktoken takes ~2 ms for 64 KB).
-        prompt_tokens = count_messages((m.role, m.content) for m in request.messages)
+        prompt_tokens = await count_messages_off_loop(
+            [(m.role, m.content) for m in request.messages])
         yield Chunk(finish_reason=finish, usage=Usage(prompt_tokens, sent))
 
     async def close(self) -> None:
