@@ -61,6 +61,23 @@ async def test_reader_waits_for_the_first_text_to_go_out(monkeypatch: pytest.Mon
         await pump.aclose()
 
 
+async def test_the_rest_of_a_burst_waits_a_short_lead_after_the_first_text(
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(pump_module, "FIRST_TEXT_LEAD", 0.2)
+    provider = Provider(["a", "b", "c"])  # a burst: everything is readable at once
+    pump = ChunkPump(provider.chunks(), clock())
+    try:
+        assert [c.text for c in await pump.take()] == ["a"]
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        rest = [c.text for c in await pump.take()]  # "a" went out: the reader holds back
+        assert loop.time() - sent >= 0.15, "the rest of the burst did not wait for the lead"
+        assert provider.pulled >= 2
+        assert rest + await drain(pump) == ["b", "c"]
+    finally:
+        await pump.aclose()
+
+
 async def test_the_pause_is_bounded_when_the_writer_is_slow(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(pump_module, "FIRST_TEXT_WAIT", 0.01)
     provider = Provider(["a", "b", "c", "d"])

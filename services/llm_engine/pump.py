@@ -4,7 +4,9 @@ When the caller keeps up, every chunk goes out at once on its own (the reader yi
 writer whenever the writer is idle, so no token waits). When the caller falls behind (gRPC flow
 control, a busy process), the chunks that arrived meanwhile leave as one frame: fewer frames,
 less work per token on every hop behind this one. Timeouts watch the reader, i.e. the provider's
-own timing, so a slow caller is never mistaken for an idle model.
+own timing, so a slow caller is never mistaken for an idle model. One pause is deliberate: once
+the first text went out, reading waits FIRST_TEXT_LEAD, so that token crosses the hops behind
+this one before the rest of a burst competes with it for the CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ MAX_HOLD = 0.002
 FIRST_TEXT_WAIT = 0.005
 """Longest pause in reading while the first text frame goes out (seconds). The watchdog sees no
 token meanwhile, so this stays far below any idle timeout."""
+FIRST_TEXT_LEAD = 0.0015
+"""Pause in reading after the first text went out (seconds): the head start it gets through the
+hops behind this one, which otherwise spend the same CPU on the chunks after it."""
 
 
 class ChunkPump:
@@ -61,10 +66,14 @@ class ChunkPump:
                     paused = True
                     # The writer sends nothing else until the first text is out, so reading on
                     # would only take the CPU that the start and first frames need (a provider
-                    # that bursts: ~0.5 ms of TTFT at C=1, docs/performance.md).
+                    # that bursts: ~0.5 ms of TTFT at C=1, docs/performance.md). Once it is out,
+                    # the prompt service and the edge still have ~1 ms of work to deliver it,
+                    # and on a shared box every chunk read now would compete with that (another
+                    # ~1 ms). What arrives meanwhile leaves as one frame after the pause.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(FIRST_TEXT_WAIT):
                             await self._text_sent.wait()
+                    await asyncio.sleep(FIRST_TEXT_LEAD)
                     yielded = loop.time()
                 elif (idle_writer or not self._text_sent.is_set()
                       or loop.time() - yielded >= MAX_HOLD):
