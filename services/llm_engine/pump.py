@@ -69,7 +69,7 @@ class ChunkPump:
                     # that bursts: ~0.5 ms of TTFT at C=1, docs/performance.md). Once it is out,
                     # the prompt service and the edge still have ~1 ms of work to deliver it,
                     # and on a shared box every chunk read now would compete with that (another
-                    # ~1 ms). What arrives meanwhile leaves as one frame after the pause.
+                    # ~1 ms). What arrives meanwhile is read after the pause.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(FIRST_TEXT_WAIT):
                             await self._text_sent.wait()
