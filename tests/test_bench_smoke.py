@@ -66,7 +66,13 @@ def test_floor_smoke_run_measures_bare_grpc_and_our_hops(tmp_path: Path) -> None
     assert 0 < bare["backend (one hop)"] < bare["backend + 2 relays"]
     paced = result["bare_paced"]
     assert paced["messages"] == paced["streams"] * paced["messages_per_stream"]
+    assert set(paced["cpu_us_per_message"]) == {"backend", "relay1", "relay2"}
     assert all(v > 0 for v in paced["cpu_us_per_message"].values())
+    assert paced["cpu_us_per_message_sum"] == sum(paced["cpu_us_per_message"].values())
+    # The backend paces against its own start, which is after the client's: never faster.
+    assert paced["duration_p50_vs_ideal"] >= 1.0
+    assert 0 < paced["gap_p99_ms"] < 1000 * paced["wall_s"]
+    assert "| largest gap between messages p99 |" in proc.stdout
     hops = {(model, hop): p50 for model, hop, p50, _p90 in result["chain_ttft_ms"]}
     assert len(hops) == 6 and all(v > 0 for v in hops.values())
     # The edge relays what the prompt service streams, which relays the engine.
