@@ -88,15 +88,22 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: floa
 
 
 class Child:
-    """A child process in its own session (so signals to the bench do not reach it)."""
+    """A child process in its own process group (so signals to the bench do not reach it).
+
+    By default also in its own session, as `make run` starts the services: where the kernel has
+    autogroups on, each session is then scheduled as one group, and when the box is short of
+    CPU that decides who waits (docs/performance.md, seventh pass). `own_session=False` keeps it
+    in the bench's session, scheduled thread by thread with everything else the bench started.
+    """
 
     def __init__(self, name: str, argv: list[str], *, env: dict[str, str], cwd: str,
-                 log_path: Path) -> None:
+                 log_path: Path, own_session: bool = True) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=own_session,
+                                     process_group=None if own_session else 0)
 
     @property
     def pid(self) -> int:

@@ -88,6 +88,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['run_seconds']} s",
         "",
         "The load generator and the upstream share these cores with the services under test.",
+        "Every process in the bench's session (`--one-session`)." if report.get("one_session")
+        else "Each service, the upstream and LiteLLM in a session of its own.",
         *prompt_note(report),
         "",
         "## Latency and delivery",

@@ -128,8 +128,11 @@ def machine_info() -> dict[str, Any]:
 class Stack:
     """Redis, the upstream and (per scenario) the three services; `close()` ends them all."""
 
-    def __init__(self, workdir: Path, loads: list[Load], root: Path = ROOT) -> None:
+    def __init__(self, workdir: Path, loads: list[Load], root: Path = ROOT,
+                 own_sessions: bool = True) -> None:
         self.workdir = workdir
+        self.own_sessions = own_sessions
+        """False: every process stays in the bench's session (`--one-session`)."""
         self.root = root
         """The checkout whose services run (another one compares before/after a change)."""
         self.loads = loads
@@ -163,7 +166,7 @@ class Stack:
             "upstream", [sys.executable, "-m", "bench.upstream", "--port",
                          str(self.upstream_port)],
             env={**self.env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
-            log_path=self.workdir / "upstream.log")
+            log_path=self.workdir / "upstream.log", own_session=self.own_sessions)
         procstat.wait_port(self.upstream_port, self.upstream.proc, "bench upstream", 20)
 
     @property
@@ -218,7 +221,8 @@ class Stack:
         for name in SERVICES:
             child = procstat.Child(name, [sys.executable, "-m", f"services.{name}"], env=env,
                                    cwd=str(self.root),
-                                   log_path=self.workdir / f"{tag}-{name}.log")
+                                   log_path=self.workdir / f"{tag}-{name}.log",
+                                   own_session=self.own_sessions)
             self.services[name] = child
             try:
                 procstat.wait_port(ports[name], child.proc, name, 30)
@@ -272,7 +276,8 @@ class Stack:
         self.litellm = procstat.Child(
             "litellm", [os.path.abspath(binary), "--config", str(cfg_path), "--host",
                         "127.0.0.1", "--port", str(self.litellm_port), "--num_workers", "1"],
-            env=env, cwd=str(self.workdir), log_path=self.workdir / "litellm.log")
+            env=env, cwd=str(self.workdir), log_path=self.workdir / "litellm.log",
+            own_session=self.own_sessions)
         try:
             procstat.wait_port(self.litellm_port, self.litellm.proc, "litellm", 120)
         except RuntimeError as exc:
@@ -731,6 +736,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "with a long history sends (default: one short sentence)")
     parser.add_argument("--scenarios", default="",
                         help="subset of direct,sse-sim,sse-up,openai-up (default: all)")
+    parser.add_argument("--one-session", action="store_true",
+                        help="keep the services, the upstream and LiteLLM in the bench's own "
+                             "session; by default each runs in its own, as `make run` starts "
+                             "the services, which kernels with autogroups schedule as separate "
+                             "groups")
     parser.add_argument("--skip-openai-endpoint", action="store_true",
                         help="do not drive the edge's POST /v1/chat/completions")
     parser.add_argument("--litellm", default="",
@@ -782,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
     out_base = Path(args.out) if args.out else ROOT / "bench" / "results" / stamp
     out_base.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="promptline-bench-"))
-    stack = Stack(workdir, loads, Path(args.root).resolve())
+    stack = Stack(workdir, loads, Path(args.root).resolve(), own_sessions=not args.one_session)
 
     def watchdog() -> None:
         print(f"bench: hard timeout ({args.hard_timeout:g}s) reached: killing everything",
@@ -818,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         "root": str(Path(args.root).resolve()),
         "commit": _git_commit(Path(args.root)),
         "quick": args.quick,
+        "one_session": args.one_session,
         "loads": [asdict(load) for load in loads],
         "run_seconds": round(time.monotonic() - started, 1),
         "logs": str(workdir),

@@ -126,3 +126,23 @@ def test_prompt_bytes_pads_the_user_message_and_the_report_says_so() -> None:
     assert long.startswith(short) and len(long.encode()) == 16384
     assert prompt_note({"loads": [{"prompt_bytes": 0}]}) == []
     assert "16384 bytes" in prompt_note({"loads": [{"prompt_bytes": 16384}]})[-1]
+
+
+def test_bench_children_get_a_session_of_their_own_unless_one_session(tmp_path: Path) -> None:
+    import os
+
+    from bench import procstat
+    from bench.run import parse_args
+
+    own = procstat.Child("own", ["sleep", "30"], env=dict(os.environ), cwd=str(tmp_path),
+                         log_path=tmp_path / "own.log")
+    shared = procstat.Child("shared", ["sleep", "30"], env=dict(os.environ), cwd=str(tmp_path),
+                            log_path=tmp_path / "shared.log", own_session=False)
+    try:
+        assert os.getsid(own.pid) == own.pid
+        # Still its own process group, so the bench's Ctrl-C and kill_all work as before.
+        assert os.getsid(shared.pid) == os.getsid(0) and os.getpgid(shared.pid) == shared.pid
+    finally:
+        own.stop(grace=1)
+        shared.stop(grace=1)
+    assert parse_args(["--one-session"]).one_session and not parse_args([]).one_session
