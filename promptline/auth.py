@@ -7,9 +7,28 @@ neither the comparison time nor an early exit reveals how much of a key matched.
 from __future__ import annotations
 
 import hmac
+import re
 
 from promptline.config import TenantConfig, key_digest
 from promptline.errors import ErrorCode, PromptlineError, Stage
+
+# `Bearer`, blanks, then the key as visible ASCII: what every HTTP proxy and gRPC metadata carry.
+_BEARER = re.compile(r"[ \t]*([Bb][Ee][Aa][Rr][Ee][Rr])[ \t]+([\x21-\x7e]+)[ \t]*")
+
+
+def bearer_key(header: str | None) -> str:
+    """The key of an `Authorization: Bearer <key>` value; anything else is UNAUTHENTICATED."""
+    if not header:
+        raise _unauthenticated("missing Authorization header (expected 'Bearer <api key>')")
+    match = _BEARER.fullmatch(header)
+    if match is None:
+        raise _unauthenticated("malformed Authorization header (expected 'Bearer <api key>')")
+    return match.group(2)
+
+
+def bearer_header(key: str) -> str:
+    """The canonical header value for `key`: what a hop forwards, whatever spacing came in."""
+    return f"Bearer {key}"
 
 
 class Authenticator:
@@ -20,12 +39,7 @@ class Authenticator:
 
     def tenant_for_header(self, header: str | None) -> TenantConfig:
         """Authenticate an `Authorization: Bearer <key>` value; raises UNAUTHENTICATED."""
-        if not header:
-            raise _unauthenticated("missing Authorization header (expected 'Bearer <api key>')")
-        scheme, _, key = header.strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise _unauthenticated("malformed Authorization header (expected 'Bearer <api key>')")
-        return self.tenant_for_key(key.strip())
+        return self.tenant_for_key(bearer_key(header))
 
     def tenant_for_key(self, key: str) -> TenantConfig:
         presented = key_digest(key)

@@ -1,9 +1,9 @@
 """gRPC server factory shared by the prompt and llm_engine services.
 
-Every server gets the standard health service and server reflection, binds the given address
-(port 0 for tests) and reports the port it got. `stop()` runs the shutdown in phases: mark
-NOT_SERVING so load balancers stop routing, stop accepting, then drain in-flight streams for up to
-the grace period before cancelling what is left.
+Every server gets the standard health service and server reflection (v1 and v1alpha), binds the
+given address (port 0 for tests) and reports the port it got. `stop()` runs the shutdown in
+phases: mark NOT_SERVING so load balancers stop routing, stop accepting, then drain in-flight
+streams for up to the grace period before cancelling what is left.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from promptline.malformed_requests import MalformedRequests
+from promptline.reflection import enable_reflection
 
 log = logging.getLogger("promptline.grpc")
 
@@ -76,9 +76,7 @@ async def start_grpc_server(
     register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*service_full_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((*service_full_names, health.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {address}")

@@ -8,6 +8,7 @@ streams drain before the hops behind them go away. If any child dies, everything
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -61,9 +62,7 @@ def main() -> int:
                 break
             if not ready and _ready(edge_url, config):
                 ready = True
-                _say(f"ready: chat page {edge_url}/  ·  try:\n  curl -N -H 'Authorization: "
-                     f"Bearer dev-key' -d '{{\"model\":\"sim\",\"messages\":[{{\"role\":\"user\","
-                     f"\"content\":\"hi\"}}]}}' {edge_url}/v1/chat/stream")
+                _say(f"ready: chat page {edge_url}/{try_hint(config, edge_url)}")
             time.sleep(0.2)
     finally:
         _stop_all(children, config.shutdown_grace)
@@ -71,6 +70,19 @@ def main() -> int:
             redis.stop()
         _say("stopped")
     return exit_code
+
+
+def try_hint(config: Config, edge_url: str) -> str:
+    """A curl line for the loaded config: a model that exists and the tenant whose key to use,
+    never the key itself (a configured secret)."""
+    for tenant in config.tenants:
+        model = next((m.name for m in config.models if tenant.may_use(m.name)), None)
+        if model is not None:
+            body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+            return (f"  ·  try, with an API key of tenant {tenant.name!r} in $API_KEY:\n"
+                    f"  curl -N -H \"Authorization: Bearer $API_KEY\" -d '{body}' "
+                    f"{edge_url}/v1/chat/stream")
+    return ""
 
 
 def _stop_all(children: dict[str, subprocess.Popen[bytes]], grace: float) -> None:

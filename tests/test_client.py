@@ -154,3 +154,26 @@ async def test_reflection_describes_stream_chat(chain: Chain) -> None:
     assert replies and replies[0].file_descriptor_response.file_descriptor_proto
     assert not replies[0].HasField("error_response")
     assert isinstance(call, grpc.aio.Call)
+
+
+@pytest.mark.parametrize("server", ["prompt", "engine"])
+async def test_reflection_v1_answers_clients_that_speak_only_v1(chain: Chain, server: str) -> None:
+    """grpc-js's reflection client and newer tools ask `grpc.reflection.v1` (same messages)."""
+    channel = chain.prompt_channel if server == "prompt" else chain.engine_channel
+    info = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    service = "promptline.v1.PromptService" if server == "prompt" else "promptline.v1.LlmEngine"
+    replies = [r async for r in info(iter([
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=service),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+    ]))]
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {service, "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    for reply in replies[1:]:
+        assert not reply.HasField("error_response"), reply.error_response
+        assert reply.file_descriptor_response.file_descriptor_proto

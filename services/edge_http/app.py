@@ -24,42 +24,29 @@ from opentelemetry.trace import SpanKind
 
 from promptline.config import Config
 from promptline.config_reload import LiveConfig
-from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.grpc_server import insecure_channel
 from promptline.metrics import metrics_handler
 from promptline.tracing import client_interceptors, tracer
 from promptline.v1 import prompt_pb2, prompt_pb2_grpc
 from services.edge_http import chat_page, openai_api, prompts_api
-from services.edge_http.chat_request import (
-    PAYLOAD_TOO_LARGE_STATUS,
-    parse_chat_request,
-    read_body,
-)
+from services.edge_http.chat_request import parse_chat_request, read_request_body
 from services.edge_http.context import (
     CHANNEL_KEY,
     LIFECYCLE_KEY,
     LIVE_CONFIG_KEY,
     STUB_KEY,
+    Caller,
     Lifecycle,
-    authenticator,
-    current_config,
-    request_id_from,
+    authenticated,
 )
-from services.edge_http.relay import (
-    ORIGIN,
-    ErrorBody,
-    SseEncoder,
-    StreamRelay,
-    error_response,
-    sse_error_body,
-)
+from services.edge_http.http_errors import ORIGIN, EdgeRunner, error_response, json_errors
+from services.edge_http.relay import SseEncoder, StreamRelay
 
 log = logging.getLogger("promptline.edge_http")
 
 PROMPT_SERVICE_NAME = prompt_pb2.DESCRIPTOR.services_by_name["PromptService"].full_name
 READY_TIMEOUT = 1.0
-__all__ = ["ORIGIN", "EdgeServer", "Lifecycle", "build_app", "error_response",
-           "request_id_from", "start_edge"]
+__all__ = ["ORIGIN", "EdgeServer", "Lifecycle", "build_app", "error_response", "start_edge"]
 
 
 def build_app(config: Config, channel: grpc.aio.Channel, *,
@@ -113,7 +100,7 @@ async def start_edge(config: Config, host: str = "127.0.0.1", port: int = 0, *,
     """Create the process's prompt channel, build the app and serve it on host:port (0 = any)."""
     channel = insecure_channel(config.prompt_target, interceptors=client_interceptors())
     app = build_app(config, channel, live=live)
-    runner = web.AppRunner(
+    runner = EdgeRunner(
         app,
         handler_cancellation=True,  # a client disconnect must cancel the model work
         shutdown_timeout=config.shutdown_grace,
@@ -134,17 +121,7 @@ async def start_edge(config: Config, host: str = "127.0.0.1", port: int = 0, *,
     return EdgeServer(app=app, runner=runner, channel=channel, port=bound, host=host)
 
 
-# --- errors ------------------------------------------------------------------------------------
-
-
-def _code_for_http_status(status: int) -> ErrorCode:
-    if status == 401:
-        return ErrorCode.UNAUTHENTICATED
-    if status == 403:
-        return ErrorCode.PERMISSION_DENIED
-    if status == 404:
-        return ErrorCode.NOT_FOUND
-    return ErrorCode.INTERNAL if status >= 500 else ErrorCode.INVALID_REQUEST
+# --- tracing ---------------------------------------------------------------------------------
 
 
 @web.middleware
@@ -163,44 +140,6 @@ async def traced(
         if rid := response.headers.get("X-Request-Id"):
             span.set_attribute("promptline.request_id", rid)
         return response
-
-
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Routing errors and unexpected exceptions as the JSON error shape, never HTML or a trace."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        rid = request_id_from(request.headers.get("X-Request-Id"))
-        if exc.status < 400:
-            raise
-        code = _code_for_http_status(exc.status)
-        if isinstance(exc, web.HTTPMethodNotAllowed):
-            allowed = ", ".join(sorted(exc.allowed_methods))
-            message = f"method {request.method} is not allowed here (allowed: {allowed})"
-        elif exc.status == 404:
-            message = "no such endpoint"
-        elif code is ErrorCode.INTERNAL:
-            message = "internal error"
-        else:
-            message = exc.reason
-        passthrough = {k: v for k, v in exc.headers.items()
-                       if k.lower() in ("allow", "retry-after")}
-        err = PromptlineError(code, message, stage=Stage.CONNECT, origin=ORIGIN)
-        return error_response(err, rid, status=exc.status, headers=passthrough,
-                              body=_error_body_for(request.path))
-    except Exception:
-        rid = request_id_from(request.headers.get("X-Request-Id"))
-        log.exception("unhandled error", extra={"request_id": rid, "path": request.path})
-        return error_response(internal_error(rid, Stage.CONNECT), rid,
-                              body=_error_body_for(request.path))
-
-
-def _error_body_for(path: str) -> ErrorBody:
-    """OpenAI's error shape on the OpenAI-compatible paths, the native one elsewhere."""
-    return openai_api.error_body if openai_api.is_openai_path(path) else sse_error_body
 
 
 # --- probes ------------------------------------------------------------------------------------
@@ -232,36 +171,14 @@ async def readyz(request: web.Request) -> web.Response:
 # --- the chat stream ---------------------------------------------------------------------------
 
 
-async def chat_stream(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/stream: auth, body, then relay the prompt service's stream as SSE."""
-    app = request.app
-    config = current_config(app)
-    rid = request_id_from(request.headers.get("X-Request-Id"))
-    authorization = request.headers.get("Authorization", "")
-    # Auth first: an unauthenticated caller gets no body parsing and no downstream call.
-    try:
-        authenticator(app).tenant_for_header(authorization)
-    except PromptlineError as err:
-        return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid)
-    try:
-        body = await read_body(request.content.iter_any(), config.edge.max_body_bytes,
-                               request.content_length)
-    except PromptlineError as err:
-        return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid,
-                              status=PAYLOAD_TOO_LARGE_STATUS)
-    try:
-        chat = parse_chat_request(body)
-    except PromptlineError as err:
-        return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid)
-    chat.request_id = rid
-    del body  # the protobuf is the copy the stream keeps; a long prompt is not held twice
-
-    call = app[STUB_KEY].StreamChat(
-        chat,
-        metadata=(("authorization", authorization), ("x-request-id", rid)),
-        timeout=config.edge.request_timeout,
-    )
-    relay = StreamRelay(request, config, rid, model=chat.model,
-                        encoder=SseEncoder(rid, chat.model))
+@authenticated
+async def chat_stream(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """POST /v1/chat/stream: the body, then relay the prompt service's stream as SSE."""
+    config = caller.config
+    chat = parse_chat_request(await read_request_body(request, config.edge.max_body_bytes))
+    chat.request_id = caller.request_id
+    call = request.app[STUB_KEY].StreamChat(chat, metadata=caller.metadata,
+                                            timeout=config.edge.request_timeout)
+    relay = StreamRelay(request, config, caller.request_id, model=chat.model,
+                        encoder=SseEncoder(caller.request_id, chat.model))
     return await relay.run(call, header_hold=config.edge.header_hold)
-

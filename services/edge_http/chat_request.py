@@ -13,11 +13,18 @@ import re
 from collections.abc import AsyncIterable
 from typing import Any, NoReturn
 
+from aiohttp import web
+from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
+from aiohttp.http_exceptions import HttpProcessingError
+
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2, prompt_pb2
 
-# The one INVALID_REQUEST the edge answers with 413 instead of the table's 400.
-PAYLOAD_TOO_LARGE_STATUS = 413
+# Content-Encodings aiohttp decodes as the body arrives; any other would reach us as raw bytes.
+DECODED_ENCODINGS = frozenset({"identity", "gzip", "deflate", *(["br"] if HAS_BROTLI else []),
+                               *(["zstd"] if HAS_ZSTD else [])})
+# Python refuses to convert longer digit strings (sys.get_int_max_str_digits()).
+MAX_INT_DIGITS = 4300
 
 ROLES = frozenset({"system", "user", "assistant"})
 MAX_TOKENS_LIMIT = 1_000_000
@@ -31,12 +38,42 @@ def invalid(message: str) -> PromptlineError:
     return PromptlineError(ErrorCode.INVALID_REQUEST, message, stage=Stage.CONNECT)
 
 
+class BodyError(PromptlineError):
+    """An INVALID_REQUEST about the body's bytes, with its own HTTP status (400, 413 or 415)."""
+
+    __slots__ = ("_status",)
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(ErrorCode.INVALID_REQUEST, message, stage=Stage.CONNECT)
+        self._status = status
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+
+async def read_request_body(request: web.Request, limit: int) -> bytes:
+    """The request's body, decoded from its Content-Encoding, at most `limit` bytes of it."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in DECODED_ENCODINGS:
+        supported = ", ".join(sorted(DECODED_ENCODINGS))
+        raise BodyError(f"Content-Encoding {encoding[:40]!r} is not supported (use one of "
+                        f"{supported})", 415)
+    try:
+        return await read_body(request.content.iter_any(), limit, request.content_length)
+    except (HttpProcessingError, web.RequestPayloadError):  # from the parser, as bytes arrive
+        if encoding != "identity":
+            raise BodyError(f"body is not valid {encoding} (Content-Encoding: {encoding})"
+                            ) from None
+        raise BodyError("body does not match its framing (Content-Length or chunked)") from None
+
+
 async def read_body(content: AsyncIterable[bytes], limit: int,
                     content_length: int | None = None) -> bytes:
-    """Read at most `limit` bytes; a larger body raises INVALID_REQUEST (sent as HTTP 413).
+    """Read at most `limit` bytes; a larger body raises BodyError (HTTP 413).
 
-    A declared Content-Length over the limit is refused before reading anything; a chunked body
-    is counted as it arrives, so an endless upload is cut off at the limit, not buffered.
+    A declared Content-Length over the limit is refused before reading anything; a chunked (or
+    compressed) body is counted as it arrives, so an endless upload is cut off at the limit.
     """
     if content_length is not None and content_length > limit:
         raise _too_large(limit)
@@ -51,7 +88,7 @@ async def read_body(content: AsyncIterable[bytes], limit: int,
 
 
 def _too_large(limit: int) -> PromptlineError:
-    return invalid(f"request body is larger than {limit} bytes")
+    return BodyError(f"request body is larger than {limit} bytes", 413)
 
 
 def parse_chat_request(body: bytes) -> prompt_pb2.StreamChatRequest:
@@ -101,7 +138,7 @@ def _decode_json(body: bytes) -> Any:
     if not text.strip():
         raise invalid("body is empty (expected a JSON object)")
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise invalid(
             f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -109,6 +146,12 @@ def _decode_json(body: bytes) -> Any:
     except RecursionError:
         # A 1 MiB body of `[[[[...` would otherwise surface as an internal error.
         raise invalid("body is not valid JSON: nested too deeply") from None
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise invalid(f"body is not valid JSON: an integer has more than {MAX_INT_DIGITS} digits")
+    return int(digits)
 
 
 def _reject_constant(name: str) -> NoReturn:

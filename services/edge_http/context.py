@@ -1,4 +1,5 @@
-"""What every edge handler shares: typed application keys, process state, the request id rule.
+"""What every edge handler shares: typed application keys, process state, the authenticated
+preamble (`authenticated`).
 
 Kept apart from `app.py` so endpoint modules (`openai_api.py`, ...) can import it while
 `build_app` imports them.
@@ -6,19 +7,24 @@ Kept apart from `app.py` so endpoint modules (`openai_api.py`, ...) can import i
 
 from __future__ import annotations
 
-import re
-import uuid
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
 
-from promptline.auth import Authenticator
-from promptline.config import Config
+from promptline.auth import Authenticator, bearer_header, bearer_key
+from promptline.config import Config, TenantConfig
 from promptline.config_reload import LiveConfig
+from promptline.errors import PromptlineError
+from promptline.ids import request_id_from
 from promptline.v1 import prompt_pb2_grpc
+from services.edge_http.chat_request import BodyError
+from services.edge_http.http_errors import error_body_for, error_response
 
-_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+__all__ = ["CHANNEL_KEY", "LIFECYCLE_KEY", "LIVE_CONFIG_KEY", "STUB_KEY", "Caller", "Lifecycle",
+           "authenticated", "authenticator", "current_config", "request_id_from"]
 
 
 @dataclass
@@ -44,8 +50,39 @@ def authenticator(app: web.Application) -> Authenticator:
     return app[LIVE_CONFIG_KEY].derived("auth", lambda c: Authenticator(c.tenants))
 
 
-def request_id_from(header: str | None) -> str:
-    """The caller's X-Request-Id when it is a safe token, else a fresh uuid4 hex."""
-    if header and _SAFE_REQUEST_ID.fullmatch(header):
-        return header
-    return uuid.uuid4().hex
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated request: who asks, under which id and config, and what to forward."""
+
+    request_id: str
+    tenant: TenantConfig
+    config: Config
+    metadata: tuple[tuple[str, str], ...]
+    """For every downstream call: the canonical `authorization` and the `x-request-id`."""
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CallerHandler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+
+
+def authenticated(handler: CallerHandler) -> Handler:
+    """The preamble of every API handler: request id, then the API key (before the body is read,
+    so an unauthenticated caller costs nothing), then `handler`; a PromptlineError it raises
+    before answering becomes the HTTP error response, in the path's error shape."""
+
+    @functools.wraps(handler)
+    async def preamble(request: web.Request) -> web.StreamResponse:
+        rid = request_id_from(request.headers.get("X-Request-Id"))
+        try:
+            key = bearer_key(request.headers.get("Authorization"))
+            tenant = authenticator(request.app).tenant_for_key(key)
+            caller = Caller(rid, tenant, current_config(request.app),
+                            (("authorization", bearer_header(key)), ("x-request-id", rid)))
+            return await handler(request, caller)
+        except PromptlineError as err:
+            response = error_response(err, rid, body=error_body_for(request.path))
+            if isinstance(err, BodyError):
+                response.force_close()  # the rest of a broken or oversized body is not read
+            return response
+
+    return preamble

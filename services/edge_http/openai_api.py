@@ -21,23 +21,26 @@ from typing import Any
 from aiohttp import web
 
 from promptline.errors import PromptlineError, Stage
-from promptline.metrics import ERRORS
 from promptline.streams import read_frames
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
 from services.edge_http.chat_request import (
-    PAYLOAD_TOO_LARGE_STATUS,
     chat_request_from,
     decode_json_object,
     invalid,
     json_kind,
-    read_body,
+    read_request_body,
 )
-from services.edge_http.context import STUB_KEY, authenticator, current_config, request_id_from
-from services.edge_http.relay import (
+from services.edge_http.context import STUB_KEY, Caller, authenticated
+from services.edge_http.http_errors import (
+    CHAT_COMPLETIONS_PATH,
+    MODELS_PATH,
     ORIGIN,
-    StreamRelay,
     error_response,
+    openai_error_body,
+)
+from services.edge_http.relay import (
+    StreamRelay,
     ratelimit_headers,
     rejection_headers,
     usage_data,
@@ -45,8 +48,6 @@ from services.edge_http.relay import (
 
 log = logging.getLogger("promptline.edge_http")
 
-CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
-MODELS_PATH = "/v1/models"
 DONE_LINE = b"data: [DONE]\n\n"
 # Roles OpenAI clients send that map onto ours; tool calling is not supported.
 _ROLE_ALIASES = {"developer": "system"}
@@ -57,16 +58,6 @@ def add_routes(app: web.Application) -> None:
     """Register the OpenAI-compatible routes on the edge application."""
     app.router.add_post(CHAT_COMPLETIONS_PATH, chat_completions)
     app.router.add_get(MODELS_PATH, list_models)
-
-
-def is_openai_path(path: str) -> bool:
-    """Whether errors on `path` should use OpenAI's error shape."""
-    return path in (CHAT_COMPLETIONS_PATH, MODELS_PATH)
-
-
-def error_body(err: PromptlineError) -> dict[str, Any]:
-    """OpenAI's error body: `{"error": {message, type, code, param, ...our fields}}`."""
-    return {"error": err.to_openai_dict()}
 
 
 def completion_id(request_id: str) -> str:
@@ -143,12 +134,14 @@ def _messages(value: Any) -> Any:
             out.append(item)
             continue
         role = item.get("role")
-        if role in _UNSUPPORTED_ROLES or item.get("tool_calls"):
-            raise invalid(f"messages[{i}]: tool calling is not supported")
+        if isinstance(role, str):  # a list or an object is left for the native type check
+            if role in _UNSUPPORTED_ROLES or item.get("tool_calls"):
+                raise invalid(f"messages[{i}]: tool calling is not supported")
+            role = _ROLE_ALIASES.get(role, role)
         content = item.get("content")
         if isinstance(content, list):
             content = _text_parts(content, f"messages[{i}].content")
-        out.append({"role": _ROLE_ALIASES.get(role, role), "content": content})
+        out.append({"role": role, "content": content})
     return out
 
 
@@ -203,10 +196,10 @@ class ChunkEncoder:
         return out + DONE_LINE
 
     def error(self, err: PromptlineError) -> bytes:
-        return _data(error_body(err)) + DONE_LINE
+        return _data(openai_error_body(err)) + DONE_LINE
 
     def error_body(self, err: PromptlineError) -> dict[str, Any]:
-        return error_body(err)
+        return openai_error_body(err)
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -229,46 +222,31 @@ def _data(obj: dict[str, Any]) -> bytes:
 # --- handlers ------------------------------------------------------------------------------------
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/chat/completions: auth, body, then a chunk stream or one aggregated completion."""
-    app = request.app
-    config = current_config(app)
-    rid = request_id_from(request.headers.get("X-Request-Id"))
-    authorization = request.headers.get("Authorization", "")
-    try:
-        authenticator(app).tenant_for_header(authorization)  # before any body parsing
-    except PromptlineError as err:
-        return _reject(err, rid)
-    try:
-        body = await read_body(request.content.iter_any(), config.edge.max_body_bytes,
-                               request.content_length)
-    except PromptlineError as err:
-        return _reject(err, rid, status=PAYLOAD_TOO_LARGE_STATUS)
-    try:
-        chat, options = parse_completion_request(body)
-    except PromptlineError as err:
-        return _reject(err, rid)
+@authenticated
+async def chat_completions(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """POST /v1/chat/completions: the body, then a chunk stream or one aggregated completion."""
+    config = caller.config
+    rid = caller.request_id
+    chat, options = parse_completion_request(
+        await read_request_body(request, config.edge.max_body_bytes))
     chat.request_id = rid
-    del body  # the protobuf is the copy the stream keeps; a long prompt is not held twice
-
-    call = app[STUB_KEY].StreamChat(
-        chat,
-        metadata=(("authorization", authorization), ("x-request-id", rid)),
-        timeout=config.edge.request_timeout,
-    )
+    call = request.app[STUB_KEY].StreamChat(chat, metadata=caller.metadata,
+                                            timeout=config.edge.request_timeout)
     if not options.stream:
-        return await _complete(request, call, rid, chat.model)
+        return await _complete(request, call, caller, chat.model)
     encoder = ChunkEncoder(rid, chat.model, include_usage=options.include_usage)
     relay = StreamRelay(request, config, rid, model=chat.model, encoder=encoder,
                         endpoint="chat_completions")
     return await relay.run(call, header_hold=config.edge.header_hold)
 
 
-async def _complete(request: web.Request, call: Any, rid: str, model: str) -> web.Response:
+async def _complete(request: web.Request, call: Any, caller: Caller, model: str
+                    ) -> web.Response:
     """Aggregate the whole stream into one `chat.completion`; an error at any point is HTTP.
 
     A client that disconnects cancels this handler, and `read_frames` cancels the call.
     """
+    rid = caller.request_id
     texts: list[str] = []
     done: common_pb2.Done | None = None
     try:
@@ -283,11 +261,10 @@ async def _complete(request: web.Request, call: Any, rid: str, model: str) -> we
                     done = frame.done
     except PromptlineError as err:
         err.at(Stage.MID_STREAM if texts else Stage.FIRST_PACKET, request_id=rid, origin=ORIGIN)
-        ERRORS.labels("edge_http", err.code.value, err.stage.value if err.stage else "").inc()
         log.info("chat completion ended", extra={"request_id": rid, "model": model,
                                                  "outcome": f"error:{err.code.value}"})
-        return error_response(err, rid, headers=rejection_headers(current_config(request.app), err),
-                              body=error_body)
+        return error_response(err, rid, headers=rejection_headers(caller.config, err),
+                              body=openai_error_body)
     assert done is not None  # read_frames ends with `done` or raises
     log.info("chat completion ended", extra={"request_id": rid, "model": model, "outcome": "done",
                                              "deltas": len(texts)})
@@ -308,20 +285,12 @@ async def _complete(request: web.Request, call: Any, rid: str, model: str) -> we
     return web.json_response(completion, headers=headers)
 
 
-async def list_models(request: web.Request) -> web.Response:
+@authenticated
+async def list_models(request: web.Request, caller: Caller) -> web.Response:
     """GET /v1/models: the configured models this caller's tenant may use, in OpenAI's shape."""
-    rid = request_id_from(request.headers.get("X-Request-Id"))
-    try:
-        tenant = authenticator(request.app).tenant_for_header(request.headers.get("Authorization"))
-    except PromptlineError as err:
-        return _reject(err, rid)
     models = [
         {"id": m.name, "object": "model", "created": 0, "owned_by": "promptline"}
-        for m in current_config(request.app).models if tenant.may_use(m.name)
+        for m in caller.config.models if caller.tenant.may_use(m.name)
     ]
-    return web.json_response({"object": "list", "data": models}, headers={"X-Request-Id": rid})
-
-
-def _reject(err: PromptlineError, rid: str, *, status: int | None = None) -> web.Response:
-    return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid, status=status,
-                          body=error_body)
+    return web.json_response({"object": "list", "data": models},
+                             headers={"X-Request-Id": caller.request_id})

@@ -11,7 +11,7 @@
 The edge authenticates the Bearer key first (401 without touching anything else), parses the
 JSON body, then calls PromptAdmin over the process's prompt channel, forwarding `authorization`;
 the prompt service checks admin rights, validates and owns the data. Errors are the usual
-`{"error": {...}}` body with the table's HTTP status (`error_response`).
+`{"error": {...}}` body with the table's HTTP status (`http_errors.error_response`).
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ from aiohttp import web
 from promptline.errors import PromptlineError, Stage
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 from services.edge_http.chat_request import (
-    PAYLOAD_TOO_LARGE_STATUS,
     decode_json_object,
     invalid,
     json_kind,
-    read_body,
+    read_request_body,
     string_field,
 )
-from services.edge_http.context import CHANNEL_KEY, authenticator, current_config, request_id_from
-from services.edge_http.relay import ORIGIN, error_response
+from services.edge_http.context import CHANNEL_KEY, Caller, authenticated, current_config
 
 ADMIN_TIMEOUT = 10.0  # seconds; each call is a few Redis round trips
 _UINT32_MAX = 2**32 - 1
@@ -56,25 +54,17 @@ Call = Callable[[prompt_admin_pb2_grpc.PromptAdminStub, web.Request, tuple[tuple
 
 
 def _admin(call: Call) -> Handler:
-    """Auth, then the PromptAdmin call; any PromptlineError becomes the HTTP error response."""
+    """The authenticated preamble, then the PromptAdmin call; its gRPC failure is re-raised as
+    the PromptlineError it carries (the preamble answers it)."""
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        rid = request_id_from(request.headers.get("X-Request-Id"))
-        authorization = request.headers.get("Authorization", "")
+    @authenticated
+    async def handler(request: web.Request, caller: Caller) -> web.StreamResponse:
+        stub = prompt_admin_pb2_grpc.PromptAdminStub(request.app[CHANNEL_KEY])
         try:
-            authenticator(request.app).tenant_for_header(authorization)
-            stub = prompt_admin_pb2_grpc.PromptAdminStub(request.app[CHANNEL_KEY])
-            metadata = (("authorization", authorization), ("x-request-id", rid))
-            response = await call(stub, request, metadata)
-        except _BodyTooLarge as exc:
-            return error_response(exc.err.at(Stage.CONNECT, origin=ORIGIN), rid,
-                                  status=PAYLOAD_TOO_LARGE_STATUS)
-        except PromptlineError as err:
-            return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid)
+            response = await call(stub, request, caller.metadata)
         except grpc.aio.AioRpcError as exc:
-            err = PromptlineError.from_rpc_error(exc, stage=Stage.CONNECT)
-            return error_response(err.at(Stage.CONNECT, origin=ORIGIN), rid)
-        response.headers["X-Request-Id"] = rid
+            raise PromptlineError.from_rpc_error(exc, stage=Stage.CONNECT) from None
+        response.headers["X-Request-Id"] = caller.request_id
         return response
 
     handler.__name__ = call.__name__
@@ -218,22 +208,9 @@ async def delete_conversation(stub: prompt_admin_pb2_grpc.PromptAdminStub, reque
 # --- body and query readers (INVALID_REQUEST naming the field) ---------------------------------
 
 
-class _BodyTooLarge(Exception):
-    """A body over `edge.max_body_bytes`: answered 413 instead of the table's 400."""
-
-    def __init__(self, err: PromptlineError) -> None:
-        super().__init__(err.message)
-        self.err = err
-
-
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await read_body(request.content.iter_any(),
-                               current_config(request.app).edge.max_body_bytes,
-                               request.content_length)
-    except PromptlineError as err:  # read_body's only error: the body is over the limit
-        raise _BodyTooLarge(err) from None
-    return decode_json_object(body)
+    limit = current_config(request.app).edge.max_body_bytes
+    return decode_json_object(await read_request_body(request, limit))
 
 
 def _object(value: Any, path: str) -> dict[str, Any]:

@@ -15,23 +15,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
 
-from promptline.config import Config
-from promptline.errors import PromptlineError, Stage, internal_error
-from promptline.metrics import ACTIVE_STREAMS, ERRORS, StreamTimer
+from promptline.config import Config, Timeouts
+from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
+from promptline.metrics import ACTIVE_STREAMS, StreamTimer
 from promptline.ratelimit import rejection_limits
 from promptline.streams import read_frames
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
+from services.edge_http.http_errors import ORIGIN, count_error, error_response, native_error_body
 
 log = logging.getLogger("promptline.edge_http")
 
-ORIGIN = "edge_http"
 # Slack between the gRPC reader and the socket writer: enough that a write does not stall the
 # next read, small enough that a slow client pushes back through gRPC flow control instead of
 # having the edge buffer a whole reply in memory.
@@ -39,25 +38,6 @@ FRAME_QUEUE_SIZE = 8
 _ACTIVE = ACTIVE_STREAMS.labels("edge_http")
 _HEARTBEAT = object()
 """Queued by a stream's heartbeat timer: nothing was written for `edge.heartbeat`."""
-
-ErrorBody = Callable[[PromptlineError], dict[str, Any]]
-
-
-def sse_error_body(err: PromptlineError) -> dict[str, Any]:
-    """The native HTTP error body `{"error": {...}}`."""
-    return {"error": err.to_dict()}
-
-
-def error_response(err: PromptlineError, request_id: str, *, status: int | None = None,
-                   headers: dict[str, str] | None = None,
-                   body: ErrorBody = sse_error_body) -> web.Response:
-    """An HTTP error: the table's status (or `status`), Retry-After, and `body(err)` as JSON."""
-    err.request_id = err.request_id or request_id
-    all_headers = {**err.http_headers(), **(headers or {})}
-    if request_id:
-        all_headers["X-Request-Id"] = request_id
-    return web.json_response(body(err), status=status or err.http_status, headers=all_headers)
-
 
 def rejection_headers(config: Config, err: PromptlineError) -> dict[str, str]:
     """`x-ratelimit-*` headers for a tenant quota rejection; empty for other errors."""
@@ -120,7 +100,7 @@ class SseEncoder:
         return sse.encode_event("error", {"error": err.to_dict()})
 
     def error_body(self, err: PromptlineError) -> dict[str, Any]:
-        return sse_error_body(err)
+        return native_error_body(err)
 
 
 class StreamRelay:
@@ -141,6 +121,9 @@ class StreamRelay:
         self._encoder = encoder
         self._endpoint = endpoint
         self._heartbeat = config.edge.heartbeat
+        model_config = config.model(model)
+        self._stall_limit = (model_config.timeouts if model_config else Timeouts()).idle
+        """Longest a write may wait for a client that stopped reading: the model's idle rule."""
         self._response: web.StreamResponse | None = None
         self._call: Any = None
         self._stash: Any = None  # a frame taken from the queue while merging deltas
@@ -272,14 +255,27 @@ class StreamRelay:
         self._last_write = asyncio.get_running_loop().time()
 
     async def _write(self, data: bytes) -> None:
-        assert self._response is not None
-        await self._response.write(data)
+        await self._send(data, last=False)
         self._last_write = asyncio.get_running_loop().time()
 
     async def _write_last(self, data: bytes) -> None:
         """The final event and the end of the body in one write."""
-        assert self._response is not None
-        await self._response.write_eof(data)
+        await self._send(data, last=True)
+
+    async def _send(self, data: bytes, *, last: bool) -> None:
+        response = self._response
+        assert response is not None
+        transport = self._request.transport
+        if transport is None or not transport.get_write_buffer_size():
+            await (response.write_eof(data) if last else response.write(data))
+            return
+        # The client is behind, so this write may wait for it (the socket pushes back, gRPC flow
+        # control carries that down to the provider), but not longer than the idle rule allows.
+        try:
+            async with asyncio.timeout(self._stall_limit):
+                await (response.write_eof(data) if last else response.write(data))
+        except TimeoutError:
+            raise ClientStalled(self._stall_limit) from None
 
     async def _write_frame(self, frame: Any) -> None:
         kind = frame.WhichOneof("frame")
@@ -311,15 +307,31 @@ class StreamRelay:
     async def _fail(self, err: PromptlineError) -> web.StreamResponse:
         err.at(self._stage(), request_id=self._rid, origin=ORIGIN)
         self.outcome = f"error:{err.code.value}"
-        ERRORS.labels("edge_http", err.code.value, err.stage.value if err.stage else "").inc()
+        if isinstance(err, ClientStalled):
+            count_error(err)
+            log.info("client stopped reading; stream ended", extra={
+                "request_id": self._rid, "stall_limit_s": self._stall_limit})
+            if self._request.transport is not None:
+                self._request.transport.abort()  # nothing more can reach that client
+            assert self._response is not None
+            return self._response
         if self._response is None:
             return error_response(err, self._rid, headers=rejection_headers(self._config, err),
                                   body=self._encoder.error_body)
+        count_error(err)
         await self._write_last(self._encoder.error(err))
         return self._response
 
     def _stage(self) -> Stage:
         return Stage.MID_STREAM if self._deltas else Stage.FIRST_PACKET
+
+
+class ClientStalled(PromptlineError):
+    """The client read nothing for the stall limit while a write waited for it."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(ErrorCode.STREAM_TIMEOUT,
+                         f"the client read nothing for {limit:g} s", stage=Stage.MID_STREAM)
 
 
 def start_data(start: prompt_pb2.ChatStart, request_id: str, model: str) -> dict[str, Any]:

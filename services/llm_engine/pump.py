@@ -4,9 +4,11 @@ When the caller keeps up, every chunk goes out at once on its own (the reader yi
 writer whenever the writer is idle, so no token waits). When the caller falls behind (gRPC flow
 control, a busy process), the chunks that arrived meanwhile leave as one frame: fewer frames,
 less work per token on every hop behind this one. Timeouts watch the reader, i.e. the provider's
-own timing, so a slow caller is never mistaken for an idle model. One pause is deliberate: once
-the first text went out, reading waits FIRST_TEXT_LEAD, so that token crosses the hops behind
-this one before the rest of a burst competes with it for the CPU.
+own timing, so a caller that is merely slow is never mistaken for an idle model; one that stops
+reading fills the bounded buffer (MAX_PENDING_CHARS), the reader stops, and the idle and total
+timeouts then run as for a silent model. One pause is deliberate: once the first text went out,
+reading waits FIRST_TEXT_LEAD, so that token crosses the hops behind this one before the rest of
+a burst competes with it for the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ token meanwhile, so this stays far below any idle timeout."""
 FIRST_TEXT_LEAD = 0.0015
 """Pause in reading after the first text went out (seconds): the head start it gets through the
 hops behind this one, which otherwise spend the same CPU on the chunks after it."""
+MAX_PENDING_CHARS = 64 * 1024
+"""Most text held for a writer that cannot send (characters). Past it the reader stops reading,
+so the provider's socket fills and TCP pushes back on the provider: a slow caller costs each
+stream a bounded amount here, as gRPC flow control bounds it on the hops behind."""
+MAX_PENDING_CHUNKS = 4096
+"""The same bound in chunks, for providers that send many chunks without text."""
 
 
 class ChunkPump:
@@ -34,7 +42,10 @@ class ChunkPump:
     def __init__(self, chunks: AsyncIterator[Chunk], clock: StreamClock) -> None:
         self._chunks = chunks
         self._pending: list[Chunk] = []
+        self._pending_chars = 0
         self._ready = asyncio.Event()
+        self._drained = asyncio.Event()
+        """Set by `take()`: the writer emptied the buffer (the reader waits for it when full)."""
         self._ended = False
         self._text_taken = False
         self._text_sent = asyncio.Event()
@@ -57,7 +68,14 @@ class ChunkPump:
                     self._watchdog.on_token()
                 idle_writer = not self._pending
                 self._pending.append(chunk)
+                self._pending_chars += len(chunk.text)
                 self._ready.set()
+                if (self._pending_chars >= MAX_PENDING_CHARS
+                        or len(self._pending) >= MAX_PENDING_CHUNKS):
+                    self._drained.clear()
+                    await self._drained.wait()  # backpressure: the writer cannot keep up
+                    yielded = loop.time()
+                    continue
                 # Reading buffered chunks never suspends, so without this the reader would keep
                 # the loop until the socket drained: hand over when the writer waits, after
                 # every chunk until the first text went out (time to first token comes first),
@@ -99,6 +117,8 @@ class ChunkPump:
             self._text_sent.set()
         await self._ready.wait()
         batch, self._pending = self._pending, []
+        self._pending_chars = 0
+        self._drained.set()
         if not self._text_taken:
             self._text_taken = any(chunk.text for chunk in batch)
         if not self._ended:

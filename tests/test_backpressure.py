@@ -1,0 +1,121 @@
+"""A client that stops reading while the provider floods: every hop holds a bounded amount, the
+provider's own send blocks, and the stream then ends by the idle rule, down to the provider.
+
+The provider here is a raw socket server that writes OpenAI-style chunks as fast as the socket
+takes them and records how far it got, so "its send blocks" is observed, not inferred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import tracemalloc
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.chain import running_chain
+from tests.conftest import make_config
+from tests.eventually import eventually
+
+CHUNK_TEXT = "x" * 1000
+EVENT = ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": CHUNK_TEXT}}]})
+         + "\n\n").encode()
+IDLE_S = 12.0
+
+
+class FloodingProvider:
+    """Streams chunks until the connection closes; `sent` bytes, `waiting_since` while blocked."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.waiting_since: float | None = None
+        self.closed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+
+    async def __aenter__(self) -> FloodingProvider:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    def blocked_for(self) -> float:
+        return 0.0 if self.waiting_since is None else time.monotonic() - self.waiting_since
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:"))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Connection: close\r\n\r\n")
+            while True:
+                writer.write(EVENT * 16)
+                self.waiting_since = time.monotonic()
+                await writer.drain()  # blocks once nobody reads: what the test is about
+                self.waiting_since = None
+                self.sent += len(EVENT) * 16
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.closed.set()
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[FloodingProvider]:
+    async with FloodingProvider() as running:
+        yield running
+
+
+async def test_a_stopped_reader_pushes_back_to_the_provider(redis_server: Any,
+                                                            provider: FloodingProvider) -> None:
+    config = make_config(redis_url=redis_server.url, models=[{
+        "name": "flood", "provider": "openai", "base_url": provider.base_url,
+        "timeouts": {"first_token": "10s", "idle": f"{IDLE_S}s", "total": "2m"}}])
+    tracemalloc.start()
+    try:
+        async with running_chain(config) as chain:
+            assert chain.edge is not None
+            reader, writer = await asyncio.open_connection("127.0.0.1", chain.edge.port)
+            body = json.dumps({"model": "flood", "max_tokens": 4000,
+                               "messages": [{"role": "user", "content": "go"}]}).encode()
+            writer.write(b"POST /v1/chat/stream HTTP/1.1\r\nHost: edge\r\n"
+                         b"Authorization: Bearer dev-key\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            first = await asyncio.wait_for(reader.read(4096), 10)
+            assert first.startswith(b"HTTP/1.1 200"), first[:200]
+            baseline, _ = tracemalloc.get_traced_memory()
+            # The client reads nothing more. With an unbounded engine buffer the provider never
+            # blocked (it sent 228 MiB to a reader that took 80 KiB); now it stops once the
+            # sockets' buffers (which the kernel grows for a few seconds) and the hops' are full.
+            await eventually(lambda: provider.blocked_for() > 2.0, within=IDLE_S - 1,
+                             what="the provider's send blocking")
+            sent = provider.sent
+            grown = tracemalloc.get_traced_memory()[0] - baseline
+            assert sent < 64 * 2**20, f"provider sent {sent / 2**20:.1f} MiB into a stopped reader"
+            # Python heap of all three services together; gRPC's and the kernel's buffers are
+            # bounded by flow control and socket sizes.
+            assert grown < 8 * 2**20, f"heap grew {grown / 2**20:.1f} MiB"
+            # The idle rule still ends a stream whose reader stopped: down to the provider.
+            await asyncio.wait_for(provider.closed.wait(), IDLE_S + 10)
+            await eventually(lambda: chain.engine.servicer.active_streams == 0,
+                             what="the engine stream ending")
+            writer.close()
+    finally:
+        tracemalloc.stop()
