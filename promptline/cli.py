@@ -1,5 +1,5 @@
 """`promptline prompts ...`: manage prompt versions and labels from a terminal, over the edge's
-HTTP API.
+HTTP API; `promptline config ...`: the config file's JSON Schema and reference.
 
     promptline prompts create ID (--template TEXT | --template-file PATH | -) [--var NAME ...]
                               [--model M] [--max-tokens N] [--temperature T] -m MESSAGE
@@ -7,11 +7,13 @@ HTTP API.
     promptline prompts list ID [--limit N] [--before N]
     promptline prompts get ID (VERSION | --label LABEL)
     promptline prompts label ID LABEL VERSION          # promote or roll back
+    promptline config schema                           # JSON Schema of the config file
+    promptline config docs                             # docs/configuration.md
 
 `--url` (env PROMPTLINE_URL, default http://127.0.0.1:8080) and `--api-key` (env
 PROMPTLINE_API_KEY) select the edge and the tenant. `--json` prints the API's JSON. Exit codes:
 0 done, 1 the server refused (the error code and message go to stderr), 2 bad usage or the edge
-is unreachable.
+is unreachable. The `config` verbs work offline and need no key.
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("prompt_id")
     label.add_argument("label")
     label.add_argument("version", type=int)
+
+    config = groups.add_parser("config", help="the config file's JSON Schema and reference")
+    config_verbs = config.add_subparsers(dest="verb", required=True)
+    config_verbs.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the config "
+                                           "file, for editors and CI")
+    config_verbs.add_parser("docs", help="print docs/configuration.md, generated from the key "
+                                         "declarations")
     return parser
 
 
@@ -97,6 +106,9 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
     env = dict(os.environ) if env is None else env
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     args = build_parser().parse_args(argv)
+    if args.group == "config":
+        stdout.write(_config_output(args.verb))
+        return 0
     url = (getattr(args, "url", None) or env.get("PROMPTLINE_URL") or DEFAULT_URL).rstrip("/")
     api_key = getattr(args, "api_key", None) or env.get("PROMPTLINE_API_KEY")
     as_json = getattr(args, "json", False)
@@ -112,6 +124,15 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
         return exc.exit_code
     print(json.dumps(data, indent=2, ensure_ascii=False) if as_json else text, file=stdout)
     return 0
+
+
+def _config_output(verb: str) -> str:
+    # Imported here: the prompts verbs need neither the config loader nor YAML.
+    from promptline.config_docs import config_schema, render_docs
+
+    if verb == "schema":
+        return json.dumps(config_schema(), indent=2, ensure_ascii=False) + "\n"
+    return render_docs()
 
 
 def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any, str]:
