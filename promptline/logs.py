@@ -46,8 +46,6 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aiohttp's access log and the HTTP client's (the openai SDK's transport) would print every
-    # request line (measured: ~2% of the engine's time per request); our handlers log what
-    # matters.
-    for name in ("aiohttp.access", "httpx2", "httpx", "httpcore2", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # aiohttp's access log would print every request line (measured: ~2% of the engine's time
+    # per request); our handlers log what matters.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,23 +1,19 @@
-"""Moderation: input checks, the output hold-back filter, and the OpenAI moderation plug-in."""
+"""Moderation: input checks and the output hold-back filter."""
 
 from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
-import openai
 import pytest
-from aiohttp import web
 
 from promptline.config import ModerationConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from services.prompt.moderation import (
     BlockedTermFilter,
-    OpenAIModerator,
     OutputFilter,
     PassThroughFilter,
     TermModerator,
@@ -224,99 +220,7 @@ def test_blocked_term_filter_refuses_no_terms() -> None:
         BlockedTermFilter(())
 
 
-# --- OpenAI moderation plug-in --------------------------------------------------------------
-
-
-@dataclass
-class FakeModeration:
-    url: str = ""
-    flagged: bool = False
-    status: int = 200
-    requests: list[dict[str, Any]] = field(default_factory=list)
-
-
-@pytest.fixture
-async def fake_moderation() -> AsyncIterator[FakeModeration]:
-    fake = FakeModeration()
-
-    async def moderations(request: web.Request) -> web.Response:
-        fake.requests.append(await request.json())
-        if fake.status != 200:
-            return web.json_response(
-                {"error": {"message": "secret upstream detail sk-leak", "type": "server_error"}},
-                status=fake.status)
-        return web.json_response({
-            "id": "modr-1", "model": "omni-moderation-latest",
-            "results": [{"flagged": fake.flagged, "categories": {}, "category_scores": {}}],
-        })
-
-    app = web.Application()
-    app.router.add_post("/v1/moderations", moderations)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    fake.url = f"http://127.0.0.1:{port}/v1"
-    try:
-        yield fake
-    finally:
-        await runner.cleanup()
-
-
-def openai_moderator(fake: FakeModeration) -> OpenAIModerator:
-    client = openai.AsyncOpenAI(api_key="test-key", base_url=fake.url, max_retries=0,
-                                timeout=5.0)
-    moderator = build_moderator(TERMS, openai_client=client)
-    assert isinstance(moderator, OpenAIModerator)
-    return moderator
-
-
-async def test_openai_moderator_flagged_blocks(fake_moderation: FakeModeration) -> None:
-    fake_moderation.flagged = True
-    with pytest.raises(PromptlineError) as info:
-        await openai_moderator(fake_moderation).check_input(["something nasty"])
-    assert info.value.code is ErrorCode.MODERATION_BLOCKED
-    assert info.value.stage is Stage.FIRST_PACKET
-    assert "something nasty" not in info.value.message
-    assert fake_moderation.requests == [{"input": ["something nasty"],
-                                         "model": "omni-moderation-latest"}]
-
-
-async def test_openai_moderator_not_flagged_passes(fake_moderation: FakeModeration) -> None:
-    fake_moderation.flagged = False
-    assert await openai_moderator(fake_moderation).check_input(["hi", "  ", "there"]) is None
-    assert [r["input"] for r in fake_moderation.requests] == [["hi", "there"]]
-
-
-async def test_openai_moderator_terms_first_no_call(fake_moderation: FakeModeration) -> None:
-    with pytest.raises(PromptlineError) as info:
-        await openai_moderator(fake_moderation).check_input(["say Forbidden-Word"])
-    assert info.value.message.endswith("(blocked term)")
-    assert fake_moderation.requests == []
-
-
-async def test_openai_moderator_error_is_safe_upstream_error(
-        fake_moderation: FakeModeration) -> None:
-    fake_moderation.status = 500
-    with pytest.raises(PromptlineError) as info:
-        await openai_moderator(fake_moderation).check_input(["hello"])
-    err = info.value
-    assert err.code is ErrorCode.UPSTREAM_ERROR
-    assert err.stage is Stage.FIRST_PACKET
-    assert "sk-leak" not in err.message and "127.0.0.1" not in err.message
-    assert len(fake_moderation.requests) == 1
-
-
-async def test_openai_moderator_output_uses_term_filter(
-        fake_moderation: FakeModeration) -> None:
-    text = "ok " + TERM
-    run = run_filter(openai_moderator(fake_moderation).output_filter(), list(text))
-    assert_output_blocked(run, text, 3)
-    assert fake_moderation.requests == []
-
-
-def test_build_moderator_defaults_to_terms() -> None:
+def test_build_moderator_uses_the_config_terms() -> None:
     moderator = build_moderator(TERMS)
     assert isinstance(moderator, TermModerator)
     assert isinstance(moderator.output_filter(), BlockedTermFilter)

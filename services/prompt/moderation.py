@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from promptline.config import ModerationConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 
-if TYPE_CHECKING:
-    from openai import AsyncOpenAI
-
 INPUT_BLOCKED_TERM = "the request was blocked by moderation (blocked term)"
 INPUT_INJECTION = "the request was blocked by moderation (prompt-injection pattern)"
-INPUT_FLAGGED = "the request was blocked by moderation (flagged by the moderation model)"
 OUTPUT_BLOCKED = "the reply was blocked by moderation"
-MODERATION_UNAVAILABLE = "the moderation service failed; the request was not sent"
 
 
 def _input_blocked(message: str) -> PromptlineError:
@@ -136,10 +131,6 @@ class TermModerator:
         self._patterns = tuple(re.compile(p, re.IGNORECASE) for p in config.injection_patterns)
 
     async def check_input(self, texts: Sequence[str]) -> None:
-        self.check_input_sync(texts)
-
-    def check_input_sync(self, texts: Sequence[str]) -> None:
-        """The same check as `check_input`, for callers that are not async."""
         for text in texts:
             if self._terms:
                 folded = text.casefold()
@@ -152,55 +143,14 @@ class TermModerator:
         return BlockedTermFilter(self._terms) if self._terms else PassThroughFilter()
 
 
-class OpenAIModerator:
-    """Adds a model-based input check (OpenAI moderation endpoint) to the term checks.
-
-    Output stays with the term filter: a network round trip per delta would stall the token
-    stream, and moderating only the finished reply would come after it was delivered.
-    """
-
-    __slots__ = ("_client", "_model", "_terms")
-
-    def __init__(self, client: AsyncOpenAI, terms: TermModerator, *,
-                 model: str = "omni-moderation-latest") -> None:
-        self._client = client
-        self._terms = terms
-        self._model = model
-
-    async def check_input(self, texts: Sequence[str]) -> None:
-        import openai  # deferred: only deployments that plug this in pay for the import
-
-        # Config terms first: they are free and spare a paid call for the obvious cases.
-        self._terms.check_input_sync(texts)
-        texts = [t for t in texts if t.strip()]
-        if not texts:
-            return
-        try:
-            response = await self._client.moderations.create(input=texts, model=self._model)
-        except openai.OpenAIError as exc:
-            # The SDK's text can carry the upstream URL or body; never show it to a user.
-            raise PromptlineError(ErrorCode.UPSTREAM_ERROR, MODERATION_UNAVAILABLE,
-                                  stage=Stage.FIRST_PACKET) from exc
-        if any(result.flagged for result in response.results):
-            raise _input_blocked(INPUT_FLAGGED)
-
-    def output_filter(self) -> OutputFilter:
-        return self._terms.output_filter()
-
-
-def build_moderator(config: ModerationConfig, *,
-                    openai_client: AsyncOpenAI | None = None) -> Moderator:
-    """Config terms, plus the OpenAI moderation model when a client is given."""
-    terms = TermModerator(config)
-    if openai_client is None:
-        return terms
-    return OpenAIModerator(openai_client, terms)
+def build_moderator(config: ModerationConfig) -> Moderator:
+    """The moderator the config describes: blocked terms and injection patterns."""
+    return TermModerator(config)
 
 
 __all__ = [
     "BlockedTermFilter",
     "Moderator",
-    "OpenAIModerator",
     "OutputFilter",
     "PassThroughFilter",
     "TermModerator",

@@ -4,9 +4,9 @@ The request goes out on one long-lived `aiohttp` session per configured model (o
 pool), and the event stream is parsed here. Through the `openai` SDK (its aiohttp transport
 included) the first chunk came 0.9-1.4 ms later and each paced chunk cost 25-45% more CPU: its
 request builder and its httpx response, decoder and line layers (docs/performance.md).
-Failures still speak the SDK's vocabulary (`openai.APIStatusError`, `APITimeoutError`,
-`APIConnectionError`, `APIError`), so one table (`openai_errors`) maps them, whoever raised
-them. No retries here: the engine retries and falls back, and only before the first token.
+What went wrong (an error status, an in-stream error event, a transport exception) is mapped
+straight to a PromptlineError by one table (`openai_errors`). No retries here: the engine
+retries and falls back, and only before the first token.
 Every upstream response is closed in `finally`, whatever ends the stream (normal end, error,
 consumer `aclose()`, cancellation), so a stopped client stops the paid generation.
 """
@@ -19,16 +19,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import httpx2
-import openai
 
 from promptline.config import ModelConfig
-from promptline.errors import ErrorCode, PromptlineError
+from promptline.errors import PromptlineError
 from services.llm_engine.providers.base import Chunk, GenerationRequest, Usage
 from services.llm_engine.providers.openai_errors import (
-    ORIGIN,
+    CAUGHT,
+    TRUNCATED,
     MalformedStreamError,
-    map_openai_error,
+    error_for,
+    exception_error,
+    status_error,
+    stream_error,
 )
 
 log = logging.getLogger("promptline.llm_engine.openai")
@@ -45,8 +47,6 @@ MAX_LINE_BYTES = 8 * 1024 * 1024
 # Most of an error body we read (the message we pass on is cut to 200 characters anyway).
 MAX_ERROR_BODY = 64 * 1024
 USER_AGENT = "promptline-llm-engine"
-
-TRUNCATED = "the model provider ended the stream before the reply was finished"
 
 
 class OpenAIProvider:
@@ -67,8 +67,6 @@ class OpenAIProvider:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=POOL_AND_CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT,
             sock_read=model.timeouts.idle + READ_TIMEOUT_SLACK)
-        # What the SDK's errors point at; never carries the key (headers are not attached).
-        self._request = httpx2.Request("POST", self.url)
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -98,45 +96,31 @@ class OpenAIProvider:
         return params
 
     async def open_stream(self, params: dict[str, Any]) -> aiohttp.ClientResponse:
-        """Send the request; the streaming response (status 2xx, body unread), or raise.
+        """Send the request; the response with its body unread, whatever its status.
 
-        Raises the SDK's error types: `APIStatusError` for any other status (its body read and
-        parsed as the SDK does), `APITimeoutError`, `APIConnectionError`.
+        Raises the transport's own exceptions (`openai_errors.CAUGHT` and any bug).
         """
-        try:
-            response = await self.session.post(self.url, data=json.dumps(params).encode(),
-                                               headers=self._headers, proxy=self.model.proxy)
-        except TimeoutError:
-            raise openai.APITimeoutError(request=self._request) from None
-        except aiohttp.ClientError:
-            raise openai.APIConnectionError(request=self._request) from None
-        if response.status < 300:
-            return response
-        try:
-            raw = await response.content.read(MAX_ERROR_BODY)
-        except (TimeoutError, aiohttp.ClientError):
-            raw = b""
-        finally:
-            response.close()
-        raise _status_error(response, raw, self._request)
+        return await self.session.post(self.url, data=json.dumps(params).encode(),
+                                       headers=self._headers, proxy=self.model.proxy)
 
-    def _mapped(self, exc: BaseException, request: GenerationRequest, *, in_stream: bool = False
+    def _failed(self, err: PromptlineError, request: GenerationRequest, what: str
                 ) -> PromptlineError:
-        err = map_openai_error(exc, in_stream=in_stream)
-        status = getattr(exc, "status_code", None)
-        # Type and status only: provider messages can echo text we do not log verbatim.
-        log.warning(
-            "provider call failed: model=%s request_id=%s error=%s status=%s -> %s",
-            self.model.name, request.request_id, type(exc).__name__, status, err.code.value,
-        )
+        # What happened (a status, an exception type) only: provider messages can echo text we
+        # do not log verbatim.
+        log.warning("provider call failed: model=%s request_id=%s error=%s -> %s",
+                    self.model.name, request.request_id, what, err.code.value)
         return err
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Yield the reply's text chunks, then one final chunk with finish_reason and usage."""
         try:
             response = await self.open_stream(self._params(request))
-        except (openai.OpenAIError, ValueError) as exc:
-            raise self._mapped(exc, request) from None
+        except CAUGHT as exc:
+            raise self._failed(exception_error(exc, in_stream=False), request,
+                               type(exc).__name__) from None
+        if response.status >= 300:
+            err = await _status_error(response)
+            raise self._failed(err, request, f"HTTP {response.status}") from None
         events = _sse_data(response.content)
         try:
             finish_reason: str | None = None
@@ -153,7 +137,8 @@ class OpenAIProvider:
                     if not isinstance(chunk, dict):
                         continue
                     if chunk.get("error"):
-                        raise _stream_error(chunk["error"], self._request)
+                        raise self._failed(stream_error(chunk["error"]), request,
+                                           "error event") from None
                     text, finish = _choice_zero(chunk.get("choices"))
                     finish_reason = finish or finish_reason
                     if reported := chunk.get("usage"):
@@ -161,24 +146,29 @@ class OpenAIProvider:
                                       completion_tokens=reported.get("completion_tokens") or 0)
                     if text:
                         yield Chunk(text=text)
-            except TimeoutError:
-                raise self._mapped(openai.APITimeoutError(request=self._request), request,
-                                   in_stream=True) from None
-            except aiohttp.ClientError:
-                raise self._mapped(openai.APIConnectionError(request=self._request), request,
-                                   in_stream=True) from None
-            except (openai.OpenAIError, ValueError) as exc:  # JSON and UTF-8 errors included
-                raise self._mapped(exc, request, in_stream=True) from None
+            except CAUGHT as exc:  # JSON and UTF-8 errors included
+                raise self._failed(exception_error(exc, in_stream=True), request,
+                                   type(exc).__name__) from None
             if finish_reason is None:
                 # A clean end of body without a finish: a proxy or server cut the reply short.
-                raise PromptlineError(ErrorCode.UPSTREAM_ERROR, TRUNCATED, retryable=True,
-                                      origin=ORIGIN)
+                raise error_for(TRUNCATED)
             yield Chunk(finish_reason=finish_reason, usage=usage)
         finally:
             # release() pools a fully read connection; on any other end (error, aclose, cancel)
             # it closes the socket, which is what tells the provider to stop generating.
             response.release()
             await events.aclose()  # a loop left by break or raise does not close it
+
+
+async def _status_error(response: aiohttp.ClientResponse) -> PromptlineError:
+    """An error reply, mapped from its status, headers and (at most MAX_ERROR_BODY of) body."""
+    try:
+        body = await response.content.read(MAX_ERROR_BODY)
+    except (TimeoutError, aiohttp.ClientError):
+        body = b""  # the status alone still says what happened
+    finally:
+        response.close()
+    return status_error(response.status, response.headers, body)
 
 
 async def _sse_data(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -224,34 +214,6 @@ def _choice_zero(choices: Any) -> tuple[str, str | None]:
             return (delta.get("content") or "") if isinstance(delta, dict) else "", \
                 choice.get("finish_reason")
     return "", None
-
-
-def _status_error(response: aiohttp.ClientResponse, raw: bytes, request: httpx2.Request
-                  ) -> openai.APIStatusError:
-    """A non-2xx reply as the SDK would raise it: body parsed, `error` unwrapped."""
-    text = raw.decode("utf-8", errors="replace").strip()
-    body: object = text
-    message = f"Error code: {response.status}"
-    try:
-        body = json.loads(text)
-    except ValueError:
-        pass
-    if isinstance(body, dict):
-        body = body.get("error", body)
-        if isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]:
-            message += f" - {body['message']}"
-    return openai.APIStatusError(
-        message, body=body,
-        response=httpx2.Response(response.status, headers=list(response.headers.items()),
-                                 request=request))
-
-
-def _stream_error(error: Any, request: httpx2.Request) -> openai.APIError:
-    """An in-stream `{"error": ...}` event, as the SDK itself would raise it."""
-    message = error.get("message") if isinstance(error, dict) else None
-    return openai.APIError(message=message if isinstance(message, str) and message
-                           else "An error occurred during streaming",
-                           request=request, body=error)
 
 
 __all__ = ["OpenAIProvider"]

@@ -1,47 +1,46 @@
-"""The one table from the `openai` SDK's exceptions to `PromptlineError`.
+"""The one table from what an OpenAI-compatible provider did to `PromptlineError`.
 
-The provider raises these types itself (it sends requests on aiohttp, not through the SDK), so
-the same table serves both.
+The provider speaks HTTP itself (aiohttp, no SDK), so the table is keyed by what it saw: the
+status of an error reply (and, for a rejected request, the provider's error code or message),
+an in-stream `error` event, or the exception that ended connecting or reading.
 
-Rows are checked in order (most specific class first). Messages are safe to show a user: they
-never carry the API key, request headers or raw provider bodies, only, where it helps the caller,
-a short sanitized provider message. `stage` is left unset: the engine stamps it.
+Messages are safe to show a user: they never carry the API key, request headers or raw provider
+bodies, only, where it helps the caller, a short sanitized provider message. `stage` is left
+unset: the engine stamps it.
 
-SDK exception (status)                        -> code, retryable
-RateLimitError (429)                          -> UPSTREAM_RATE_LIMITED, yes; retry_after_ms from
+What happened                                 -> code, retryable
+HTTP 429                                      -> UPSTREAM_RATE_LIMITED, yes; retry_after_ms from
                                                  `retry-after-ms` or `retry-after` (s or date)
-AuthenticationError (401), PermissionDenied   -> UPSTREAM_ERROR, no: our provider credentials
-  (403)                                          were rejected, not the caller's fault
-BadRequestError (400), UnprocessableEntity    -> CONTEXT_TOO_LONG when the provider says so,
-  (422), 413                                     else INVALID_REQUEST; no
-NotFoundError (404)                           -> UPSTREAM_ERROR, no ("model not found ...")
-ConflictError (409), 408, InternalServerError -> UPSTREAM_ERROR, yes
-  (5xx)
-any other APIStatusError (other 4xx)          -> UPSTREAM_ERROR, no
-APITimeoutError                               -> UPSTREAM_ERROR, yes
-APIConnectionError                            -> UNAVAILABLE, yes ("... is unreachable")
-APIResponseValidationError                    -> UPSTREAM_ERROR, no
-APIError (an in-stream `error` event)         -> UPSTREAM_ERROR, yes (the engine retries only
+HTTP 401, 403                                 -> UPSTREAM_ERROR, no: our provider credentials
+                                                 were rejected, not the caller's fault
+HTTP 400, 413, 422                            -> CONTEXT_TOO_LONG when the provider says so
+                                                 (error code or message), else INVALID_REQUEST; no
+HTTP 404                                      -> UPSTREAM_ERROR, no ("model not found ...")
+HTTP 408, 409, 5xx                            -> UPSTREAM_ERROR, yes
+any other status (other 4xx)                  -> UPSTREAM_ERROR, no
+TimeoutError (connecting or reading)          -> UPSTREAM_ERROR, yes
+aiohttp.ClientError (refused, reset, DNS ...) -> UNAVAILABLE, yes ("... is unreachable" before
+                                                 the response, "... was lost" after it)
+an in-stream `error` event                    -> UPSTREAM_ERROR, yes (the engine retries only
                                                  before the first token)
 json.JSONDecodeError, UnicodeDecodeError,     -> UPSTREAM_ERROR, yes
   MalformedStreamError (a malformed stream)
-asyncio.CancelledError                        -> CANCELLED, no
-PromptlineError                               -> itself
-anything else (plain OpenAIError included)    -> INTERNAL ("internal error"), no
+a stream ending without a finish_reason       -> UPSTREAM_ERROR, yes
+any other ValueError (a bug of ours)          -> INTERNAL ("internal error"), no
+asyncio.CancelledError                        -> not mapped: it propagates to whoever cancelled
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
 
-import openai
+import aiohttp
 
 from promptline.errors import ErrorCode, PromptlineError
 
@@ -66,16 +65,113 @@ INVALID_REQUEST = "the model provider rejected the request"
 PROVIDER_FAILED = "the model provider failed"
 STREAM_FAILED = "the model provider reported an error during the stream"
 BAD_RESPONSE = "the model provider sent a response we could not read"
-CANCELLED = "the request was cancelled"
+ENDED_EARLY = "the model provider ended the stream before the reply was finished"
 INTERNAL = "internal error"
 
-_CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length",
-                            "context_window_exceeded"})
-_CONTEXT_TEXT = re.compile(
+
+class MalformedStreamError(ValueError):
+    """The provider's event stream cannot be parsed (e.g. a line beyond the size limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """What one kind of failure becomes."""
+
+    code: ErrorCode
+    retryable: bool
+    message: str
+    detail: bool = False  # append the provider's own message, sanitized
+    with_status: bool = False  # append "(HTTP nnn)"
+    retry_after: bool = False  # retry_after_ms from the reply's headers
+
+
+_REJECTED = Row(ErrorCode.INVALID_REQUEST, False, INVALID_REQUEST, detail=True)
+_CONTEXT = Row(ErrorCode.CONTEXT_TOO_LONG, False, CONTEXT_TOO_LONG, detail=True)
+# No detail: the provider's text often echoes (part of) the key.
+_CREDENTIALS = Row(ErrorCode.UPSTREAM_ERROR, False, CREDENTIALS_REJECTED)
+_FAILED = Row(ErrorCode.UPSTREAM_ERROR, True, PROVIDER_FAILED, with_status=True)
+_MALFORMED = Row(ErrorCode.UPSTREAM_ERROR, True, BAD_RESPONSE)
+_TIMED_OUT = Row(ErrorCode.UPSTREAM_ERROR, True, TIMED_OUT)
+
+# --- the table -------------------------------------------------------------------------------
+
+# An error reply instead of a stream, by HTTP status.
+BY_STATUS: Mapping[int, Row] = {
+    400: _REJECTED, 413: _REJECTED, 422: _REJECTED,
+    401: _CREDENTIALS, 403: _CREDENTIALS,
+    404: Row(ErrorCode.UPSTREAM_ERROR, False, MODEL_NOT_FOUND),
+    408: _FAILED, 409: _FAILED,
+    429: Row(ErrorCode.UPSTREAM_RATE_LIMITED, True, RATE_LIMITED, retry_after=True),
+}
+SERVER_ERROR = _FAILED  # a 5xx without a row of its own
+OTHER_STATUS = Row(ErrorCode.UPSTREAM_ERROR, False, PROVIDER_FAILED, with_status=True)
+
+# A rejected request (a `_REJECTED` status) is CONTEXT_TOO_LONG when the provider's error code
+# says so, or, for servers that send no such code (vLLM, Ollama), its message.
+CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length",
+                           "context_window_exceeded"})
+CONTEXT_TEXT = re.compile(
     r"context[ _-]?(length|window)|maximum context|too many tokens|prompt is too long|"
     r"input is too long|reduce the length of the messages",
     re.IGNORECASE,
 )
+
+# The exceptions the table maps (anything else is a bug and propagates as it is), by type, first
+# match wins: (type, row while connecting, row once the response has started).
+CAUGHT = (TimeoutError, aiohttp.ClientError, ValueError)
+BY_EXCEPTION: tuple[tuple[type[Exception], Row, Row], ...] = (
+    (TimeoutError, _TIMED_OUT, _TIMED_OUT),  # before ClientError: aiohttp's timeouts are both
+    (aiohttp.ClientError, Row(ErrorCode.UNAVAILABLE, True, UNREACHABLE),
+     Row(ErrorCode.UNAVAILABLE, True, CONNECTION_LOST)),
+    (json.JSONDecodeError, _MALFORMED, _MALFORMED),
+    (UnicodeDecodeError, _MALFORMED, _MALFORMED),
+    (MalformedStreamError, _MALFORMED, _MALFORMED),
+)
+OTHER_EXCEPTION = Row(ErrorCode.INTERNAL, False, INTERNAL)
+
+IN_STREAM_ERROR = Row(ErrorCode.UPSTREAM_ERROR, True, STREAM_FAILED, detail=True)
+TRUNCATED = Row(ErrorCode.UPSTREAM_ERROR, True, ENDED_EARLY)  # a clean end without a finish
+
+# --- mapping ---------------------------------------------------------------------------------
+
+
+def error_for(row: Row, *, status: int = 0, provider_message: str = "",
+              headers: Mapping[str, str] | None = None) -> PromptlineError:
+    """The PromptlineError of one row, with what the row asks to add."""
+    message = row.message
+    if row.with_status:
+        message += f" (HTTP {status})"
+    if row.detail and (detail := sanitize_provider_message(provider_message)):
+        message += f": {detail}"
+    retry_after_ms = parse_retry_after_ms(headers) if row.retry_after else 0
+    return PromptlineError(row.code, message, retryable=row.retryable,
+                           retry_after_ms=retry_after_ms, origin=ORIGIN)
+
+
+def status_error(status: int, headers: Mapping[str, str], body: bytes) -> PromptlineError:
+    """An error reply (status >= 300) with its (possibly cut) body."""
+    row = BY_STATUS.get(status) or (SERVER_ERROR if status >= 500 else OTHER_STATUS)
+    code, message = _provider_error(_json_error(body))
+    if row is _REJECTED and (code in CONTEXT_CODES or CONTEXT_TEXT.search(message)):
+        row = _CONTEXT
+    return error_for(row, status=status, provider_message=message, headers=headers)
+
+
+def stream_error(error: object) -> PromptlineError:
+    """An in-stream `{"error": ...}` event (its value)."""
+    return error_for(IN_STREAM_ERROR, provider_message=_provider_error(error)[1])
+
+
+def exception_error(exc: Exception, *, in_stream: bool) -> PromptlineError:
+    """One of `CAUGHT`, raised while connecting or (`in_stream`) reading the response."""
+    for exc_type, connecting, reading in BY_EXCEPTION:
+        if isinstance(exc, exc_type):
+            return error_for(reading if in_stream else connecting)
+    return error_for(OTHER_EXCEPTION)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
 # Things that look like secrets: provider keys, bearer tokens, long opaque strings.
 _SECRETS = re.compile(
     r"\b(?:sk|pk|rk|key|api[_-]?key)[-_][A-Za-z0-9_\-*.]{4,}|"
@@ -83,30 +179,13 @@ _SECRETS = re.compile(
     r"\b[A-Za-z0-9_\-]{32,}\b",
     re.IGNORECASE,
 )
-
-
-class MalformedStreamError(ValueError):
-    """The provider's event stream cannot be parsed (e.g. a line beyond the size limit)."""
-
-
-_STATUS_PREFIX = re.compile(r"^Error code: \d{3}\s*-\s*")
 _WHITESPACE = re.compile(r"\s+")
-
-
-def _error(code: ErrorCode, message: str, *, retryable: bool, retry_after_ms: int = 0
-           ) -> PromptlineError:
-    return PromptlineError(code, message, retryable=retryable, retry_after_ms=retry_after_ms,
-                           origin=ORIGIN)
-
-
-# --- helpers ---------------------------------------------------------------------------------
 
 
 def sanitize_provider_message(text: object, limit: int = MAX_PROVIDER_MESSAGE) -> str:
     """A short, single-line provider message with anything key-like redacted."""
     if not isinstance(text, str):
         return ""
-    text = _STATUS_PREFIX.sub("", text.strip())
     text = _SECRETS.sub("[redacted]", text)
     text = _WHITESPACE.sub(" ", text).strip()
     if len(text) > limit:
@@ -114,25 +193,25 @@ def sanitize_provider_message(text: object, limit: int = MAX_PROVIDER_MESSAGE) -
     return text
 
 
-def _provider_message(exc: openai.APIError) -> str:
-    body = exc.body
-    if isinstance(body, Mapping):
-        inner = body.get("error", body)
-        if isinstance(inner, Mapping) and isinstance(inner.get("message"), str):
-            return sanitize_provider_message(inner["message"])
-        if isinstance(inner, str):
-            return sanitize_provider_message(inner)
-    return sanitize_provider_message(exc.message)
+def _json_error(body: bytes) -> object:
+    """The `error` of a JSON error body (OpenAI's shape), the body itself if bare (vLLM's)."""
+    try:
+        parsed = json.loads(body.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None  # an HTML page or plain text: never shown
+    return parsed.get("error", parsed) if isinstance(parsed, dict) else None
 
 
-def _with_detail(base: str, exc: openai.APIError) -> str:
-    detail = _provider_message(exc)
-    return f"{base}: {detail}" if detail else base
-
-
-def _status(exc: openai.APIStatusError) -> int:
-    status = getattr(exc, "status_code", 0)
-    return status if isinstance(status, int) else 0
+def _provider_error(error: object) -> tuple[str, str]:
+    """(code, message) of a provider's error object, or of a bare message string."""
+    if isinstance(error, str):
+        return "", error
+    if not isinstance(error, dict):
+        return "", ""
+    code, message = error.get("code"), error.get("message")
+    # vLLM sends the HTTP status as an int code.
+    return (str(code).lower() if code is not None else "",
+            message if isinstance(message, str) else "")
 
 
 def parse_retry_after_ms(headers: Mapping[str, str] | None, now: float | None = None) -> int:
@@ -158,153 +237,25 @@ def parse_retry_after_ms(headers: Mapping[str, str] | None, now: float | None = 
             when = parsedate_to_datetime(raw)
         except (TypeError, ValueError, IndexError):
             return 0
-        if when is None:
-            return 0
         seconds = when.timestamp() - (time.time() if now is None else now)
     if not math.isfinite(seconds) or seconds < 0:
         return 0
     return min(MAX_RETRY_AFTER_MS, math.ceil(seconds * 1000))
 
 
-def _headers(exc: openai.APIStatusError) -> Mapping[str, str] | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "headers", None)
-
-
-def is_context_length_error(exc: openai.APIError) -> bool:
-    """Whether the provider says the prompt does not fit the model's context window."""
-    code = (exc.code or "").lower()
-    if code in _CONTEXT_CODES:
-        return True
-    body = exc.body
-    inner = body.get("error", body) if isinstance(body, Mapping) else None
-    if isinstance(inner, Mapping) and str(inner.get("code") or "").lower() in _CONTEXT_CODES:
-        return True
-    message = _provider_message(exc) or (exc.message or "")
-    return bool(_CONTEXT_TEXT.search(message))
-
-
-# --- rows ------------------------------------------------------------------------------------
-
-
-def _rate_limited(exc: Any) -> PromptlineError:
-    retry_ms = parse_retry_after_ms(_headers(exc))
-    return _error(ErrorCode.UPSTREAM_RATE_LIMITED, RATE_LIMITED, retryable=True,
-                  retry_after_ms=retry_ms)
-
-
-def _credentials(_exc: Any) -> PromptlineError:
-    # The provider's text often echoes (part of) the key: never pass it on.
-    return _error(ErrorCode.UPSTREAM_ERROR, CREDENTIALS_REJECTED, retryable=False)
-
-
-def _bad_request(exc: Any) -> PromptlineError:
-    if is_context_length_error(exc):
-        return _error(ErrorCode.CONTEXT_TOO_LONG, _with_detail(CONTEXT_TOO_LONG, exc),
-                      retryable=False)
-    return _error(ErrorCode.INVALID_REQUEST, _with_detail(INVALID_REQUEST, exc), retryable=False)
-
-
-def _not_found(_exc: Any) -> PromptlineError:
-    return _error(ErrorCode.UPSTREAM_ERROR, MODEL_NOT_FOUND, retryable=False)
-
-
-def _provider_failed(exc: Any) -> PromptlineError:
-    status = _status(exc)
-    message = f"{PROVIDER_FAILED} (HTTP {status})" if status else PROVIDER_FAILED
-    return _error(ErrorCode.UPSTREAM_ERROR, message, retryable=True)
-
-
-def _other_status(exc: Any) -> PromptlineError:
-    """An APIStatusError the SDK did not give a subclass (408, 413, other 4xx, odd 5xx)."""
-    status = _status(exc)
-    if status == 429:
-        return _rate_limited(exc)
-    if status in (401, 403):
-        return _credentials(exc)
-    if status == 404:
-        return _not_found(exc)
-    if status in (400, 413, 422):
-        return _bad_request(exc)
-    if status >= 500 or status in (408, 409):
-        return _provider_failed(exc)
-    return _error(ErrorCode.UPSTREAM_ERROR, f"{PROVIDER_FAILED} (HTTP {status})",
-                  retryable=False)
-
-
-def _timed_out(_exc: Any) -> PromptlineError:
-    return _error(ErrorCode.UPSTREAM_ERROR, TIMED_OUT, retryable=True)
-
-
-def _unreachable(_exc: Any) -> PromptlineError:
-    return _error(ErrorCode.UNAVAILABLE, UNREACHABLE, retryable=True)
-
-
-def _bad_response(_exc: Any) -> PromptlineError:
-    return _error(ErrorCode.UPSTREAM_ERROR, BAD_RESPONSE, retryable=False)
-
-
-def _malformed_stream(_exc: Any) -> PromptlineError:
-    return _error(ErrorCode.UPSTREAM_ERROR, BAD_RESPONSE, retryable=True)
-
-
-def _in_stream(exc: Any) -> PromptlineError:
-    return _error(ErrorCode.UPSTREAM_ERROR, _with_detail(STREAM_FAILED, exc), retryable=True)
-
-
-def _cancelled(_exc: Any) -> PromptlineError:
-    return _error(ErrorCode.CANCELLED, CANCELLED, retryable=False)
-
-
-def _internal(_exc: Any) -> PromptlineError:
-    return _error(ErrorCode.INTERNAL, INTERNAL, retryable=False)
-
-
-# The table. Order matters: subclasses before their bases.
-OPENAI_ERROR_TABLE: tuple[tuple[type[BaseException], Callable[[Any], PromptlineError]], ...] = (
-    (openai.RateLimitError, _rate_limited),
-    (openai.AuthenticationError, _credentials),
-    (openai.PermissionDeniedError, _credentials),
-    (openai.BadRequestError, _bad_request),
-    (openai.UnprocessableEntityError, _bad_request),
-    (openai.NotFoundError, _not_found),
-    (openai.ConflictError, _provider_failed),
-    (openai.InternalServerError, _provider_failed),
-    (openai.APIStatusError, _other_status),
-    (openai.APITimeoutError, _timed_out),
-    (openai.APIConnectionError, _unreachable),
-    (openai.APIResponseValidationError, _bad_response),
-    (openai.APIError, _in_stream),
-    (json.JSONDecodeError, _malformed_stream),
-    (UnicodeDecodeError, _malformed_stream),
-    (MalformedStreamError, _malformed_stream),
-    (asyncio.CancelledError, _cancelled),
-)
-
-
-def map_openai_error(exc: BaseException, *, in_stream: bool = False) -> PromptlineError:
-    """The PromptlineError for an exception raised by the `openai` SDK (or around it).
-
-    `in_stream`: raised while reading an open stream (after the response headers); only the
-    wording of a lost connection changes (same code: UNAVAILABLE).
-    """
-    if isinstance(exc, PromptlineError):
-        return exc
-    if (in_stream and isinstance(exc, openai.APIConnectionError)
-            and not isinstance(exc, openai.APITimeoutError)):
-        return _error(ErrorCode.UNAVAILABLE, CONNECTION_LOST, retryable=True)
-    for exc_type, build in OPENAI_ERROR_TABLE:
-        if isinstance(exc, exc_type):
-            return build(exc)
-    return _internal(exc)
-
-
 __all__ = [
-    "OPENAI_ERROR_TABLE",
+    "BY_EXCEPTION",
+    "BY_STATUS",
+    "CAUGHT",
+    "CONTEXT_CODES",
     "ORIGIN",
+    "TRUNCATED",
     "MalformedStreamError",
-    "is_context_length_error",
-    "map_openai_error",
+    "Row",
+    "error_for",
+    "exception_error",
     "parse_retry_after_ms",
     "sanitize_provider_message",
+    "status_error",
+    "stream_error",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from promptline.config import ModelConfig
 
 from .base import Provider
+from .openai_compat import OpenAIProvider
 from .simulated import SimulatedProvider
 
 
@@ -12,8 +13,6 @@ def build_provider(model: ModelConfig) -> Provider:
     if model.provider == "simulated":
         return SimulatedProvider(model.simulated)
     if model.provider == "openai":
-        from .openai_compat import OpenAIProvider  # the SDK import costs ~0.3 s: only when used
-
         return OpenAIProvider(model)
     raise ValueError(f"unknown provider {model.provider!r}")  # config validation forbids this
 
