@@ -1,9 +1,9 @@
 """Prometheus metrics of every hop, and the small HTTP endpoint the gRPC services expose them on.
 
-Names follow Prometheus conventions (`_seconds`, `_total`, base units); the README documents
+Names follow Prometheus conventions (`_seconds`, `_total`, base units); docs/operations.md lists
 each. Tenant names appear only on the prompt service's metrics (an internal port), never on the
 edge's public `/metrics`, so one tenant cannot read another's usage there. Label children are
-resolved once per stream (`StreamMetrics`), keeping per-token cost to one histogram observe.
+resolved once per stream (`StreamTimer`), keeping per-token cost to one histogram observe.
 """
 
 from __future__ import annotations

@@ -1,23 +1,152 @@
-"""Both ends of a Promptline stream: reading frames as a caller, ending a stream as a server.
+"""Both ends of a Promptline stream: reading frames as a caller, serving a stream as a hop.
 
-Shared by every hop that consumes a downstream stream (edge <- prompt <- engine) and by the
-Python client. The loop ends on the first terminal frame (done or error) and the call is
-cancelled in `finally`, so no hop keeps reading after an error, a timeout or its own cancel.
-`abort_unary` is the unary counterpart of `error_frame` (the PromptAdmin service).
+`read_frames` is shared by every hop that consumes a downstream stream (edge <- prompt <- engine)
+and by the Python client: it ends on the first terminal frame (done or error) and cancels the call
+in `finally`, so no hop keeps reading after an error, a timeout or its own cancel.
+
+`StreamLife` is one stream at one hop, finalized once; `serve_stream` runs a gRPC hop's frames
+through it. `abort_unary` is the unary counterpart of `error_frame` (the PromptAdmin service).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
 
-from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
+from promptline.metrics import ACTIVE_STREAMS, ERRORS, StreamTimer
 
 log = logging.getLogger("promptline.streams")
+
+DONE = "done"
+CANCELLED = "cancelled"
+
+
+class StreamLife:
+    """One stream at one hop, from its first line to its one end (in the manner of
+    OpenTelemetry's stream wrappers: finalize once, never let bookkeeping break the stream).
+
+    Owns what every hop would otherwise repeat: the outcome (`done`, an error code, `cancelled`),
+    whether text reached the caller (which makes a later error `mid_stream` instead of
+    `first_packet`), the error's frame and gRPC status, the active-streams gauge, the TTFT and
+    duration histograms, `promptline_errors_total`, the end-of-stream log line and `on_finish`
+    hooks, run exactly once by `finish()`.
+    """
+
+    __slots__ = ("_active", "_finished", "_hooks", "_timer", "delivered", "fields", "log",
+                 "origin", "outcome", "request_id")
+
+    def __init__(self, service: str, model: str, request_id: str, *,
+                 logger: logging.Logger = log) -> None:
+        self.origin = service
+        self.request_id = request_id
+        self.log = logger
+        self.delivered = False
+        self.outcome = CANCELLED  # what a stream that never reports otherwise was
+        self.fields: dict[str, Any] = {"request_id": request_id, "model": model}
+        """Extra fields of the end-of-stream log line; each hop adds its own."""
+        self._timer = StreamTimer(service, model)
+        self._hooks: list[Callable[[str], None]] = []
+        self._finished = False
+        self._active = ACTIVE_STREAMS.labels(service)
+        self._active.inc()
+
+    @property
+    def stage(self) -> Stage:
+        """Where an error now would be: `mid_stream` once text reached the caller."""
+        return Stage.MID_STREAM if self.delivered else Stage.FIRST_PACKET
+
+    @property
+    def started(self) -> float:
+        """`time.perf_counter()` when the stream reached this hop."""
+        return self._timer.started
+
+    def text_delivered(self) -> None:
+        """Text went to the caller: the first time, this is the hop's time to first token."""
+        if not self.delivered:
+            self.delivered = True
+            self._timer.first_token()
+
+    def failed(self, err: PromptlineError, *, count: bool = True) -> PromptlineError:
+        """Record `err` as the outcome; fill in stage, request id and origin; count it (unless
+        the caller's error path counts it: the edge's HTTP error responses do)."""
+        err.at(self.stage, request_id=self.request_id, origin=self.origin)
+        self.outcome = err.code.value
+        if count:
+            ERRORS.labels(self.origin, err.code.value, (err.stage or Stage.CONNECT).value).inc()
+        return err
+
+    def error_frame(self, context: grpc.aio.ServicerContext, err: PromptlineError,
+                    frame_type: type, extra_metadata: tuple[tuple[str, str], ...] = ()) -> Any:
+        """`failed(err)`, then the status on `context` and the error frame to yield."""
+        return error_frame(context, self.failed(err), frame_type, extra_metadata)
+
+    def on_finish(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(outcome)` once, when the stream finishes."""
+        self._hooks.append(hook)
+
+    def finish(self) -> None:
+        """The one end: hooks (which may add log fields), gauge, duration, the log line. Later
+        calls do nothing."""
+        if self._finished:
+            return
+        self._finished = True
+        for hook in self._hooks:
+            try:
+                hook(self.outcome)
+            except Exception:  # bookkeeping never breaks a stream's end
+                self.log.exception("stream finish hook failed",
+                                   extra={"request_id": self.request_id})
+        self._active.dec()
+        self._timer.finish(self.outcome)
+        self.log.info("stream ended", extra={
+            **self.fields, "outcome": self.outcome,
+            "duration_ms": round((time.perf_counter() - self._timer.started) * 1000)})
+
+
+FrameType = type
+AfterError = Callable[[PromptlineError], Awaitable[None]]
+
+
+async def serve_stream(life: StreamLife, frames: AsyncIterator[Any],
+                       context: grpc.aio.ServicerContext, frame_type: FrameType, *,
+                       error_metadata: Callable[[PromptlineError], tuple[tuple[str, str], ...]]
+                       | None = None,
+                       after_error: AfterError | None = None) -> AsyncIterator[Any]:
+    """A gRPC hop's stream: `frames` relayed, then one end, whatever ends it.
+
+    A PromptlineError becomes the last frame (its stage from `life`) and the RPC's status; any
+    other exception becomes INTERNAL with a safe message; a cancel propagates. `after_error` runs
+    after the error frame went out, so the caller never waits on it.
+    """
+    try:
+        async with aclosing(frames) as stream:
+            async for frame in stream:
+                yield frame
+        life.outcome = DONE
+    except PromptlineError as err:
+        yield life.error_frame(context, err, frame_type,
+                               error_metadata(err) if error_metadata else ())
+        if after_error is not None:
+            await after_error(err)
+    except asyncio.CancelledError:
+        life.outcome = CANCELLED
+        life.log.info("stream cancelled by caller", extra={"request_id": life.request_id})
+        raise
+    except Exception:
+        life.log.exception("unexpected error in stream", extra={"request_id": life.request_id})
+        err = internal_error(life.request_id)
+        yield life.error_frame(context, err, frame_type)
+        if after_error is not None:
+            await after_error(err)
+    finally:
+        life.finish()
 
 
 # How long to wait for the end of a stream after its terminal frame. A well-behaved server ends

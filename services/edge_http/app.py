@@ -4,10 +4,11 @@ Routes: `POST /v1/chat/stream` (here), `POST /v1/chat/completions` and `GET /v1/
 (`openai_api.py`), the chat page `GET /` (`chat_page.py`), `/healthz`, `/readyz`. The streaming
 rules live in `relay.StreamRelay`, shared by both streaming endpoints.
 
-Response headers are held until the prompt service's `start` frame (admission) arrives, capped at
-`edge.header_hold`; an error before that is a real HTTP status with a JSON body, an error after it
-is an SSE `error` event. A client that goes away cancels the handler (aiohttp handler
-cancellation), which cancels the gRPC call and so the whole chain down to the provider.
+Response headers are held until the prompt service's `start` frame (the model's first chunk)
+arrives, capped at `edge.header_hold`; an error before that is a real HTTP status with a JSON
+body, an error after it is an SSE `error` event. A client that goes away cancels the handler
+(aiohttp handler cancellation), which cancels the gRPC call and so the whole chain down to the
+provider.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
-from promptline.errors import PromptlineError, Stage
-from promptline.streams import read_frames
+from promptline.errors import PromptlineError
+from promptline.streams import DONE, StreamLife, read_frames
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
 from services.edge_http.chat_request import (
@@ -247,6 +247,8 @@ async def _complete(request: web.Request, call: Any, caller: Caller, model: str
     A client that disconnects cancels this handler, and `read_frames` cancels the call.
     """
     rid = caller.request_id
+    life = StreamLife(ORIGIN, model, rid, logger=log)
+    life.fields["endpoint"] = "chat_completions"
     texts: list[str] = []
     done: common_pb2.Done | None = None
     try:
@@ -256,18 +258,19 @@ async def _complete(request: web.Request, call: Any, caller: Caller, model: str
                 if kind == "start":
                     model = frame.start.model or model
                 elif kind == "delta":
+                    life.text_delivered()
                     texts.append(frame.delta.text)
                 elif kind == "done":
                     done = frame.done
+        life.outcome = DONE
     except PromptlineError as err:
-        err.at(Stage.MID_STREAM if texts else Stage.FIRST_PACKET, request_id=rid, origin=ORIGIN)
-        log.info("chat completion ended", extra={"request_id": rid, "model": model,
-                                                 "outcome": f"error:{err.code.value}"})
+        life.failed(err, count=False)  # error_response counts it
         return error_response(err, rid, headers=rejection_headers(caller.config, err),
                               body=openai_error_body)
+    finally:
+        life.fields["deltas"] = len(texts)
+        life.finish()
     assert done is not None  # read_frames ends with `done` or raises
-    log.info("chat completion ended", extra={"request_id": rid, "model": model, "outcome": "done",
-                                             "deltas": len(texts)})
     completion = {
         "id": completion_id(rid),
         "object": "chat.completion",

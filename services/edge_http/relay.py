@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any, Protocol
 
 import grpc
@@ -22,12 +21,11 @@ from aiohttp import web
 
 from promptline.config import Config, Timeouts
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
-from promptline.metrics import ACTIVE_STREAMS, StreamTimer
 from promptline.ratelimit import rejection_limits
-from promptline.streams import read_frames
+from promptline.streams import CANCELLED, DONE, StreamLife, read_frames
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
-from services.edge_http.http_errors import ORIGIN, count_error, error_response, native_error_body
+from services.edge_http.http_errors import ORIGIN, error_response, native_error_body
 
 log = logging.getLogger("promptline.edge_http")
 
@@ -35,7 +33,6 @@ log = logging.getLogger("promptline.edge_http")
 # next read, small enough that a slow client pushes back through gRPC flow control instead of
 # having the edge buffer a whole reply in memory.
 FRAME_QUEUE_SIZE = 8
-_ACTIVE = ACTIVE_STREAMS.labels("edge_http")
 _HEARTBEAT = object()
 """Queued by a stream's heartbeat timer: nothing was written for `edge.heartbeat`."""
 
@@ -119,7 +116,6 @@ class StreamRelay:
         self._rid = request_id
         self._model = model
         self._encoder = encoder
-        self._endpoint = endpoint
         self._heartbeat = config.edge.heartbeat
         model_config = config.model(model)
         self._stall_limit = (model_config.timeouts if model_config else Timeouts()).idle
@@ -129,27 +125,26 @@ class StreamRelay:
         self._stash: Any = None  # a frame taken from the queue while merging deltas
         self._started = False
         self._deltas = 0
+        """Deltas written: each one's SSE id."""
         self._last_write = 0.0
         self._beat: asyncio.TimerHandle | None = None
-        self._timer = StreamTimer("edge_http", model)
-        self.outcome = "unfinished"
+        self.life = StreamLife(ORIGIN, model, request_id, logger=log)
+        self.life.fields["endpoint"] = endpoint
 
     async def run(self, call: Any, *, header_hold: float) -> web.StreamResponse:
-        began = time.monotonic()
         self._call = call
         queue: asyncio.Queue[Any] = asyncio.Queue(FRAME_QUEUE_SIZE)
         reader = asyncio.create_task(_read_into(call, queue, self._rid),
                                      name=f"edge-read-{self._rid}")
-        _ACTIVE.inc()
         try:
             return await self._relay(queue, header_hold)
         except ConnectionResetError:
             # The client went away while we wrote; aiohttp copes with the half-written response.
-            self.outcome = "client_disconnected"
+            self.life.outcome = "client_disconnected"
             assert self._response is not None  # only writes raise this, and they follow prepare
             return self._response
         except asyncio.CancelledError:
-            self.outcome = "cancelled"
+            self.life.outcome = CANCELLED
             raise
         finally:
             call.cancel()  # stop the chain now, whatever the reader task is doing
@@ -158,13 +153,8 @@ class StreamRelay:
             try:
                 await cancel_and_wait(reader)
             finally:  # a second cancel (client gone while we clean up) must not skip this
-                _ACTIVE.dec()
-                self._timer.finish(self.outcome.removeprefix("error:"))
-                log.info("chat stream ended", extra={
-                    "request_id": self._rid, "model": self._model, "endpoint": self._endpoint,
-                    "outcome": self.outcome, "deltas": self._deltas,
-                    "duration_ms": round((time.monotonic() - began) * 1000),
-                })
+                self.life.fields["deltas"] = self._deltas
+                self.life.finish()
 
     async def _relay(self, queue: asyncio.Queue[Any], header_hold: float) -> web.StreamResponse:
         try:
@@ -177,14 +167,14 @@ class StreamRelay:
             while frame is None or frame.WhichOneof("frame") != "done":
                 frame = await self._next_frame(queue)
                 await self._write_frame(frame)
-            self.outcome = "done"
+            self.life.outcome = DONE
         except PromptlineError as err:
             return await self._fail(err)
         except ConnectionResetError:
             raise
         except Exception:
             log.exception("chat stream failed", extra={"request_id": self._rid})
-            return await self._fail(internal_error(self._rid, self._stage()))
+            return await self._fail(internal_error(self._rid, self.life.stage))
         assert self._response is not None
         await self._response.write_eof()
         return self._response
@@ -284,8 +274,7 @@ class StreamRelay:
                 await self._write_start(frame.start)
         elif kind == "delta":
             await self._ensure_started()
-            if not self._deltas:
-                self._timer.first_token()
+            self.life.text_delivered()
             self._deltas += 1
             await self._write(self._encoder.delta(frame.delta.text, self._deltas))
         elif kind == "done":
@@ -305,10 +294,9 @@ class StreamRelay:
         await self._write(self._encoder.start(start))
 
     async def _fail(self, err: PromptlineError) -> web.StreamResponse:
-        err.at(self._stage(), request_id=self._rid, origin=ORIGIN)
-        self.outcome = f"error:{err.code.value}"
+        # Before the headers, error_response answers (and counts) it as an HTTP error.
+        self.life.failed(err, count=self._response is not None)
         if isinstance(err, ClientStalled):
-            count_error(err)
             log.info("client stopped reading; stream ended", extra={
                 "request_id": self._rid, "stall_limit_s": self._stall_limit})
             if self._request.transport is not None:
@@ -318,12 +306,8 @@ class StreamRelay:
         if self._response is None:
             return error_response(err, self._rid, headers=rejection_headers(self._config, err),
                                   body=self._encoder.error_body)
-        count_error(err)
         await self._write_last(self._encoder.error(err))
         return self._response
-
-    def _stage(self) -> Stage:
-        return Stage.MID_STREAM if self._deltas else Stage.FIRST_PACKET
 
 
 class ClientStalled(PromptlineError):

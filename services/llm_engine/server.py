@@ -23,18 +23,15 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from promptline.config import Config, ModelConfig
 from promptline.config_reload import LiveConfig
-from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
+from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.grpc_server import RunningServer, start_grpc_server
 from promptline.metrics import (
-    ACTIVE_STREAMS,
-    ERRORS,
     INTER_TOKEN_GAP,
     PROVIDER_FIRST_CHUNK,
     PROVIDER_REQUESTS,
     MetricsServer,
-    StreamTimer,
 )
-from promptline.streams import error_frame
+from promptline.streams import StreamLife, serve_stream
 from promptline.tokens import count_messages_off_loop, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
@@ -50,15 +47,8 @@ SERVICE_NAME = llm_engine_pb2.DESCRIPTOR.services_by_name["LlmEngine"].full_name
 ORIGIN = "llm_engine"
 # Failures another attempt or another model can cure; the rest would fail the same way again.
 _FALLBACK_CODES = {ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED, ErrorCode.UNAVAILABLE}
-_ACTIVE = ACTIVE_STREAMS.labels("llm_engine")
 RETIRE_SLACK = 5.0
 """Seconds past a retired model's total timeout before its provider (connection pool) closes."""
-
-
-@dataclass(slots=True)
-class _Progress:
-    started: bool = False
-    delivered: bool = False
 
 
 @dataclass
@@ -113,53 +103,23 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
     def __init__(self, live: LiveConfig, providers: ProviderPool) -> None:
         self._live = live
         self._providers = providers
-        self.active_streams = 0
-        """Generate calls in flight (tests read it; the gauge mirrors it)."""
 
     async def Generate(
         self, request: llm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         # An async generator (not context.write) so that gRPC interceptors, OpenTelemetry's
         # included, see every frame of the stream.
-        rid = request.request_id or uuid.uuid4().hex
+        life = StreamLife(ORIGIN, request.model, request.request_id or uuid.uuid4().hex,
+                          logger=log)
         config = self._live.current  # this stream keeps the config it started with
         self._providers.follow(config)
-        progress = _Progress()
-        timer = StreamTimer("llm_engine", request.model)
-        outcome = "cancelled"
-        self.active_streams += 1
-        _ACTIVE.inc()
-        try:
-            async with aclosing(self._generate(config, request, context, rid, progress,
-                                               timer)) as frames:
-                async for frame in frames:
-                    yield frame
-            outcome = "done"
-        except PromptlineError as err:
-            stage = Stage.MID_STREAM if progress.delivered else Stage.FIRST_PACKET
-            outcome = err.code.value
-            yield self._error(context, err.at(stage, request_id=rid, origin=ORIGIN))
-        except asyncio.CancelledError:
-            log.info("stream cancelled by caller", extra={"request_id": rid})
-            raise
-        except Exception:
-            log.exception("unexpected error in Generate", extra={"request_id": rid})
-            outcome = ErrorCode.INTERNAL.value
-            yield self._error(context, internal_error(rid).at(Stage.FIRST_PACKET, origin=ORIGIN))
-        finally:
-            self.active_streams -= 1
-            _ACTIVE.dec()
-            timer.finish(outcome)
-
-    @staticmethod
-    def _error(context: grpc.aio.ServicerContext, err: PromptlineError
-               ) -> llm_engine_pb2.GenerateResponse:
-        ERRORS.labels("llm_engine", err.code.value, err.stage.value if err.stage else "").inc()
-        return error_frame(context, err, llm_engine_pb2.GenerateResponse)
+        async for frame in serve_stream(life, self._generate(config, request, context, life),
+                                        context, llm_engine_pb2.GenerateResponse):
+            yield frame
 
     async def _generate(self, config: Config, request: llm_engine_pb2.GenerateRequest,
-                        context: grpc.aio.ServicerContext, rid: str, progress: _Progress,
-                        timer: StreamTimer) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
+                        context: grpc.aio.ServicerContext, life: StreamLife
+                        ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         model = config.model(request.model)
         if model is None:
             raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {request.model!r}",
@@ -170,22 +130,23 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         clock = StreamClock.start(model.timeouts, context.time_remaining())
         route = [model, *(m for n in model.fallback if (m := config.model(n)))]
         last: PromptlineError | None = None
+        committed = False  # a frame went to the caller: no more retries or fallbacks
         for candidate in route:
             for attempt in range(config.retries.max_attempts):
                 if last is not None:
                     clock.restart_first_token()
                 try:
-                    async with aclosing(self._attempt(candidate, request, rid, clock,
-                                                      progress, timer)) as frames:
+                    async with aclosing(self._attempt(candidate, request, clock, life)) as frames:
                         async for frame in frames:
+                            committed = True
                             yield frame
                     return
                 except PromptlineError as err:
-                    if progress.started or err.code not in _FALLBACK_CODES:
+                    if committed or err.code not in _FALLBACK_CODES:
                         raise
                     last = err
                     log.warning("provider attempt failed before the first token",
-                                extra={"request_id": rid, "model": candidate.name,
+                                extra={"request_id": life.request_id, "model": candidate.name,
                                        "attempt": attempt + 1, "code": err.code.value})
                     if not err.retryable or attempt + 1 >= config.retries.max_attempts:
                         break
@@ -195,9 +156,10 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         raise last
 
     async def _attempt(self, model: ModelConfig, request: llm_engine_pb2.GenerateRequest,
-                       rid: str, clock: StreamClock, progress: _Progress, timer: StreamTimer
+                       clock: StreamClock, life: StreamLife
                        ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         """One provider call: provider chunks -> frames, bounded by the stream's clock."""
+        rid = life.request_id
         provider = self._providers.get(model)
         gen = provider.stream(GenerationRequest(
             request_id=rid,
@@ -218,11 +180,12 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         finish: str | None = None
         usage: Usage | None = None
         outcome = "cancelled"
+        first = True
         pump = ChunkPump(gen, clock)
         try:
             while batch := await pump.take():
-                if not progress.started:
-                    progress.started = True
+                if first:
+                    first = False
                     PROVIDER_FIRST_CHUNK.labels(model.name, provider.kind).observe(
                         time.perf_counter() - called)
                     yield llm_engine_pb2.GenerateResponse(start=llm_engine_pb2.GenerateStart(
@@ -237,14 +200,13 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     usage = chunk.usage or usage
                 if text:
                     now = time.perf_counter()
-                    if progress.delivered:
+                    if life.delivered:
                         gap.observe(now - last)
                     else:
-                        timer.first_token()
+                        life.text_delivered()
                         span.set_attribute("llm.ttft_ms", round((now - called) * 1000, 1))
                     last = now
                     completion += tokens
-                    progress.delivered = True
                     yield llm_engine_pb2.GenerateResponse(
                         delta=common_pb2.Delta(text="".join(text), tokens=tokens))
             if finish is None:

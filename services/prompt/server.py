@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -34,18 +31,12 @@ from promptline.auth import Authenticator
 from promptline.config import Config
 from promptline.config_reload import LiveConfig
 from promptline.embedded_redis import EmbeddedRedis
-from promptline.errors import PromptlineError, Stage, internal_error
+from promptline.errors import PromptlineError
 from promptline.grpc_server import RunningServer, insecure_channel, start_grpc_server
-from promptline.metrics import (
-    ACTIVE_STREAMS,
-    ERRORS,
-    QUOTA_REJECTIONS,
-    TOKENS,
-    MetricsServer,
-    StreamTimer,
-)
+from promptline.ids import request_id_from
+from promptline.metrics import QUOTA_REJECTIONS, MetricsServer
 from promptline.ratelimit import parse_quota_subject, rejection_limits
-from promptline.streams import error_frame, read_frames
+from promptline.streams import DONE, StreamLife, read_frames, serve_stream
 from promptline.tokens import get_tokenizer
 from promptline.tracing import client_interceptors, server_interceptors
 from promptline.v1 import (
@@ -59,33 +50,19 @@ from promptline.v1 import (
 )
 
 from .admin import PromptAdminServicer
-from .chat_plan import ChatPlan, plan_chat
+from .chat_plan import plan_chat
 from .context_fit import MessageTokenCounts
-from .history import ConversationStore, exchange
+from .history import ConversationStore
 from .moderation import Moderator, build_moderator
 from .prompts import PromptRegistry
 from .quotas import QuotaManager
+from .session import ChatSession
 
 log = logging.getLogger("promptline.prompt")
 
 SERVICE_NAME = prompt_pb2.DESCRIPTOR.services_by_name["PromptService"].full_name
 ADMIN_SERVICE_NAME = prompt_admin_pb2.DESCRIPTOR.services_by_name["PromptAdmin"].full_name
 ORIGIN = "prompt"
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_ACTIVE = ACTIVE_STREAMS.labels("prompt")
-
-
-@dataclass(slots=True)
-class _Progress:
-    delivered: bool = False
-    """Text reached the caller: from here on errors are mid_stream."""
-    completion_tokens: int = 0
-    usage: common_pb2.Usage | None = None
-    tenant: str = ""
-    plan: ChatPlan | None = None
-    reply: list[str] = field(default_factory=list)
-    """Text written to the caller, for conversation history."""
-    remembered: bool = False
 
 
 class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
@@ -100,7 +77,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         self._prompts = prompts
         self._conversations = conversations
         self.background: set[asyncio.Task[None]] = set()
-        """History writes of cancelled streams; `PromptServer.stop` waits for them."""
+        """Sessions of cancelled streams, finishing; `PromptServer.stop` waits for them."""
         self.token_counts = MessageTokenCounts()
         """Counts of long messages that clients re-send every turn."""
 
@@ -110,139 +87,106 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         # An async generator (not context.write) so that gRPC interceptors, OpenTelemetry's
         # included, see every frame of the stream.
         metadata = dict(context.invocation_metadata() or ())
-        rid = _request_id(request.request_id or metadata.get("x-request-id", ""))
+        rid = request_id_from(request.request_id or metadata.get("x-request-id"))
         config = self._live.current  # this stream keeps the config it started with
         trace.get_current_span().set_attribute("promptline.request_id", rid)
-        progress = _Progress()
-        timer = StreamTimer("prompt", request.model)
-        outcome = "cancelled"
-        _ACTIVE.inc()
-        try:
-            async with aclosing(self._stream_chat(config, request, context, metadata, rid,
-                                                  progress)) as frames:
-                async for frame in frames:
-                    yield frame
-            outcome = "done"
-        except PromptlineError as err:
-            stage = Stage.MID_STREAM if progress.delivered else Stage.FIRST_PACKET
-            outcome = err.code.value
-            yield self._error(context, config, err.at(stage, request_id=rid, origin=ORIGIN),
-                              progress)
-            # After the error frame, so the caller learns of the error without waiting on Redis.
-            await self._remember(progress, rid, partial=True)
-        except asyncio.CancelledError:
-            log.info("stream cancelled by caller", extra={"request_id": rid})
-            raise
-        except Exception:
-            log.exception("unexpected error in StreamChat", extra={"request_id": rid})
-            outcome = "INTERNAL"
-            yield self._error(context, config,
-                              internal_error(rid).at(Stage.FIRST_PACKET, origin=ORIGIN), progress)
-            await self._remember(progress, rid, partial=True)
-        finally:
-            _ACTIVE.dec()
-            timer.finish(outcome)
-            usage = progress.usage
-            log.info("chat stream ended", extra={
-                "request_id": rid, "tenant": progress.tenant,
-                "model": progress.plan.model.name if progress.plan else request.model,
-                "outcome": outcome, "completion_tokens": usage.completion_tokens if usage
-                else progress.completion_tokens,
-                "duration_ms": round((time.perf_counter() - timer.started) * 1000)})
-            if progress.delivered and not progress.remembered:
-                # Cancelled or closed mid-stream: store the partial reply from a task of its own.
-                task = asyncio.create_task(self._remember(progress, rid, partial=True))
-                self.background.add(task)
-                task.add_done_callback(self.background.discard)
+        life = StreamLife(ORIGIN, request.model, rid, logger=log)
+        session = ChatSession(rid, self._conversations)
+        life.on_finish(lambda outcome: self._finish_later(session, life, outcome))
+        async for frame in serve_stream(
+                life, self._stream_chat(config, request, context, metadata, session, life),
+                context, prompt_pb2.StreamChatResponse,
+                error_metadata=lambda err: self._rejection(config, err, session),
+                after_error=lambda err: session.finish(err.code.value)):
+            yield frame
 
-    def _error(self, context: grpc.aio.ServicerContext, config: Config, err: PromptlineError,
-               progress: _Progress) -> prompt_pb2.StreamChatResponse:
-        ERRORS.labels("prompt", err.code.value, err.stage.value if err.stage else "").inc()
-        if err.quota_subject:
-            scope, _, kind = parse_quota_subject(err.quota_subject)
-            QUOTA_REJECTIONS.labels(progress.tenant or "", f"{scope}:{kind}").inc()
-        return error_frame(context, err, prompt_pb2.StreamChatResponse,
-                           tuple(rejection_limits(config, err).headers().items()))
+    def _finish_later(self, session: ChatSession, life: StreamLife, outcome: str) -> None:
+        """A stream cancelled (or closed) before its session finished: finish it in a task of its
+        own, so a second cancel cannot cut the settlement short; `PromptServer.stop` waits."""
+        life.fields.update(tenant=session.tenant.name if session.tenant else "",
+                           completion_tokens=session.usage.completion_tokens if session.usage
+                           else session.completion_tokens)
+        if session.plan is not None:
+            life.fields["model"] = session.plan.model.name
+        if not session.finished:
+            task = asyncio.create_task(session.finish(outcome))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+
+    @staticmethod
+    def _rejection(config: Config, err: PromptlineError, session: ChatSession
+                   ) -> tuple[tuple[str, str], ...]:
+        """The `x-ratelimit-*` trailing metadata of a quota rejection (the edge's headers)."""
+        if not err.quota_subject:
+            return ()
+        scope, _, kind = parse_quota_subject(err.quota_subject)
+        QUOTA_REJECTIONS.labels(session.tenant.name if session.tenant else "",
+                                f"{scope}:{kind}").inc()
+        return tuple(rejection_limits(config, err).headers().items())
 
     async def _stream_chat(self, config: Config, request: prompt_pb2.StreamChatRequest,
                            context: grpc.aio.ServicerContext, metadata: dict[str, str],
-                           rid: str, progress: _Progress
+                           session: ChatSession, life: StreamLife
                            ) -> AsyncIterator[prompt_pb2.StreamChatResponse]:
         # Cheapest checks first: auth touches nothing; the plan validates before it reads a
         # prompt or a conversation from Redis, and nothing before admission calls the model.
         auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
-        tenant = auth.tenant_for_header(metadata.get("authorization"))
-        progress.tenant = tenant.name
-        plan = await plan_chat(config, tenant, request, self._prompts, self._conversations,
-                               self.token_counts)
-        progress.plan = plan
+        tenant = session.tenant = auth.tenant_for_header(metadata.get("authorization"))
+        plan = session.plan = await plan_chat(config, tenant, request, self._prompts,
+                                              self._conversations, self.token_counts)
+        if plan.conversation_id:
+            session.reply = []
         moderator = self._live.derived("moderator", lambda c: build_moderator(c.moderation))
         await moderator.check_input([m.content for m in plan.messages])
-        reservation = await self._quotas.admit(tenant, plan.model,
-                                               plan.prompt_tokens + plan.max_tokens, rid)
+        session.reservation = reservation = await self._quotas.admit(
+            tenant, plan.model, plan.prompt_tokens + plan.max_tokens, session.request_id)
+        call = self._engine.Generate(
+            llm_engine_pb2.GenerateRequest(
+                request_id=session.request_id,
+                model=plan.model.name,
+                messages=plan.messages,
+                max_tokens=plan.max_tokens,
+                temperature=plan.temperature,
+                tenant=tenant.name,
+            ),
+            timeout=context.time_remaining(),
+        )
+        session.plan = plan.without_messages()  # the engine call holds the prompt now
         try:
-            call = self._engine.Generate(
-                llm_engine_pb2.GenerateRequest(
-                    request_id=rid,
-                    model=plan.model.name,
-                    messages=plan.messages,
-                    max_tokens=plan.max_tokens,
-                    temperature=plan.temperature,
-                    tenant=tenant.name,
-                ),
-                timeout=context.time_remaining(),
-            )
-            plan = progress.plan = plan.without_messages()
-            try:
-                # The engine call is on its way while the quota headers go out (one gRPC
-                # round trip less before the first token); no frame is yielded before them.
-                await context.send_initial_metadata(tuple(reservation.limits.headers().items()))
-            except BaseException:
-                call.cancel()
-                raise
-            async with aclosing(self._relay(call, request, plan, moderator, rid,
-                                            progress)) as frames:
-                async for frame in frames:
-                    yield frame
-        finally:
-            # Reconcile TPM to what was really used; a stream that produced nothing is refunded.
-            if progress.usage is not None:
-                used_in, used_out = progress.usage.prompt_tokens, progress.usage.completion_tokens
-            else:
-                used_in = plan.prompt_tokens if progress.completion_tokens else 0
-                used_out = progress.completion_tokens
-            if used_in or used_out:
-                TOKENS.labels(tenant.name, plan.model.name, "in").inc(used_in)
-                TOKENS.labels(tenant.name, plan.model.name, "out").inc(used_out)
-                await reservation.settle(used_in + used_out)
-            else:
-                await reservation.refund()
+            # The engine call is on its way while the quota headers go out (one gRPC round
+            # trip less before the first token); no frame is yielded before them.
+            await context.send_initial_metadata(tuple(reservation.limits.headers().items()))
+        except BaseException:
+            call.cancel()
+            raise
+        async with aclosing(self._relay(call, request, moderator, session, life)) as frames:
+            async for frame in frames:
+                yield frame
 
     async def _relay(self, call: grpc.aio.UnaryStreamCall, request: prompt_pb2.StreamChatRequest,
-                     plan: ChatPlan, moderator: Moderator, rid: str, progress: _Progress
+                     moderator: Moderator, session: ChatSession, life: StreamLife
                      ) -> AsyncIterator[prompt_pb2.StreamChatResponse]:
         """Engine frames -> output moderation -> caller, until the first terminal frame."""
+        plan = session.plan
+        assert plan is not None
         output = moderator.output_filter()
         held_tokens = 0  # tokens of text the moderation filter is still holding back
-        # Only a conversation stores the reply; without one, a long reply is not kept in memory.
-        reply = progress.reply if plan.conversation_id else None
         async with aclosing(read_frames(call)) as frames:
             async for frame in frames:
                 kind = frame.WhichOneof("frame")
                 if kind == "delta":
-                    progress.completion_tokens += frame.delta.tokens
+                    session.completion_tokens += frame.delta.tokens
                     held_tokens += frame.delta.tokens
                     text = output.feed(frame.delta.text)
                     if text:
-                        progress.delivered = True
-                        if reply is not None:
-                            reply.append(text)
+                        life.text_delivered()
+                        session.delivered_text(text)
                         yield prompt_pb2.StreamChatResponse(
                             delta=common_pb2.Delta(text=text, tokens=held_tokens))
                         held_tokens = 0
                 elif kind == "start":
                     yield prompt_pb2.StreamChatResponse(start=prompt_pb2.ChatStart(
-                        request_id=rid,
+                        request_id=session.request_id,
                         model=frame.start.model,
                         conversation_id=request.conversation_id,
                         prompt_id=plan.prompt.prompt_id if plan.prompt else "",
@@ -252,35 +196,15 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 elif kind == "done":
                     tail = output.flush()
                     if tail:
-                        if reply is not None:
-                            reply.append(tail)
+                        session.delivered_text(tail)
                         yield prompt_pb2.StreamChatResponse(
                             delta=common_pb2.Delta(text=tail, tokens=held_tokens))
-                    progress.usage = frame.done.usage
-                    # Stored before `done`, so a caller's next request already sees this turn.
-                    await self._remember(progress, rid, partial=False)
+                    session.usage = frame.done.usage
+                    if session.keeps_history:
+                        # Stored before `done`, so a caller's next request already sees it.
+                        await session.finish(DONE)
                     yield prompt_pb2.StreamChatResponse(done=frame.done)
-
-    async def _remember(self, progress: _Progress, rid: str, *, partial: bool) -> None:
-        """Append the exchange to the conversation, once; a partial reply only if text reached
-        the caller. Never raises: the caller already has the reply (failures are logged)."""
-        plan = progress.plan
-        if (progress.remembered or plan is None or not plan.conversation_id
-                or self._conversations is None or (partial and not progress.delivered)):
-            return
-        progress.remembered = True
-        try:
-            await self._conversations.append(
-                progress.tenant, plan.conversation_id,
-                exchange(plan.new_turns, "".join(progress.reply), partial=partial,
-                         request_id=rid))
-        except PromptlineError as err:
-            log.error("conversation history not stored: %s", err.message,
-                      extra={"request_id": rid})
-
-
-def _request_id(candidate: str) -> str:
-    return candidate if _SAFE_ID.fullmatch(candidate) else uuid.uuid4().hex
+                    await session.finish(DONE)  # without a conversation: after `done`
 
 
 @dataclass
