@@ -59,7 +59,7 @@ class _Wire:
 
 
 S = grpc.StatusCode
-# The BRIEF's table. HTTP 499 for CANCELLED is nginx's "client closed request": nobody reads it.
+# The contract's error table. HTTP 499 for CANCELLED is nginx's "client closed request".
 WIRE: dict[ErrorCode, _Wire] = {
     ErrorCode.UNAUTHENTICATED: _Wire(S.UNAUTHENTICATED, 401, False, "authentication_error"),
     ErrorCode.PERMISSION_DENIED: _Wire(S.PERMISSION_DENIED, 403, False, "permission_error"),
@@ -272,7 +272,7 @@ class PromptlineError(Exception):
     # --- HTTP / SSE / OpenAI --------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The BRIEF's error object, for SSE `error` events and HTTP error bodies."""
+        """The contract's error object, for SSE `error` events and HTTP error bodies."""
         body: dict[str, Any] = {
             "code": self.code.value,
             "stage": (self.stage or Stage.CONNECT).value,

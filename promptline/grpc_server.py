@@ -64,13 +64,11 @@ async def start_grpc_server(
     register: Callable[[grpc.aio.Server], None],
     service_full_names: Sequence[str],
     *,
-    maximum_concurrent_rpcs: int | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     """Build, bind and start a server; `register` adds the service implementations."""
     server = grpc.aio.server(
         options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         interceptors=[MalformedRequests(), *interceptors],
     )
     register(server)

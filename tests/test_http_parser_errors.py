@@ -3,7 +3,7 @@
 aiohttp's parser answers these before any handler runs (text/plain by default, some with a repr of
 the offending bytes); the edge must answer them like every other error: a 4xx, the error body with
 a code and a request id, counted in `promptline_errors_total`, nothing of the implementation.
-Also the request-level cases issue 16 found answered 500 (each now a specific 4xx).
+Also request-level cases that used to be answered 500 (each now a specific 4xx).
 """
 
 from __future__ import annotations

@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 from redis.crc import key_slot
 
 from promptline.config import ModelConfig, QuotaPolicy, Quotas, TenantConfig
 from promptline.embedded_redis import EmbeddedRedis, free_port
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from services.prompt.quotas import (
-    QUOTA_REDIS_ERRORS,
     QuotaManager,
     RateLimitInfo,
     Reservation,
@@ -35,6 +35,12 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def quota_store_errors(operation: str) -> float:
+    """`promptline_redis_errors_total` for one quota operation (admit, settle, ...)."""
+    return REGISTRY.get_sample_value("promptline_redis_errors_total",
+                                     {"operation": f"quota_{operation}"}) or 0
 
 
 def tenant(name: str = "dev", qpm: int | None = None, tpm: int | None = None) -> TenantConfig:
@@ -346,7 +352,7 @@ async def test_redis_down_fail_closed_raises_unavailable_quickly(
     from prometheus_client import REGISTRY
 
     manager = QuotaManager(down_client, CLOSED)
-    before = QUOTA_REDIS_ERRORS["admit"]
+    before = quota_store_errors("admit")
     metric = REGISTRY.get_sample_value("promptline_redis_errors_total",
                                        {"operation": "quota_admit"}) or 0.0
     started = time.monotonic()
@@ -357,26 +363,26 @@ async def test_redis_down_fail_closed_raises_unavailable_quickly(
     assert err.code == ErrorCode.UNAVAILABLE
     assert err.message == "quota store unavailable"
     assert err.stage == Stage.FIRST_PACKET and err.retryable
-    assert QUOTA_REDIS_ERRORS["admit"] == before + 1
+    assert quota_store_errors("admit") == before + 1
 
 
 async def test_redis_down_fail_open_admits_with_warning_and_metric(
         down_client: aioredis.Redis, caplog: pytest.LogCaptureFixture) -> None:
     manager = QuotaManager(down_client, OPEN)
-    before = QUOTA_REDIS_ERRORS["admit"]
+    before = quota_store_errors("admit")
     caplog.set_level(logging.WARNING, logger="promptline.quotas")
     started = time.monotonic()
     reservation = await manager.admit(tenant(qpm=10, tpm=100), model(), 10, "req-open")
     assert time.monotonic() - started < 1.0
     assert reservation.degraded
-    assert QUOTA_REDIS_ERRORS["admit"] == before + 1
+    assert quota_store_errors("admit") == before + 1
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("fail_open" in r.getMessage() for r in warnings)
     assert not any("pl:quota" in r.getMessage() for r in warnings)
-    settle_errors = QUOTA_REDIS_ERRORS["settle"]
+    settle_errors = quota_store_errors("settle")
     await reservation.settle(50)  # no-op: no Redis call, so no second error
     assert reservation.settled
-    assert QUOTA_REDIS_ERRORS["settle"] == settle_errors
+    assert quota_store_errors("settle") == settle_errors
     assert await manager.usage(tenant(qpm=10)) == {}
     with pytest.raises(PromptlineError):
         await QuotaManager(down_client, CLOSED).usage(tenant(qpm=10))
@@ -388,7 +394,7 @@ async def test_slow_redis_is_bounded_and_follows_the_policy(
     policy = QuotaPolicy(fail_open=fail_open, redis_timeout=0.1)
     manager = QuotaManager(second_client, policy)
     await second_client.ping()  # connection ready: the pause below delays the script itself
-    before = QUOTA_REDIS_ERRORS["admit"]
+    before = quota_store_errors("admit")
     # Redis 7.0 holds even CLIENT UNPAUSE until the pause ends, so keep the pause short.
     await redis_client.execute_command("CLIENT", "PAUSE", 600, "ALL")
     try:
@@ -400,7 +406,7 @@ async def test_slow_redis_is_bounded_and_follows_the_policy(
             err = await rejected(manager, tenant(qpm=10), model(), 10)
             assert err.code == ErrorCode.UNAVAILABLE
         assert time.monotonic() - started < 0.4
-        assert QUOTA_REDIS_ERRORS["admit"] == before + 1
+        assert quota_store_errors("admit") == before + 1
     finally:
         await redis_client.execute_command("CLIENT", "UNPAUSE")
 
@@ -410,7 +416,7 @@ async def test_settle_on_a_slow_redis_is_bounded_and_never_raises(
         caplog: pytest.LogCaptureFixture) -> None:
     manager = QuotaManager(second_client, QuotaPolicy(fail_open=False, redis_timeout=0.1))
     reservation = await manager.admit(tenant(tpm=1_000), model(), 500, "a")
-    before = QUOTA_REDIS_ERRORS["settle"]
+    before = quota_store_errors("settle")
     caplog.set_level(logging.WARNING, logger="promptline.quotas")
     await redis_client.execute_command("CLIENT", "PAUSE", 600, "ALL")
     try:
@@ -419,8 +425,8 @@ async def test_settle_on_a_slow_redis_is_bounded_and_never_raises(
         assert time.monotonic() - started < 0.4
     finally:
         await redis_client.execute_command("CLIENT", "UNPAUSE")
-    assert QUOTA_REDIS_ERRORS["settle"] == before + 1
+    assert quota_store_errors("settle") == before + 1
     assert any("during settle" in r.getMessage() for r in caplog.records)
     assert reservation.settled
     await reservation.settle(100)  # still a no-op afterwards
-    assert QUOTA_REDIS_ERRORS["settle"] == before + 1
+    assert quota_store_errors("settle") == before + 1

@@ -46,8 +46,6 @@ class ChatPlan:
     new_turns: tuple[tuple[str, str], ...] = ()
     """(role, content) of the request's user/assistant messages, stored with the reply; only
     with a conversation."""
-    dropped_history: int = 0
-    """Stored messages left out to fit the context window."""
 
     def without_messages(self) -> ChatPlan:
         """This plan once the engine request is built from it: gRPC keeps that request for the
@@ -112,7 +110,6 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
         conversation_id=request.conversation_id,
         # Only a conversation stores them; otherwise they would hold the prompt for the stream.
         new_turns=tuple(p for p in new if p[0] != "system") if request.conversation_id else (),
-        dropped_history=fitted.dropped,
     )
 
 

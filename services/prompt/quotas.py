@@ -58,7 +58,7 @@ Redis slow or down
     Every call is bounded by `QuotaPolicy.redis_timeout`. On a Redis error or timeout, admission
     either fails closed (`UNAVAILABLE`, retryable) or, with `fail_open`, admits the request with
     a WARNING log and a no-op reservation; settle/usage failures are logged and never raise.
-    Each failure increments `QUOTA_REDIS_ERRORS[operation]` (read by the metrics layer). Note:
+    Each failure increments `promptline_redis_errors_total{operation="quota_<op>"}`. Note:
     a call that timed out on our side may still be executed by Redis later (e.g. after a
     CLIENT PAUSE): that can only over-count, never over-admit, and expires with the window.
 """
@@ -66,7 +66,6 @@ Redis slow or down
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import math
 from collections.abc import Callable
@@ -86,7 +85,6 @@ log = logging.getLogger("promptline.quotas")
 WINDOW_MS = 60_000
 KEY_PREFIX = "{pl:quota}:"
 
-QUOTA_REDIS_ERRORS: collections.Counter[str] = collections.Counter()
 """Redis errors/timeouts of the quota store, by operation ("admit", "settle", "usage")."""
 
 _STORE_ERRORS = (RedisError, TimeoutError, OSError)
@@ -453,7 +451,6 @@ def _unavailable(request_id: str) -> PromptlineError:
 
 
 def _record_store_error(operation: str, exc: BaseException, request_id: str) -> None:
-    QUOTA_REDIS_ERRORS[operation] += 1
     REDIS_ERRORS.labels(f"quota_{operation}").inc()
     if operation != "admit":
         log.warning("quota store unavailable during %s (%s)", operation, type(exc).__name__,

@@ -147,7 +147,6 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 messages=plan.messages,
                 max_tokens=plan.max_tokens,
                 temperature=plan.temperature,
-                tenant=tenant.name,
             ),
             timeout=context.time_remaining(),
         )
