@@ -35,6 +35,7 @@ from promptline.config_keys import (
 )
 from promptline.config_keys import parse_duration as parse_duration
 from promptline.config_keys import read as read_keys
+from promptline.rules import MODEL_NAME
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "local.yaml"
 ENV_CONFIG_PATH = "PROMPTLINE_CONFIG"
@@ -105,7 +106,7 @@ class _ApiKey(Kind):
         return {"type": "string", "minLength": 4}
 
 
-Name = Annotated[str, Text(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}",
+Name = Annotated[str, Text(MODEL_NAME,
                            "must be 1-128 letters, digits and . _ : / - (starting with a letter "
                            "or digit)", "name")]
 Address = Annotated[str, _Address(_HOST_PORT, "must be host:port", "host:port")]

@@ -1,7 +1,7 @@
 """`x-ratelimit-*` headers: the tenant's quota state as OpenAI-style response headers.
 
-Shared by the prompt service (sends them as gRPC initial metadata at admission) and the edge
-(copies them onto the HTTP response, and derives them for a quota rejection).
+The prompt service computes them and sends them as gRPC metadata (initial at admission, trailing
+with a quota rejection); the edge copies them onto the HTTP response.
 """
 
 from __future__ import annotations

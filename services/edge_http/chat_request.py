@@ -1,15 +1,16 @@
-"""The `POST /v1/chat/stream` body: read with a size cap, decoded, validated, turned into protobuf.
+"""The `POST /v1/chat/stream` body: read with a size cap, decoded, checked, turned into protobuf.
 
-Every rejection is a `PromptlineError(INVALID_REQUEST)` at stage `connect` whose message names the
-offending field or JSON position, so a client can fix the request without reading server logs.
-Whether a model or a prompt exists is the prompt service's business (NOT_FOUND), not checked here.
+The edge checks the JSON's shape and types (and what the wire types need: integers that fit,
+strings protobuf can carry); what the values mean (roles, ranges, ids, whether a model or a prompt
+exists) is the prompt service's business (`promptline.rules`), so gRPC callers get the same
+answers. Every rejection is a `PromptlineError(INVALID_REQUEST)` at stage `connect` whose message
+names the offending field or JSON position.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import AsyncIterable
 from typing import Any, NoReturn
 
@@ -18,6 +19,7 @@ from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.http_exceptions import HttpProcessingError
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.rules import check_max_tokens, invalid
 from promptline.v1 import common_pb2, prompt_pb2
 
 # Content-Encodings aiohttp decodes as the body arrives; any other would reach us as raw bytes.
@@ -26,16 +28,7 @@ DECODED_ENCODINGS = frozenset({"identity", "gzip", "deflate", *(["br"] if HAS_BR
 # Python refuses to convert longer digit strings (sys.get_int_max_str_digits()).
 MAX_INT_DIGITS = 4300
 
-ROLES = frozenset({"system", "user", "assistant"})
-MAX_TOKENS_LIMIT = 1_000_000
-MAX_TEMPERATURE = 2.0
 _UINT32_MAX = 2**32 - 1
-_CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-def invalid(message: str) -> PromptlineError:
-    """An INVALID_REQUEST at stage `connect`: the request never reached any model work."""
-    return PromptlineError(ErrorCode.INVALID_REQUEST, message, stage=Stage.CONNECT)
 
 
 class BodyError(PromptlineError):
@@ -114,16 +107,15 @@ def chat_request_from(data: dict[str, Any]) -> prompt_pb2.StreamChatRequest:
     )
     max_tokens = data.get("max_tokens")
     if max_tokens is not None:
-        request.max_tokens = _int(max_tokens, "max_tokens", 1, MAX_TOKENS_LIMIT)
+        # The wire cannot carry an explicit 0 (it means the model's default): the range here.
+        request.max_tokens = _int(max_tokens, "max_tokens", 0, _UINT32_MAX)
+        check_max_tokens(request.max_tokens)
     temperature = data.get("temperature")
     if temperature is not None:
         request.temperature = _temperature(temperature)
     conversation_id = data.get("conversation_id")
     if conversation_id is not None:
-        text = string_field(conversation_id, "conversation_id")
-        if not _CONVERSATION_ID.fullmatch(text):
-            raise invalid("conversation_id must be 1-128 characters of letters, digits and . _ : -")
-        request.conversation_id = text
+        request.conversation_id = string_field(conversation_id, "conversation_id")
     prompt = data.get("prompt")
     if prompt is not None:
         request.prompt.CopyFrom(_prompt_ref(prompt))
@@ -172,8 +164,6 @@ def _messages(value: Any) -> list[common_pb2.ChatMessage]:
         if not isinstance(item, dict):
             raise invalid(f"{path} must be an object, got {json_kind(item)}")
         role = string_field(item.get("role"), f"{path}.role", required=True)
-        if role not in ROLES:
-            raise invalid(f"{path}.role must be one of assistant, system, user")
         content = string_field(item.get("content"), f"{path}.content", required=True,
                                allow_empty=True)
         out.append(common_pb2.ChatMessage(role=role, content=content))
@@ -185,8 +175,6 @@ def _prompt_ref(value: Any) -> prompt_pb2.PromptRef:
         raise invalid(f"prompt must be an object, got {json_kind(value)}")
     ref = prompt_pb2.PromptRef(id=string_field(value.get("id"), "prompt.id", required=True))
     version, label = value.get("version"), value.get("label")
-    if version is not None and label is not None:
-        raise invalid("prompt takes either version or label, not both")
     if version is not None:
         ref.version = _int(version, "prompt.version", 1, _UINT32_MAX)
     if label is not None:
@@ -230,8 +218,6 @@ def _int(value: Any, path: str, minimum: int, maximum: int) -> int:
 def _temperature(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise invalid(f"temperature must be a number, got {json_kind(value)}")
-    if not 0 <= value <= MAX_TEMPERATURE:
-        raise invalid(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {value}")
     return float(value)
 
 

@@ -18,7 +18,7 @@ from promptline.auth import Authenticator, bearer_header, bearer_key
 from promptline.config import Config, TenantConfig
 from promptline.config_reload import LiveConfig
 from promptline.errors import PromptlineError
-from promptline.ids import request_id_from
+from promptline.rules import request_id_from
 from promptline.v1 import prompt_pb2_grpc
 from services.edge_http.chat_request import BodyError
 from services.edge_http.http_errors import error_body_for, error_response

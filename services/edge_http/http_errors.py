@@ -21,8 +21,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
-from promptline.ids import request_id_from
 from promptline.metrics import ERRORS
+from promptline.rules import request_id_from
 
 log = logging.getLogger("promptline.edge_http")
 

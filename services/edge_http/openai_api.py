@@ -42,7 +42,6 @@ from services.edge_http.http_errors import (
 from services.edge_http.relay import (
     StreamRelay,
     ratelimit_headers,
-    rejection_headers,
     usage_data,
 )
 
@@ -265,7 +264,8 @@ async def _complete(request: web.Request, call: Any, caller: Caller, model: str
         life.outcome = DONE
     except PromptlineError as err:
         life.failed(err, count=False)  # error_response counts it
-        return error_response(err, rid, headers=rejection_headers(caller.config, err),
+        headers = await ratelimit_headers(call, rejected=bool(err.quota_subject))
+        return error_response(err, rid, headers=headers,
                               body=openai_error_body)
     finally:
         life.fields["deltas"] = len(texts)

@@ -21,7 +21,6 @@ from aiohttp import web
 
 from promptline.config import Config, Timeouts
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
-from promptline.ratelimit import rejection_limits
 from promptline.streams import CANCELLED, DONE, StreamLife, read_frames
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
@@ -36,15 +35,12 @@ FRAME_QUEUE_SIZE = 8
 _HEARTBEAT = object()
 """Queued by a stream's heartbeat timer: nothing was written for `edge.heartbeat`."""
 
-def rejection_headers(config: Config, err: PromptlineError) -> dict[str, str]:
-    """`x-ratelimit-*` headers for a tenant quota rejection; empty for other errors."""
-    return rejection_limits(config, err).headers() if err.quota_subject else {}
-
-
-async def ratelimit_headers(call: Any) -> dict[str, str]:
-    """`x-ratelimit-*` headers the prompt service sent as initial metadata at admission."""
+async def ratelimit_headers(call: Any, *, rejected: bool = False) -> dict[str, str]:
+    """`x-ratelimit-*` headers as the prompt service sent them: initial metadata at admission,
+    trailing metadata with a quota rejection (`rejected`). Never rebuilt from the edge's own
+    config, which may differ from the prompt service's after a reload."""
     try:
-        metadata = await call.initial_metadata()
+        metadata = await (call.trailing_metadata() if rejected else call.initial_metadata())
     except (grpc.RpcError, asyncio.InvalidStateError):
         return {}
     return {k: v for k, v in (metadata or ()) if k.startswith("x-ratelimit-")
@@ -304,7 +300,8 @@ class StreamRelay:
             assert self._response is not None
             return self._response
         if self._response is None:
-            return error_response(err, self._rid, headers=rejection_headers(self._config, err),
+            headers = await ratelimit_headers(self._call, rejected=bool(err.quota_subject))
+            return error_response(err, self._rid, headers=headers,
                                   body=self._encoder.error_body)
         await self._write_last(self._encoder.error(err))
         return self._response

@@ -20,14 +20,21 @@ from dataclasses import dataclass, replace
 
 from promptline.config import Config, ModelConfig, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.rules import (
+    check_conversation_id,
+    check_max_tokens,
+    check_role,
+    check_temperature,
+    check_version_or_label,
+    invalid,
+)
 from promptline.v1 import common_pb2, prompt_pb2
 
 from .context_fit import MessageTokenCounts, fit_messages, message_tokens
-from .history import ConversationStore, validate_conversation_id
+from .history import ConversationStore
 from .prompts import PromptRegistry, PromptVersion
 from .templates import render
 
-ROLES = frozenset({"system", "user", "assistant"})
 MAX_MESSAGES = 1000
 
 
@@ -78,7 +85,7 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
     history: tuple[tuple[str, str], ...] = ()
     new = pairs
     if request.conversation_id:
-        validate_conversation_id(request.conversation_id)
+        check_conversation_id(request.conversation_id)
         if conversations is None:
             raise PromptlineError(ErrorCode.UNAVAILABLE, "conversation memory is not configured",
                                   stage=Stage.CONNECT)
@@ -133,21 +140,21 @@ def split_resent_history(stored: tuple[tuple[str, str], ...], messages: list[tup
 
 def _validate(request: prompt_pb2.StreamChatRequest) -> None:
     if not request.messages:
-        raise _invalid("messages must contain at least one message")
+        raise invalid("messages must contain at least one message")
     if len(request.messages) > MAX_MESSAGES:
-        raise _invalid(f"messages holds more than {MAX_MESSAGES} entries")
+        raise invalid(f"messages holds more than {MAX_MESSAGES} entries")
     for i, message in enumerate(request.messages):
-        if message.role not in ROLES:
-            raise _invalid(f"messages[{i}].role must be one of system, user, assistant")
-    if request.HasField("temperature") and not 0 <= request.temperature <= 2:
-        raise _invalid("temperature must be between 0 and 2")
-    if request.prompt.version and request.prompt.label:
-        raise _invalid("prompt takes either version or label, not both")
+        check_role(message.role, f"messages[{i}].role")
+    if request.max_tokens:  # 0: the model's default
+        check_max_tokens(request.max_tokens)
+    if request.HasField("temperature"):
+        check_temperature(request.temperature)
+    check_version_or_label(request.prompt.version, request.prompt.label)
 
 
 def _model(config: Config, tenant: TenantConfig, name: str) -> ModelConfig:
     if not name:
-        raise _invalid("model is required (unless the prompt names a default model)")
+        raise invalid("model is required (unless the prompt names a default model)")
     model = config.model(name)
     if model is None:
         raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {name!r}",
@@ -159,5 +166,4 @@ def _model(config: Config, tenant: TenantConfig, name: str) -> ModelConfig:
     return model
 
 
-def _invalid(message: str) -> PromptlineError:
-    return PromptlineError(ErrorCode.INVALID_REQUEST, message, stage=Stage.CONNECT)
+

@@ -22,7 +22,6 @@ Partial replies (the documented policy):
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,10 +30,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.rules import check_conversation_id
 
 from .prompts import store_errors
 
-CONVERSATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 STORED_ROLES = frozenset({"user", "assistant"})
 
 
@@ -74,15 +73,6 @@ class Conversation:
     expires_in_ms: int
 
 
-def validate_conversation_id(conversation_id: str) -> str:
-    if not CONVERSATION_ID.fullmatch(conversation_id):
-        raise PromptlineError(
-            ErrorCode.INVALID_REQUEST,
-            "conversation_id must be 1-128 characters of letters, digits and . _ : -",
-            stage=Stage.CONNECT)
-    return conversation_id
-
-
 def conversation_key(tenant: str, conversation_id: str) -> str:
     """The Redis list of one tenant's conversation (its own cluster slot)."""
     return f"{{pl:c|{tenant}|{conversation_id}}}:turns"
@@ -98,14 +88,14 @@ class ConversationStore:
 
     async def load(self, tenant: str, conversation_id: str) -> tuple[Turn, ...]:
         """The stored messages, oldest first; empty for a new conversation."""
-        validate_conversation_id(conversation_id)
+        check_conversation_id(conversation_id)
         with store_errors("conversation"):
             raw = await self._redis.lrange(conversation_key(tenant, conversation_id), 0, -1)
         return tuple(Turn.from_json(item) for item in raw)
 
     async def append(self, tenant: str, conversation_id: str, turns: Sequence[Turn]) -> None:
         """Append one exchange atomically (one RPUSH), trim to `max_messages`, renew the TTL."""
-        validate_conversation_id(conversation_id)
+        check_conversation_id(conversation_id)
         if not turns:
             return
         for turn in turns:
@@ -121,7 +111,7 @@ class ConversationStore:
 
     async def get(self, tenant: str, conversation_id: str) -> Conversation:
         """The conversation with its remaining TTL; NOT_FOUND when there is none."""
-        validate_conversation_id(conversation_id)
+        check_conversation_id(conversation_id)
         key = conversation_key(tenant, conversation_id)
         with store_errors("conversation"):
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -135,7 +125,7 @@ class ConversationStore:
 
     async def delete(self, tenant: str, conversation_id: str) -> int:
         """Delete the conversation; returns how many messages it held. NOT_FOUND when none."""
-        validate_conversation_id(conversation_id)
+        check_conversation_id(conversation_id)
         key = conversation_key(tenant, conversation_id)
         with store_errors("conversation"):
             async with self._redis.pipeline(transaction=True) as pipe:

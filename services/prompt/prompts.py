@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
+from promptline.rules import check_max_tokens, check_temperature, is_model_name
 from promptline.v1 import prompt_admin_pb2
 
 from .templates import declared_variables, invalid
@@ -187,12 +188,12 @@ class PromptRegistry:
             raise invalid(f"template is {size} bytes; at most {self.max_template_bytes} "
                           "are allowed (prompts.max_template_bytes)")
         variables = declared_variables(draft.template, draft.variables)
-        if draft.model and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", draft.model):
+        if draft.model and not is_model_name(draft.model):
             raise invalid("model must be a configured model name")
-        if draft.max_tokens is not None and not 1 <= draft.max_tokens <= 1_000_000:
-            raise invalid("max_tokens must be between 1 and 1000000")
-        if draft.temperature is not None and not 0 <= draft.temperature <= 2:
-            raise invalid("temperature must be between 0 and 2")
+        if draft.max_tokens is not None:
+            check_max_tokens(draft.max_tokens)
+        if draft.temperature is not None:
+            check_temperature(draft.temperature)
         if len(draft.message) > MAX_MESSAGE_CHARS:
             raise invalid(f"message must be at most {MAX_MESSAGE_CHARS} characters")
         if len(draft.author) > MAX_AUTHOR_CHARS:

@@ -33,9 +33,9 @@ from promptline.config_reload import LiveConfig
 from promptline.embedded_redis import EmbeddedRedis
 from promptline.errors import PromptlineError
 from promptline.grpc_server import RunningServer, insecure_channel, start_grpc_server
-from promptline.ids import request_id_from
 from promptline.metrics import QUOTA_REJECTIONS, MetricsServer
 from promptline.ratelimit import parse_quota_subject, rejection_limits
+from promptline.rules import request_id_from
 from promptline.streams import DONE, StreamLife, read_frames, serve_stream
 from promptline.tokens import get_tokenizer
 from promptline.tracing import client_interceptors, server_interceptors

@@ -14,16 +14,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.rules import invalid
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_VARIABLES = 64
 _PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 
-
-def invalid(message: str) -> PromptlineError:
-    """INVALID_REQUEST at stage `connect`."""
-    return PromptlineError(ErrorCode.INVALID_REQUEST, message, stage=Stage.CONNECT)
 
 
 def placeholders(template: str) -> tuple[str, ...]:

@@ -1,0 +1,65 @@
+"""The request rules more than one module applies, each written once.
+
+The edge checks a request's JSON shape and types; what the values mean (roles, ranges, ids, the
+choice of a prompt version or label) is checked by the prompt service with these functions, so a
+gRPC caller and an HTTP caller get the same answer. Each failure is INVALID_REQUEST at `connect`,
+with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from promptline.errors import ErrorCode, PromptlineError, Stage
+
+SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""Request and conversation ids: safe in logs, Redis keys, headers and gRPC metadata."""
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"
+"""A configured model's name (and so what a request or a prompt version may name)."""
+ROLES = ("system", "user", "assistant")
+MAX_TOKENS = 1_000_000
+"""The most a request may ask for; the model's context window usually says less."""
+MAX_TEMPERATURE = 2.0
+
+
+def invalid(message: str) -> PromptlineError:
+    """An INVALID_REQUEST at stage `connect`: the request never reached any model work."""
+    return PromptlineError(ErrorCode.INVALID_REQUEST, message, stage=Stage.CONNECT)
+
+
+def request_id_from(header: str | None) -> str:
+    """The caller's X-Request-Id when it is a safe token, else a fresh uuid4 hex."""
+    if header and SAFE_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def check_conversation_id(value: str) -> str:
+    if not SAFE_ID.fullmatch(value):
+        raise invalid("conversation_id must be 1-128 characters of letters, digits and . _ : -")
+    return value
+
+
+def is_model_name(value: str) -> bool:
+    return re.fullmatch(MODEL_NAME, value) is not None
+
+
+def check_role(role: str, path: str) -> None:
+    if role not in ROLES:
+        raise invalid(f"{path} must be one of {', '.join(ROLES)}")
+
+
+def check_max_tokens(value: int, path: str = "max_tokens") -> None:
+    if not 1 <= value <= MAX_TOKENS:
+        raise invalid(f"{path} must be between 1 and {MAX_TOKENS}, got {value}")
+
+
+def check_temperature(value: float, path: str = "temperature") -> None:
+    if not 0 <= value <= MAX_TEMPERATURE:
+        raise invalid(f"{path} must be between 0 and {MAX_TEMPERATURE:g}, got {value:g}")
+
+
+def check_version_or_label(version: int, label: str) -> None:
+    if version and label:
+        raise invalid("prompt takes either version or label, not both")
