@@ -50,65 +50,59 @@ class ChunkPump:
         self._text_taken = False
         self._text_sent = asyncio.Event()
         """Set once the writer has sent the first text (it came back for more)."""
+        self._lead_given = False
+        self._yielded_at = 0.0
         self._error: BaseException | None = None
         self._task = asyncio.create_task(self._read())
         self._watchdog = Watchdog(clock, self._task)
 
     async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
-        yielded = loop.time()
-        paused = False  # for the first text, once
         try:
-            while True:
-                try:
-                    chunk = await anext(self._chunks)
-                except StopAsyncIteration:
-                    break
-                if chunk.text:
-                    self._watchdog.on_token()
-                idle_writer = not self._pending
-                self._pending.append(chunk)
-                self._pending_chars += len(chunk.text)
-                self._ready.set()
-                if (self._pending_chars >= MAX_PENDING_CHARS
-                        or len(self._pending) >= MAX_PENDING_CHUNKS):
-                    self._drained.clear()
-                    await self._drained.wait()  # backpressure: the writer cannot keep up
-                    yielded = loop.time()
-                    continue
-                # Reading buffered chunks never suspends, so without this the reader would keep
-                # the loop until the socket drained: hand over when the writer waits, after
-                # every chunk until the first text went out (time to first token comes first),
-                # then at least every MAX_HOLD so no token is held longer than that.
-                if chunk.text and not paused and not self._text_sent.is_set():
-                    paused = True
-                    # The writer sends nothing else until the first text is out, so reading on
-                    # would only take the CPU that the start and first frames need (a provider
-                    # that bursts: ~0.5 ms of TTFT at C=1, docs/performance.md). Once it is out,
-                    # the prompt service and the edge still have ~1 ms of work to deliver it,
-                    # and on a shared box every chunk read now would compete with that (another
-                    # ~1 ms). What arrives meanwhile is read after the pause.
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(FIRST_TEXT_WAIT):
-                            await self._text_sent.wait()
-                    await asyncio.sleep(FIRST_TEXT_LEAD)
-                    yielded = loop.time()
-                elif (idle_writer or not self._text_sent.is_set()
-                      or loop.time() - yielded >= MAX_HOLD):
-                    await asyncio.sleep(0)
-                    yielded = loop.time()
-        except asyncio.CancelledError:
-            if self._watchdog.expired is None:
-                raise  # the pump is being closed
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            self._error = self._watchdog.expired  # a deadline passed: a typed error instead
+            with self._watchdog:  # a deadline that passes ends the read with its typed error
+                while True:
+                    try:
+                        chunk = await anext(self._chunks)
+                    except StopAsyncIteration:
+                        break
+                    if chunk.text:
+                        self._watchdog.on_token()
+                    idle_writer = not self._pending
+                    self._pending.append(chunk)
+                    self._pending_chars += len(chunk.text)
+                    self._ready.set()
+                    await self._make_way(chunk, idle_writer)
         except Exception as exc:  # handed to the writer, which raises it in its own task
             self._error = exc
         finally:
-            self._watchdog.stop()
             self._ended = True
             self._ready.set()
             await self._chunks.aclose()  # type: ignore[attr-defined]
+
+    async def _make_way(self, chunk: Chunk, idle_writer: bool) -> None:
+        """The yield policy: when reading stops so the writer can run.
+
+        Reading buffered chunks never suspends, so without this the reader would keep the loop
+        until the socket drained. It waits for the writer when the buffer is full (backpressure);
+        once, after the first text, for FIRST_TEXT_LEAD (that token's head start through the
+        hops behind); and otherwise hands over when the writer waits, after every chunk until
+        the first text went out, then at least every MAX_HOLD.
+        """
+        loop = asyncio.get_running_loop()
+        if self._pending_chars >= MAX_PENDING_CHARS or len(self._pending) >= MAX_PENDING_CHUNKS:
+            self._drained.clear()
+            await self._drained.wait()
+        elif chunk.text and not self._lead_given and not self._text_sent.is_set():
+            self._lead_given = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FIRST_TEXT_WAIT):
+                    await self._text_sent.wait()
+            await asyncio.sleep(FIRST_TEXT_LEAD)
+        elif (idle_writer or not self._text_sent.is_set()
+              or loop.time() - self._yielded_at >= MAX_HOLD):
+            await asyncio.sleep(0)
+        else:
+            return
+        self._yielded_at = loop.time()
 
     async def take(self) -> list[Chunk]:
         """The chunks that arrived since the last call; [] once the stream ended cleanly."""

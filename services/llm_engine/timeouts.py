@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from types import TracebackType
 
 from promptline.config import Timeouts
 from promptline.errors import ErrorCode, PromptlineError, Stage
@@ -76,7 +77,9 @@ class StreamClock:
 
 
 class Watchdog:
-    """Cancels `task` when the clock's nearest deadline passes; then `expired` holds the error.
+    """Cancels `task` when the clock's nearest deadline passes. Used as `with watchdog:` inside
+    that task, it turns that cancel into the deadline's typed error (FIRST_TOKEN_TIMEOUT,
+    STREAM_TIMEOUT or DEADLINE_EXCEEDED), while any other cancel stays a cancel.
 
     One timer per stream instead of one per token: a token only moves `last_token_at`, and
     when the timer fires it re-arms itself for the deadline as it now stands, so the hot path
@@ -114,3 +117,13 @@ class Watchdog:
 
     def stop(self) -> None:
         self._handle.cancel()
+
+    def __enter__(self) -> Watchdog:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+        if exc_type is asyncio.CancelledError and self.expired is not None:
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            raise self.expired from None
