@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Protocol
 
+from promptline.v1 import common_pb2
+
 log = logging.getLogger("promptline.tokens")
 
 # Per-message overhead of the chat format (role markers), as OpenAI documents for cl100k models.
@@ -108,9 +110,10 @@ def count_messages(messages: Iterable[tuple[str, str]]) -> int:
     return total
 
 
-
-async def count_messages_off_loop(messages: Sequence[tuple[str, str]]) -> int:
-    """`count_messages`, in a worker thread when the messages are long enough to stall the loop."""
-    if sum(len(content) for _, content in messages) < OFF_LOOP_CHARS:
-        return count_messages(messages)
-    return await asyncio.to_thread(count_messages, messages)
+async def count_messages_off_loop(messages: Sequence[common_pb2.ChatMessage]) -> int:
+    """`count_messages` of a request's messages, in a worker thread when they are long enough to
+    stall the loop. Their texts are read once, for the count only."""
+    pairs = [(m.role, m.content) for m in messages]
+    if sum(len(content) for _, content in pairs) < OFF_LOOP_CHARS:
+        return count_messages(pairs)
+    return await asyncio.to_thread(count_messages, pairs)

@@ -10,21 +10,31 @@ import pytest
 from promptline import tokens
 from promptline.errors import ErrorCode, PromptlineError
 from promptline.tokens import OFF_LOOP_CHARS, count_messages, get_tokenizer
-from promptline.v1 import common_pb2, prompt_pb2
+from promptline.v1 import prompt_pb2
+from promptline.v1.common_pb2 import ChatMessage
 from services.prompt import context_fit
 from services.prompt.chat_plan import split_resent_history
 from services.prompt.context_fit import MessageTokenCounts, fit_messages, message_tokens
 from tests.chain import running_chain
 from tests.conftest import make_config
 
-SYSTEM = [("system", "You are a terse assistant for the Promptline docs.")]
-HISTORY = [
+
+def chat(*items: tuple[str, str]) -> list[ChatMessage]:
+    return [ChatMessage(role=role, content=content) for role, content in items]
+
+
+def pairs(messages) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in messages]
+
+
+SYSTEM = chat(("system", "You are a terse assistant for the Promptline docs."))
+HISTORY = chat(
     ("user", "What is an error frame?"),
     ("assistant", "The last frame of a stream when something failed, with a code and a stage."),
     ("user", "And a start frame?"),
     ("assistant", "The first frame, sent once the request was admitted."),
-]
-NEW = [("user", "How do labels work?")]
+)
+NEW = chat(("user", "How do labels work?"))
 
 
 def test_real_tokenizer_is_loaded():
@@ -34,12 +44,12 @@ def test_real_tokenizer_is_loaded():
 def test_counts_match_count_messages():
     fitted = fit_messages(SYSTEM, HISTORY, NEW, window=10_000, reserve=100, model="m")
     assert fitted.messages == (*SYSTEM, *HISTORY, *NEW)
-    assert fitted.prompt_tokens == count_messages(fitted.messages)
+    assert fitted.prompt_tokens == count_messages(pairs(fitted.messages))
     assert fitted.dropped == 0
 
 
 def test_trims_exactly_at_the_window_edge():
-    everything = count_messages([*SYSTEM, *HISTORY, *NEW])
+    everything = count_messages(pairs([*SYSTEM, *HISTORY, *NEW]))
     reserve = 50
     # A window exactly big enough keeps everything ...
     fitted = fit_messages(SYSTEM, HISTORY, NEW, window=everything + reserve, reserve=reserve,
@@ -51,20 +61,20 @@ def test_trims_exactly_at_the_window_edge():
                           model="m")
     assert fitted.messages == (*SYSTEM, *HISTORY[2:], *NEW)
     assert fitted.dropped == 2
-    assert fitted.prompt_tokens == count_messages(fitted.messages)
+    assert fitted.prompt_tokens == count_messages(pairs(fitted.messages))
     assert fitted.prompt_tokens + reserve <= everything + reserve - 1
 
 
 def test_newest_turns_win_and_no_message_is_cut():
-    needed = count_messages([*SYSTEM, *HISTORY[2:], *NEW])
+    needed = count_messages(pairs([*SYSTEM, *HISTORY[2:], *NEW]))
     fitted = fit_messages(SYSTEM, HISTORY, NEW, window=needed + 10, reserve=10, model="m")
     assert fitted.messages == (*SYSTEM, *HISTORY[2:], *NEW)
-    for role, content in fitted.messages:  # every kept message is whole
-        assert (role, content) in [*SYSTEM, *HISTORY, *NEW]
+    for message in fitted.messages:  # every kept message is whole
+        assert message in [*SYSTEM, *HISTORY, *NEW]
 
 
 def test_history_only_when_nothing_else_fits():
-    needed = count_messages([*SYSTEM, *NEW])
+    needed = count_messages(pairs([*SYSTEM, *NEW]))
     fitted = fit_messages(SYSTEM, HISTORY, NEW, window=needed + 5, reserve=5, model="m")
     assert fitted.messages == (*SYSTEM, *NEW)
     assert fitted.dropped == len(HISTORY)
@@ -72,20 +82,20 @@ def test_history_only_when_nothing_else_fits():
 
 
 def test_history_reserve_leaves_room_for_the_default_reply():
-    needed = count_messages([*SYSTEM, *NEW])
-    window = count_messages([*SYSTEM, *HISTORY, *NEW]) + 1
+    needed = count_messages(pairs([*SYSTEM, *NEW]))
+    window = count_messages(pairs([*SYSTEM, *HISTORY, *NEW])) + 1
     fitted = fit_messages(SYSTEM, HISTORY, NEW, window=window, reserve=1,
                           history_reserve=window - needed, model="m")
     assert fitted.messages == (*SYSTEM, *NEW)
 
 
 def test_newest_message_that_cannot_fit_is_context_too_long_with_counts():
-    needed = count_messages([*SYSTEM, *NEW])
+    needed = count_messages(pairs([*SYSTEM, *NEW]))
     with pytest.raises(PromptlineError) as info:
         fit_messages(SYSTEM, HISTORY, NEW, window=needed + 99, reserve=100, model="small")
     err = info.value
     assert err.code is ErrorCode.CONTEXT_TOO_LONG
-    system_tokens = message_tokens(*SYSTEM[0])
+    system_tokens = message_tokens(*pairs(SYSTEM)[0])
     assert f"needs {needed} prompt tokens ({system_tokens} for system messages)" in err.message
     assert "max_tokens asks for 100" in err.message
     assert f"context window of {needed + 99} tokens" in err.message
@@ -110,7 +120,8 @@ def test_newest_message_that_cannot_fit_is_context_too_long_with_counts():
      (("user", "a"), ("assistant", "b")), [("user", "a")]),
 ])
 def test_split_resent_history(stored, messages, history, new):
-    assert split_resent_history(stored, messages) == (history, new)
+    assert split_resent_history(tuple(chat(*stored)), chat(*messages)) == (
+        tuple(chat(*history)), chat(*new))
 
 
 LONG = " ".join(f"turn{i}" for i in range(400))  # ~2.4 KB, over the cache's 512 characters
@@ -132,34 +143,35 @@ def counted(monkeypatch) -> list[str]:
 def test_a_re_sent_long_message_is_counted_once_per_tenant(counted):
     counts = MessageTokenCounts()
     a, b = counts.counter("tenant-a"), counts.counter("tenant-b")
-    assert a("user", LONG) == a("user", LONG) == message_tokens("user", LONG)
+    (user, assistant), short = chat(("user", LONG), ("assistant", LONG)), chat(("user", "short"))
+    assert a(user) == a(user) == message_tokens("user", LONG)
     assert counted == [LONG]
-    assert b("user", LONG) == message_tokens("user", LONG)  # another tenant counts for itself
-    assert a("assistant", LONG) == message_tokens("assistant", LONG)  # the role is in the key
+    assert b(user) == message_tokens("user", LONG)  # another tenant counts for itself
+    assert a(assistant) == message_tokens("assistant", LONG)  # the role is in the key
     assert counted == [LONG, LONG, LONG]
-    assert a("user", "short") == a("user", "short")  # short ones are not kept
+    assert a(*short) == a(*short)  # short ones are not kept
     assert counted[3:] == ["short", "short"] and counts.entries == 3
 
 
 def test_the_counts_are_bounded_and_the_oldest_goes_first(counted):
     counts = MessageTokenCounts(max_entries=2)
     count = counts.counter("t")
-    first, second, third = (LONG + f" {n}" for n in range(3))
-    count("user", first)
-    count("user", second)
-    count("user", first)  # used again: now the newest
-    count("user", third)  # evicts `second`
+    first, second, third = chat(*(("user", LONG + f" {n}") for n in range(3)))
+    count(first)
+    count(second)
+    count(first)  # used again: now the newest
+    count(third)  # evicts `second`
     assert counts.entries == 2
     counted.clear()
-    count("user", first)
-    count("user", third)
+    count(first)
+    count(third)
     assert counted == []
-    count("user", second)
-    assert counted == [second]
+    count(second)
+    assert counted == [second.content]
 
 
 def test_fitting_with_remembered_counts_gives_the_same_plan():
-    history = [(role, f"{text} {LONG}") for role, text in HISTORY]
+    history = chat(*((m.role, f"{m.content} {LONG}") for m in HISTORY))
     fresh = fit_messages(SYSTEM, history, NEW, window=5_000, reserve=100, model="m")
     counter = MessageTokenCounts().counter("t")
     for _ in range(2):  # counting, then remembering
@@ -168,9 +180,8 @@ def test_fitting_with_remembered_counts_gives_the_same_plan():
 
 
 async def test_the_prompt_service_counts_a_re_sent_transcript_once(redis_server, counted):
-    transcript = [common_pb2.ChatMessage(role=r, content=f"{c} {LONG}") for r, c in HISTORY]
-    request = prompt_pb2.StreamChatRequest(model="sim", messages=[
-        *transcript, common_pb2.ChatMessage(role="user", content=NEW[0][1])])
+    transcript = chat(*((m.role, f"{m.content} {LONG}") for m in HISTORY))
+    request = prompt_pb2.StreamChatRequest(model="sim", messages=[*transcript, *NEW])
     async with running_chain(make_config(redis_url=redis_server.url), with_edge=False) as chain:
         starts = []
         for _ in range(2):  # an OpenAI-style client: the whole transcript again, every turn
@@ -194,13 +205,15 @@ async def test_a_long_new_message_is_counted_off_the_event_loop(monkeypatch):
 
     monkeypatch.setattr(context_fit, "message_tokens", spy)
     counts = MessageTokenCounts()
-    count = await counts.prepared("t", [("user", HUGE), ("user", "short")])
+    huge, short = chat(("user", HUGE), ("user", "short"))
+    count = await counts.prepared("t", [huge, short])
     assert threads and threading.main_thread().name not in threads  # counted in a worker
     threads.clear()
-    assert count("user", HUGE) == message_tokens("user", HUGE)  # prepared: no count now
+    assert count(huge) == message_tokens("user", HUGE)  # prepared: no count now
     assert threads == [] and counts.entries == 1
-    again = await counts.prepared("t", [("user", HUGE)])
-    assert again("user", HUGE) == message_tokens("user", HUGE) and threads == []  # remembered
+    (huge,) = chat(("user", HUGE))  # the same text in another request
+    again = await counts.prepared("t", [huge])
+    assert again(huge) == message_tokens("user", HUGE) and threads == []  # remembered
 
 
 async def test_long_messages_are_counted_off_the_event_loop_for_usage_too(monkeypatch):
@@ -212,7 +225,7 @@ async def test_long_messages_are_counted_off_the_event_loop_for_usage_too(monkey
         return real(messages)
 
     monkeypatch.setattr(tokens, "count_messages", spy)
-    short, long = [("user", "hi")], [("user", HUGE)]
-    assert await tokens.count_messages_off_loop(short) == real(short)
-    assert await tokens.count_messages_off_loop(long) == real(long)
+    short, long = chat(("user", "hi")), chat(("user", HUGE))
+    assert await tokens.count_messages_off_loop(short) == real(pairs(short))
+    assert await tokens.count_messages_off_loop(long) == real(pairs(long))
     assert threads[0] == threading.main_thread().name != threads[1]

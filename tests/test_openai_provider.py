@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from promptline.config import ModelConfig, parse_config
 from promptline.devtools.fake_openai import FakeOpenAI, split_reply
 from promptline.errors import ErrorCode, PromptlineError
-from promptline.messages import Message
+from promptline.v1.common_pb2 import ChatMessage
 from services.llm_engine.providers import openai_compat
 from services.llm_engine.providers.base import Chunk, GenerationRequest, Usage
 from services.llm_engine.providers.openai_compat import OpenAIProvider
@@ -64,7 +64,8 @@ def make_request(provider: OpenAIProvider, *, max_tokens: int = 256,
     return GenerationRequest(
         request_id="req-1",
         model=provider.upstream_model if model is None else model,
-        messages=(Message("system", "Be brief."), Message("user", "Say something")),
+        messages=(ChatMessage(role="system", content="Be brief."),
+                  ChatMessage(role="user", content="Say something")),
         max_tokens=max_tokens,
         temperature=temperature,
     )

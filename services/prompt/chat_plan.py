@@ -16,6 +16,7 @@ A prompt version's default model, max_tokens and temperature apply when the requ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from promptline.config import Config, ModelConfig, TenantConfig
@@ -30,7 +31,7 @@ from promptline.rules import (
 )
 from promptline.v1 import common_pb2, prompt_pb2
 
-from .context_fit import MessageTokenCounts, fit_messages, message_tokens
+from .context_fit import MessageTokenCounts, count_now, fit_messages
 from .history import ConversationStore
 from .prompts import PromptRegistry, PromptVersion
 from .templates import render
@@ -50,13 +51,20 @@ class ChatPlan:
     prompt: PromptVersion | None = None
     """The managed prompt rendered as the first system message, if any."""
     conversation_id: str = ""
-    new_turns: tuple[tuple[str, str], ...] = ()
-    """(role, content) of the request's user/assistant messages, stored with the reply; only
-    with a conversation."""
+    new_turns: tuple[common_pb2.ChatMessage, ...] = ()
+    """The request's user/assistant messages, stored with the reply; only with a conversation."""
 
     def without_messages(self) -> ChatPlan:
-        """This plan once the engine request is built from it: gRPC keeps that request for the
-        whole call, so the stream need not hold a second copy of a long prompt."""
+        """This plan once the engine request is built from it.
+
+        The rule for a long prompt, along the whole chain: an open stream holds it only where
+        gRPC does (each hop's request, which grpc.aio keeps for the whole call), never also in
+        Python objects of its own. So past the edge messages stay `ChatMessage` protobufs, the
+        request's own where the caller sent them; the plan drops its messages once the engine
+        request holds them (this method); new turns and the reply are kept only when a
+        conversation will store them; the engine hands its providers the request's messages.
+        `tests/test_stream_memory.py` counts the copies an open stream holds.
+        """
         return replace(self, messages=())
 
 
@@ -77,27 +85,28 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
                                    request.prompt.label)
     if model is None:
         model = _model(config, tenant, prompt.model if prompt else "")
-    system: list[tuple[str, str]] = []
+    system: list[common_pb2.ChatMessage] = []
     if prompt is not None:
-        system.append(("system", render(prompt.template, prompt.variables,
-                                        dict(request.prompt.variables))))
-    pairs = [(m.role, m.content) for m in request.messages]
-    history: tuple[tuple[str, str], ...] = ()
-    new = pairs
+        system.append(common_pb2.ChatMessage(role="system", content=render(
+            prompt.template, prompt.variables, dict(request.prompt.variables))))
+    messages = list(request.messages)  # the same objects all along: counts know them by identity
+    history: Sequence[common_pb2.ChatMessage] = ()
+    new = messages
     if request.conversation_id:
         check_conversation_id(request.conversation_id)
         if conversations is None:
             raise PromptlineError(ErrorCode.UNAVAILABLE, "conversation memory is not configured",
                                   stage=Stage.CONNECT)
         stored = await conversations.load(tenant.name, request.conversation_id)
-        system += [p for p in pairs if p[0] == "system"]
+        system += [m for m in messages if m.role == "system"]
         history, new = split_resent_history(
-            tuple((t.role, t.content) for t in stored), [p for p in pairs if p[0] != "system"])
+            tuple(common_pb2.ChatMessage(role=t.role, content=t.content) for t in stored),
+            [m for m in messages if m.role != "system"])
 
     # An explicit max_tokens (request, else prompt) must fit; without one, history leaves room
     # for the model's default and the reply gets what is left (at least one token).
     requested = request.max_tokens or (prompt.max_tokens if prompt and prompt.max_tokens else 0)
-    count = (message_tokens if token_counts is None
+    count = (count_now if token_counts is None
              else await token_counts.prepared(tenant.name, [*system, *history, *new]))
     fitted = fit_messages(system, history, new, window=model.context_window,
                           reserve=requested or 1,
@@ -109,19 +118,20 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
         prompt.temperature if prompt else None)
     return ChatPlan(
         model=model,
-        messages=tuple(common_pb2.ChatMessage(role=r, content=c) for r, c in fitted.messages),
+        messages=fitted.messages,
         prompt_tokens=fitted.prompt_tokens,
         max_tokens=max_tokens,
         temperature=temperature,
         prompt=prompt,
         conversation_id=request.conversation_id,
-        # Only a conversation stores them; otherwise they would hold the prompt for the stream.
-        new_turns=tuple(p for p in new if p[0] != "system") if request.conversation_id else (),
+        new_turns=tuple(new) if request.conversation_id else (),
     )
 
 
-def split_resent_history(stored: tuple[tuple[str, str], ...], messages: list[tuple[str, str]]
-                         ) -> tuple[tuple[tuple[str, str], ...], list[tuple[str, str]]]:
+def split_resent_history(stored: tuple[common_pb2.ChatMessage, ...],
+                         messages: list[common_pb2.ChatMessage]
+                         ) -> tuple[tuple[common_pb2.ChatMessage, ...],
+                                    list[common_pb2.ChatMessage]]:
     """(history for the model, new turns to store) of a conversation request.
 
     A client that keeps its own transcript (the browser chat, OpenAI-style clients) re-sends the

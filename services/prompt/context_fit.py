@@ -12,7 +12,8 @@ The rule:
 Counts use `promptline.tokens.count_messages` (chat-format overhead included), so the sum of the
 kept messages is exactly the prompt token count reported to the caller and charged to TPM.
 `MessageTokenCounts` remembers the counts of long messages, so a client that re-sends its
-transcript every turn is not counted again for it.
+transcript every turn is not counted again for it. Messages are `ChatMessage` protobufs; a count
+reads a message's text only while it counts it.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ from hashlib import blake2b
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.tokens import OFF_LOOP_CHARS, TOKENS_PER_REPLY, count_messages
+from promptline.v1.common_pb2 import ChatMessage
 
-Message = tuple[str, str]
+Count = Callable[[ChatMessage], int]
+"""Tokens one message adds to a prompt."""
 
 
 @dataclass(frozen=True, slots=True)
 class FittedChat:
     """Messages to send, oldest first, and what fitting them cost."""
 
-    messages: tuple[Message, ...]
+    messages: tuple[ChatMessage, ...]
     prompt_tokens: int
     dropped: int
     """History messages left out (oldest first) to make room."""
@@ -42,6 +45,11 @@ class FittedChat:
 def message_tokens(role: str, content: str) -> int:
     """Tokens one message adds to a prompt (role marker overhead included)."""
     return count_messages([(role, content)]) - TOKENS_PER_REPLY
+
+
+def count_now(message: ChatMessage) -> int:
+    """`message_tokens` of a message, counted now (nothing remembered)."""
+    return message_tokens(message.role, message.content)
 
 
 class MessageTokenCounts:
@@ -63,10 +71,11 @@ class MessageTokenCounts:
         """Counts held (not `__len__`: an empty cache must not be falsy)."""
         return len(self._counts)
 
-    def counter(self, tenant: str) -> Callable[[str, str], int]:
-        """`message_tokens` for one tenant's messages, remembering the long ones."""
+    def counter(self, tenant: str) -> Count:
+        """`count_now` for one tenant's messages, remembering the long ones."""
 
-        def count(role: str, content: str) -> int:
+        def count(message: ChatMessage) -> int:
+            role, content = message.role, message.content
             if len(content) < self._min_chars:
                 return message_tokens(role, content)
             key = _key(tenant, role, content)
@@ -78,28 +87,35 @@ class MessageTokenCounts:
 
         return count
 
-    async def prepared(self, tenant: str, messages: Sequence[Message]
-                       ) -> Callable[[str, str], int]:
+    async def prepared(self, tenant: str, messages: Sequence[ChatMessage]) -> Count:
         """`counter(tenant)` for one request, with its messages of OFF_LOOP_CHARS or more already
         digested and counted in a worker thread (hashlib and tiktoken release the GIL), so a
-        long new prompt does not stall every other stream of the process."""
+        long new prompt does not stall every other stream of the process. The counter knows
+        those messages by identity: pass it the same message objects."""
         count = self.counter(tenant)
-        long = [(role, content) for role, content in messages if len(content) >= OFF_LOOP_CHARS]
+        long: list[ChatMessage] = []
+        texts: list[tuple[str, str]] = []
+        for message in messages:
+            if len(content := message.content) >= OFF_LOOP_CHARS:
+                long.append(message)
+                texts.append((message.role, content))
         if not long:
             return count
-        found = await asyncio.to_thread(self._look_up_or_count, tenant, long)
-        ready: dict[Message, int] = {}  # hashing a text here costs ~0.5 ms per MiB, once
+        found = await asyncio.to_thread(self._look_up_or_count, tenant, texts)
+        # By identity, not text: hashing a text here costs ~0.5 ms per MiB. Each message is held
+        # with its count, so no other object can take its id meanwhile.
+        ready: dict[int, tuple[ChatMessage, int]] = {}
         for message, (key, tokens) in zip(long, found, strict=True):
             self._remember(key, tokens)
-            ready[message] = tokens
+            ready[id(message)] = message, tokens
 
-        def count_prepared(role: str, content: str) -> int:
-            tokens = ready.get((role, content))
-            return count(role, content) if tokens is None else tokens
+        def count_prepared(message: ChatMessage) -> int:
+            entry = ready.get(id(message))
+            return count(message) if entry is None else entry[1]
 
         return count_prepared
 
-    def _look_up_or_count(self, tenant: str, messages: list[Message]
+    def _look_up_or_count(self, tenant: str, messages: list[tuple[str, str]]
                           ) -> list[tuple[tuple[str, str, bytes], int]]:
         # In a worker thread: only reads the dict; the loop thread writes it.
         out = []
@@ -120,15 +136,15 @@ def _key(tenant: str, role: str, content: str) -> tuple[str, str, bytes]:
     return tenant, role, blake2b(content.encode(), digest_size=16).digest()
 
 
-def fit_messages(system: Sequence[Message], history: Sequence[Message], new: Sequence[Message],
-                 *, window: int, reserve: int, model: str, history_reserve: int | None = None,
-                 count: Callable[[str, str], int] = message_tokens) -> FittedChat:
+def fit_messages(system: Sequence[ChatMessage], history: Sequence[ChatMessage],
+                 new: Sequence[ChatMessage], *, window: int, reserve: int, model: str,
+                 history_reserve: int | None = None, count: Count = count_now) -> FittedChat:
     """Keep `system` and `new` (CONTEXT_TOO_LONG unless they leave `reserve` tokens free), then
     as much of `history`, newest first, as leaves `history_reserve` (default `reserve`) free.
     `count` gives one message's tokens (default: count it now)."""
-    required = TOKENS_PER_REPLY + sum(count(r, c) for r, c in (*system, *new))
+    required = TOKENS_PER_REPLY + sum(count(m) for m in (*system, *new))
     if required > window - reserve:
-        system_tokens = sum(count(r, c) for r, c in system)
+        system_tokens = sum(count(m) for m in system)
         raise PromptlineError(
             ErrorCode.CONTEXT_TOO_LONG,
             f"the request needs {required} prompt tokens ({system_tokens} for system messages) "
@@ -137,14 +153,14 @@ def fit_messages(system: Sequence[Message], history: Sequence[Message], new: Seq
             stage=Stage.CONNECT)
     budget = window - max(reserve, history_reserve or 0)
     used = required
-    kept: list[Message] = []
-    for role, content in reversed(history):
-        cost = count(role, content)
+    kept: list[ChatMessage] = []
+    for message in reversed(history):
+        cost = count(message)
         if used + cost > budget:
             break
-        kept.append((role, content))
+        kept.append(message)
         used += cost
     kept.reverse()
-    while kept and kept[0][0] != "user":  # an orphaned reply whose question was dropped
-        used -= count(*kept.pop(0))
+    while kept and kept[0].role != "user":  # an orphaned reply whose question was dropped
+        used -= count(kept.pop(0))
     return FittedChat((*system, *kept, *new), used, len(history) - len(kept))

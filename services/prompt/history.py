@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.rules import check_conversation_id
+from promptline.v1 import common_pb2
 
 from .prompts import store_errors
 
@@ -137,12 +138,12 @@ class ConversationStore:
         return int(count)
 
 
-def exchange(new_messages: Sequence[tuple[str, str]], reply: str, *, partial: bool,
+def exchange(new_messages: Sequence[common_pb2.ChatMessage], reply: str, *, partial: bool,
              request_id: str) -> list[Turn]:
     """The turns one stream stores: its user/assistant messages, then the reply it delivered."""
     now = int(time.time() * 1000)
-    turns = [Turn(role, content, created_at_ms=now, request_id=request_id)
-             for role, content in new_messages if role in STORED_ROLES]
+    turns = [Turn(m.role, m.content, created_at_ms=now, request_id=request_id)
+             for m in new_messages if m.role in STORED_ROLES]
     turns.append(Turn("assistant", reply, partial=partial, created_at_ms=now,
                       request_id=request_id))
     return turns

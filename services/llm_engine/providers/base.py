@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from promptline.messages import ChatTurn
+from promptline.v1 import common_pb2
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,8 @@ class GenerationRequest:
     request_id: str
     model: str
     """Model name the provider should use upstream."""
-    messages: Sequence[ChatTurn]
+    messages: Sequence[common_pb2.ChatMessage]
+    """The engine request's own messages, as received (not copies)."""
     max_tokens: int
     temperature: float | None = None
 

@@ -69,8 +69,7 @@ class SimulatedProvider:
             sent += 1
         # Counted at the end, as a real model reports usage: a long prompt costs no time to the
         # first token here (tiktoken takes ~2 ms for 64 KB).
-        prompt_tokens = await count_messages_off_loop(
-            [(m.role, m.content) for m in request.messages])
+        prompt_tokens = await count_messages_off_loop(request.messages)
         yield Chunk(finish_reason=finish, usage=Usage(prompt_tokens, sent))
 
     async def close(self) -> None:
