@@ -18,15 +18,15 @@ COPY pyproject.toml ./
 COPY protos/ protos/
 COPY promptline/ promptline/
 COPY services/ services/
-# grpcio-tools is a project dependency too; it is needed before `pip install .` so the generated
-# modules are part of the installed package.
+# grpcio-tools (a dev dependency) generates the protobuf modules before `pip install .[server]`,
+# so they are part of the installed package.
 RUN pip install "grpcio-tools>=1.66" \
  && rm -rf promptline/v1 \
  && mkdir -p promptline/v1 \
  && python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. \
       protos/promptline/v1/*.proto \
  && touch promptline/v1/__init__.py \
- && pip install . \
+ && pip install ".[server]" \
  && python -m compileall -q /opt/venv
 # Every non-Python file of the packages (the chat page, templates) must have been installed:
 # setuptools skips files pyproject.toml does not declare as package data. -I: import the installed

@@ -9,7 +9,7 @@ GEN    := promptline/v1/.generated
 .PHONY: run test protos lint bench k8s-validate clean
 
 run: $(STAMP) $(GEN)
-	$(PY) -m promptline.launcher
+	$(PY) -m promptline.devtools.launcher
 
 test: $(STAMP) $(GEN)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -19,7 +19,8 @@ protos: $(GEN)
 lint: $(STAMP) $(GEN)
 	$(VENV)/bin/ruff check .
 
-# Render k8s/ (base and overlays), validate against pinned Kubernetes schemas, check the config.
+# Render k8s/ (base and overlays) with `kubectl kustomize`, validate against pinned Kubernetes
+# schemas, check the config.
 k8s-validate: $(STAMP)
 	$(PY) -m pytest tests/test_k8s.py -q
 
@@ -41,27 +42,35 @@ $(GEN): $(PROTOS) $(STAMP)
 clean:
 	rm -rf $(VENV) promptline/v1 .pytest_cache
 
-# Issue #7's measurements (not part of `make test`): bench/run.py, results in bench/results/.
-.PHONY: bench-compare bench-floor bench-provider bench-ab
+# Measurements (not part of `make test`); reports in bench/results/.
+.PHONY: bench-baseline bench-compare bench-floor bench-provider bench-ab
 LITELLM_VENV := .venv-litellm
+BASELINE     := bench/baseline.json
 
+# The load generator (bench/run.py, ~45 s), compared with the committed $(BASELINE): fails when
+# a figure is worse beyond the tolerance (BENCH_ARGS="--tolerance 0.5" widens it).
 bench: $(STAMP) $(GEN)
-	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.run --quick --baseline $(BASELINE) $(BENCH_ARGS)
 
-# The floor under the chain: bare grpc.aio servers and relays next to our hops (bench/floor.py).
+# The same run, written to $(BASELINE) as the new baseline (commit it).
+bench-baseline: $(STAMP) $(GEN)
+	$(PY) -m bench.run --quick --baseline $(BASELINE) --update-baseline $(BENCH_ARGS)
+
+# One-time experiments (bench/experiments/): the floor under the chain, bare grpc.aio servers
+# and relays next to our hops; and the engine's OpenAI-compatible provider through llm_engine
+# alone (BENCH_ARGS="--root <other checkout>" measures another commit against the same upstream).
 bench-floor: $(STAMP) $(GEN)
-	$(PY) -m bench.floor
+	$(PY) -m bench.experiments.floor
 
-# The engine's OpenAI-compatible provider alone, in one process (bench/provider.py);
-# BENCH_ARGS="--root <other checkout>" measures another commit against the same upstream.
 bench-provider: $(STAMP) $(GEN)
-	$(PY) -m bench.provider $(BENCH_ARGS)
+	$(PY) -m bench.experiments.provider $(BENCH_ARGS)
 
 # C=1 time to first token, this checkout against BENCH_ARGS="--root <checkout>", interleaved.
 bench-ab: $(STAMP) $(GEN)
 	$(PY) -m bench.ab $(BENCH_ARGS)
 
-# The same loads, plus the LiteLLM proxy in its own venv, pointed at the same upstream.
+# The full loads (`bench.run` without --quick), plus the LiteLLM proxy in its own venv, pointed
+# at the same upstream.
 bench-compare: $(STAMP) $(GEN)
 	@test -x $(LITELLM_VENV)/bin/litellm || { $(PYTHON) -m venv $(LITELLM_VENV) && \
 	  $(LITELLM_VENV)/bin/pip install --quiet --disable-pip-version-check 'litellm[proxy]'; } || \

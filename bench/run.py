@@ -1,13 +1,19 @@
-"""`make bench`: concurrent streams through the whole chain, next to the same load sent direct.
+"""The load generator: concurrent streams through the whole chain, next to the same load sent
+direct to the upstream.
 
+    python -m bench.run --quick --baseline bench/baseline.json   # `make bench`, ~45 s
     python -m bench.run                 # the issue's loads, ~2-4 minutes
-    python -m bench.run --quick         # fewer streams per load, ~1 minute
     python -m bench.run --litellm .venv-litellm/bin/litellm   # + LiteLLM proxy (bench-compare)
 
+With `--baseline`, the run's figures are compared with that file (bench/baseline.py says how)
+and the run fails when one is worse beyond the tolerance; `--update-baseline` makes this run the
+new baseline instead (`make bench-baseline`).
+
 Processes (each separate, so /proc gives each one's CPU and memory and the load generator's
-own CPU is excluded): an embedded Redis, the bench upstream (`bench.upstream`, an aiohttp
-OpenAI-compatible server whose reply shape is chosen by the model name), and llm_engine, prompt
-and edge_http with a generated config, all on free 127.0.0.1 ports. The load generator is this
+own CPU is excluded): an embedded Redis, the upstream (`promptline.devtools.fake_openai`, the
+tests' OpenAI-compatible fake, whose reply shape is chosen by the model name), and llm_engine,
+prompt and edge_http with a generated config, all on free 127.0.0.1 ports; the bench reaches
+them over their public wire only (HTTP, gRPC, /metrics, /proc). The load generator is this
 process (one aiohttp ClientSession); its CPU is measured and reported, and it competes with the
 services for the same cores.
 
@@ -45,16 +51,17 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench import procstat
+from bench import baseline, procstat
 from bench.client import OPENAI, SSE, StreamResult, request_body, run_stream
 from bench.report import evaluate_targets, markdown
 from bench.stats import ms, percentile
-from bench.upstream import model_name, reply_text
-from promptline.embedded_redis import EmbeddedRedis
+from promptline.devtools.embedded_redis import EmbeddedRedis
+from promptline.devtools.fake_openai import model_name, reply_text
 from promptline.tokens import count_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("llm_engine", "prompt", "edge_http")  # start order
+UPSTREAM_MODULE = "promptline.devtools.fake_openai"
 API_KEY = "bench-key"
 SAMPLE_INTERVAL = 0.1
 STREAM_TIMEOUT = 60.0
@@ -142,6 +149,8 @@ class Stack:
         self.services: dict[str, procstat.Child] = {}
         self.metrics_urls: dict[str, str] = {}
         """/metrics of each service of the running chain (for its GC pauses)."""
+        self.ports: dict[str, int] = {}
+        """The listen port of each service of the running chain."""
         self.edge_port = 0
         self.litellm: procstat.Child | None = None
         self.litellm_port = 0
@@ -163,7 +172,7 @@ class Stack:
         self.redis = EmbeddedRedis().start()
         self.upstream_port = procstat.free_port()
         self.upstream = procstat.Child(
-            "upstream", [sys.executable, "-m", "bench.upstream", "--port",
+            "upstream", [sys.executable, "-m", UPSTREAM_MODULE, "--port",
                          str(self.upstream_port)],
             env={**self.env, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
             log_path=self.workdir / "upstream.log", own_session=self.own_sessions)
@@ -201,16 +210,21 @@ class Stack:
             "log_level": "INFO",
         }
 
-    def start_chain(self, tag: str) -> None:
+    def start_chain(self, tag: str, services: tuple[str, ...] = SERVICES) -> None:
+        """Start `services` (in SERVICES' order) with a generated config; RuntimeError naming
+        the one that did not come up."""
         ports = {name: procstat.free_port() for name in SERVICES}
         config = self.config(ports)
         # Checkouts that serve /metrics on their own ports get free ones too, so a bench never
-        # collides with a `make run` or a test on the defaults (older configs reject the keys).
-        with contextlib.suppress(OSError):
-            source = (self.root / "promptline" / "config.py").read_text()
-            for key in ("prompt_metrics", "llm_engine_metrics"):
-                if f'"{key}"' in source:
-                    config["listen"][key] = f"127.0.0.1:{procstat.free_port()}"
+        # collides with a `make run`, a test or the other side of `bench-ab` on the defaults
+        # (older configs reject the keys).
+        source = ""
+        for path in (self.root / "promptline").glob("**/*.py"):
+            with contextlib.suppress(OSError):
+                source += path.read_text()
+        for key in ("prompt_metrics", "llm_engine_metrics"):
+            if key in source:
+                config["listen"][key] = f"127.0.0.1:{procstat.free_port()}"
         self.metrics_urls = {"edge_http": f"http://{config['listen']['edge_http']}/metrics"}
         for name, key in (("prompt", "prompt_metrics"), ("llm_engine", "llm_engine_metrics")):
             if key in config["listen"]:
@@ -218,7 +232,8 @@ class Stack:
         cfg_path = self.workdir / f"config-{tag}.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
         env = {**self.env, "PROMPTLINE_CONFIG": str(cfg_path)}
-        for name in SERVICES:
+        self.ports = {name: ports[name] for name in services}
+        for name in (n for n in SERVICES if n in services):
             child = procstat.Child(name, [sys.executable, "-m", f"services.{name}"], env=env,
                                    cwd=str(self.root),
                                    log_path=self.workdir / f"{tag}-{name}.log",
@@ -228,6 +243,9 @@ class Stack:
                 procstat.wait_port(ports[name], child.proc, name, 30)
             except RuntimeError as exc:
                 raise RuntimeError(f"{exc}\n--- {name} log ---\n{child.tail()}") from None
+        if "edge_http" not in services:
+            self.check_chain()
+            return
         self.edge_port = ports["edge_http"]
         deadline = time.monotonic() + 20
         while not _http_ok(f"http://127.0.0.1:{self.edge_port}/readyz"):
@@ -405,6 +423,7 @@ def _own_cpu() -> float:
 
 
 async def _upstream_stats(session: aiohttp.ClientSession, port: int) -> dict[str, int]:
+    """The upstream's counters (`chunks_sent`: one token each, `active_streams`)."""
     async with session.get(f"http://127.0.0.1:{port}/stats") as resp:
         return await resp.json()
 
@@ -512,7 +531,7 @@ async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
            if name != "litellm"}
     for _ in range(100):  # the upstream's counters settle just after [DONE]; at most 5 s
         up_after = await _upstream_stats(session, upstream_port)
-        if not up_after["streams_open"]:
+        if not up_after["active_streams"]:
             break
         await asyncio.sleep(0.05)
 
@@ -527,7 +546,7 @@ async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
     if sc.provider == "sim":
         upstream_tokens = load.tokens * started  # what the simulated provider produced
     else:
-        upstream_tokens = up_after["tokens_sent"] - up_before["tokens_sent"]
+        upstream_tokens = up_after["chunks_sent"] - up_before["chunks_sent"]
     ttfts = [r.ttft for r in results if r.ttft is not None]
     durations = [r.duration for r in ok if r.duration is not None]
     gaps = [r.max_gap for r in ok]
@@ -753,7 +772,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hard-timeout", type=float, default=600.0,
                         help="kill everything and exit after this many seconds (default: 600)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
-    return parser.parse_args(argv)
+    parser.add_argument("--baseline", default="",
+                        help="compare the figures with this baseline file and fail when one is "
+                             "worse beyond the tolerance (written from this run when missing)")
+    parser.add_argument("--update-baseline", action="store_true",
+                        help="write this run's figures to --baseline instead of comparing")
+    parser.add_argument("--tolerance", type=float, default=baseline.DEFAULT_TOLERANCE,
+                        help="relative tolerance of the comparison (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.update_baseline and not args.baseline:
+        parser.error("--update-baseline needs --baseline")
+    return args
 
 
 def parse_loads(spec: str, quick: bool) -> list[Load]:
@@ -851,7 +880,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wrote {out_base.with_suffix('.json')} and {out_base.with_suffix('.md')} "
           f"(service logs in {workdir})")
-    return 0
+    if not args.baseline:
+        return 0
+    print()
+    if args.update_baseline:
+        baseline.write(report, Path(args.baseline))
+        print(f"wrote the baseline {args.baseline} from this run")
+        return 0
+    return baseline.check(report, Path(args.baseline), args.tolerance)
 
 
 if __name__ == "__main__":

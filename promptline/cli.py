@@ -107,7 +107,11 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     args = build_parser().parse_args(argv)
     if args.group == "config":
-        stdout.write(_config_output(args.verb))
+        try:
+            stdout.write(_config_output(args.verb))
+        except CliError as exc:
+            print(f"promptline: {exc}", file=stderr)
+            return exc.exit_code
         return 0
     url = (getattr(args, "url", None) or env.get("PROMPTLINE_URL") or DEFAULT_URL).rstrip("/")
     api_key = getattr(args, "api_key", None) or env.get("PROMPTLINE_API_KEY")
@@ -128,7 +132,11 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
 
 def _config_output(verb: str) -> str:
     # Imported here: the prompts verbs need neither the config loader nor YAML.
-    from promptline.config_docs import config_schema, render_docs
+    try:
+        from promptline.config_docs import config_schema, render_docs
+    except ImportError as exc:  # the slim client install
+        raise CliError(f"the config verbs need the server extra (pip install "
+                       f"'promptline[server]'): {exc.name} is missing", 2) from None
 
     if verb == "schema":
         return json.dumps(config_schema(), indent=2, ensure_ascii=False) + "\n"

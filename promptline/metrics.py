@@ -1,4 +1,4 @@
-"""Prometheus metrics of every hop, and the small HTTP endpoint the gRPC services expose them on.
+"""Prometheus metrics of every hop (served by `metrics_server`).
 
 Names follow Prometheus conventions (`_seconds`, `_total`, base units); docs/operations.md lists
 each. Tenant names appear only on the prompt service's metrics (an internal port), never on the
@@ -12,10 +12,7 @@ import gc
 import time
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-
-from promptline.config import split_address
+from prometheus_client import Counter, Gauge, Histogram
 
 # Minute-level budgets: buckets reach well past a minute for TTFT and duration.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -115,29 +112,3 @@ class StreamTimer:
             self._done = True
             STREAM_DURATION.labels(self.service, self.model, outcome).observe(
                 time.perf_counter() - self.started)
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    """`GET /metrics` in the Prometheus text format."""
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-class MetricsServer:
-    """A tiny aiohttp server with only `/metrics`, for the gRPC services."""
-
-    def __init__(self) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", metrics_handler)
-        self._runner = web.AppRunner(app, access_log=None)
-        self.port = 0
-
-    async def start(self, address: str) -> MetricsServer:
-        host, port = split_address(address)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()

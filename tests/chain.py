@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from prometheus_client import REGISTRY
 
+from promptline.channels import insecure_channel
 from promptline.config import Config, Targets
-from promptline.grpc_server import insecure_channel
 from promptline.v1 import llm_engine_pb2_grpc, prompt_pb2_grpc
 from services.llm_engine.server import EngineServer, start_engine
 from services.prompt.server import PromptServer, start_prompt
@@ -35,6 +36,12 @@ class Chain:
     @property
     def engine_stub(self) -> llm_engine_pb2_grpc.LlmEngineStub:
         return llm_engine_pb2_grpc.LlmEngineStub(self.engine_channel)
+
+    @property
+    def engine_streams(self) -> float:
+        """Generate streams in flight (the engine's `promptline_active_streams` gauge)."""
+        return REGISTRY.get_sample_value("promptline_active_streams",
+                                         {"service": "llm_engine"}) or 0
 
     @property
     def base_url(self) -> str:

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from promptline.config import Config, parse_config
-from promptline.embedded_redis import EmbeddedRedis
+from promptline.devtools.embedded_redis import EmbeddedRedis
 
 BASE_CONFIG: dict[str, Any] = {
     "tenants": [

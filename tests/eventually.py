@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 
-async def eventually(predicate: Callable[[], bool], *, within: float = 10.0,
-                     what: str = "condition") -> None:
-    """Return once `predicate()` is true; fail after `within` seconds (a generous bound)."""
+async def eventually(predicate: Callable[[], bool | Awaitable[bool]], *, within: float = 10.0,
+                     what: str = "condition", interval: float = 0.02) -> None:
+    """Return once `predicate()` is true (awaited when it is a coroutine function); fail after
+    `within` seconds, a generous bound, naming `what` did not happen."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    while not predicate():
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
         if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.02)
+            raise AssertionError(f"{what} not reached within {within:g} s")
+        await asyncio.sleep(interval)

@@ -114,7 +114,7 @@ async def test_a_stopped_reader_pushes_back_to_the_provider(redis_server: Any,
             assert grown < 8 * 2**20, f"heap grew {grown / 2**20:.1f} MiB"
             # The idle rule still ends a stream whose reader stopped: down to the provider.
             await asyncio.wait_for(provider.closed.wait(), IDLE_S + 10)
-            await eventually(lambda: chain.engine.servicer.active_streams == 0,
+            await eventually(lambda: chain.engine_streams == 0,
                              what="the engine stream ending")
             writer.close()
     finally:

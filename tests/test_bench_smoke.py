@@ -1,32 +1,50 @@
-"""A tiny run of the bench harness (`make bench`): it starts, measures sane numbers and stops.
+"""`make bench`'s own pieces: a tiny run of the load generator (it starts, measures sane numbers
+and stops), the baseline it is compared with, and the helpers of its figures.
 
 One small load (C=2, 20 tokens, 6 streams) direct and through the chain; the real loads are
-`make bench`, which is not part of `make test`.
+`make bench`, which is not part of `make test` (nor are the one-time bench/experiments/).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import baseline
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_smoke_run_produces_sane_figures(tmp_path: Path) -> None:
-    out = tmp_path / "smoke"
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, str]:
+    """One tiny run with a baseline file that does not exist yet: (report, baseline, stdout)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out, first = tmp / "smoke", tmp / "baseline.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--loads", "smoke:2:20:0:6",
          "--scenarios", "direct,sse-sim,sse-up", "--out", str(out), "--quiet",
-         "--hard-timeout", "60"],
+         "--hard-timeout", "60", "--baseline", str(first)],
         cwd=ROOT, capture_output=True, text=True, timeout=90,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "cores: " in proc.stdout
+    assert out.with_suffix(".md").read_text() in proc.stdout  # the tables, printed
     report = json.loads(out.with_suffix(".json").read_text())
-    markdown = out.with_suffix(".md").read_text()
-    assert "| direct | smoke |" in markdown and "| sse-up | smoke |" in markdown
+    skipped = {s["scenario"]: s["skipped"] for s in report["scenarios"] if s["skipped"]}
+    assert not skipped, skipped
+    return report, first, proc.stdout
+
+
+def test_bench_smoke_run_produces_sane_figures(smoke: tuple[dict[str, Any], Path, str]) -> None:
+    report, _, stdout = smoke
+    assert "cores: " in stdout
+    assert "| direct | smoke |" in stdout and "| sse-up | smoke |" in stdout
 
     scenarios = {s["scenario"]: s for s in report["scenarios"]}
     assert set(scenarios) == {"direct", "sse-sim", "sse-up"}
@@ -36,10 +54,15 @@ def test_bench_smoke_run_produces_sane_figures(tmp_path: Path) -> None:
         assert fig["error_count"] == 0, (key, fig["errors"])
         assert fig["all_tokens_delivered"], key
         assert fig["delivered_tokens"] == 6 * 20, key
+        assert fig["upstream_tokens"] == 6 * 20, key
         assert fig["ttft_ms"]["p50"] > 0 and fig["ttft_ms"]["p99"] >= fig["ttft_ms"]["p50"]
         assert fig["duration_ms"]["p50"] >= fig["ttft_ms"]["p50"]
         assert fig["tokens_per_s"] > 0
-        assert fig["cpu_ms"]["upstream"] >= 0 and fig["cpu_ms"]["generator"] >= 0
+        # Every process's CPU is reported, and per 1,000 of the upstream's tokens.
+        assert {"upstream", "generator"} <= fig["cpu_ms"].keys(), key
+        assert fig["cpu_ms_per_1k_upstream_tokens"] == {
+            name: round(ms * 1000 / fig["upstream_tokens"], 1)
+            for name, ms in fig["cpu_ms"].items()}, key
     for key in ("sse-sim", "sse-up"):
         fig = scenarios[key]["loads"]["smoke"]
         per_1k = fig["cpu_ms_per_1k_upstream_tokens"]
@@ -50,58 +73,76 @@ def test_bench_smoke_run_produces_sane_figures(tmp_path: Path) -> None:
         # Scraped from each service's /metrics before and after the load.
         assert set(fig["gc_pauses"]) == {"edge_http", "prompt", "llm_engine"}, fig["gc_pauses"]
         assert all(p["collections"] >= p["over_10ms"] >= 0 for p in fig["gc_pauses"].values())
-    assert scenarios["sse-up"]["loads"]["smoke"]["upstream_tokens"] == 6 * 20
     assert any(t["target"].startswith("C=") for t in report["targets"]) is False  # custom load
 
 
-def test_floor_smoke_run_measures_bare_grpc_and_our_hops(tmp_path: Path) -> None:
-    out = tmp_path / "floor.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.floor", "--quick", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "| bare grpc.aio: backend + 2 relays |" in proc.stdout
-    result = json.loads(out.read_text())
-    bare = {label: p50 for label, p50, _p90 in result["bare_ttft_ms"]}
-    # Each relay is one more process on the path: the first message arrives later, never sooner.
-    assert 0 < bare["backend (one hop)"] < bare["backend + 2 relays"]
-    paced = result["bare_paced"]
-    assert paced["messages"] == paced["streams"] * paced["messages_per_stream"]
-    assert set(paced["cpu_us_per_message"]) == {"backend", "relay1", "relay2"}
-    assert all(v > 0 for v in paced["cpu_us_per_message"].values())
-    assert paced["cpu_us_per_message_sum"] == sum(paced["cpu_us_per_message"].values())
-    # The backend paces against its own start, which is after the client's: never faster.
-    assert paced["duration_p50_vs_ideal"] >= 1.0
-    assert 0 < paced["gap_p99_ms"] < 1000 * paced["wall_s"]
-    assert "| largest gap between messages p99 |" in proc.stdout
-    hops = {(model, hop): p50 for model, hop, p50, _p90 in result["chain_ttft_ms"]}
-    assert len(hops) == 6 and all(v > 0 for v in hops.values())
-    # The edge relays what the prompt service streams, which relays the engine.
-    assert hops[("sim-1x0ms", "gRPC to llm_engine")] < hops[("sim-1x0ms", "HTTP to the edge")]
+def test_the_first_run_writes_the_baseline(smoke: tuple[dict[str, Any], Path, str]) -> None:
+    report, path, stdout = smoke
+    assert f"no baseline yet: wrote {path}" in stdout
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(baseline.snapshot(report)))
+    assert written["loads"] == report["loads"] and written["machine"] == report["machine"]
+    assert written["figures"]["sse-up/smoke/duration_ms.p50"] == \
+        report["scenarios"][2]["loads"]["smoke"]["duration_ms"]["p50"]
+    # C=2: all but one stream's TTFT, for each scenario; `direct` has no services' CPU or memory.
+    assert len(written["figures"]) == 3 * (len(baseline.FIGURES) - 1) - 2 == 16
+    # A run is within any tolerance of itself.
+    assert baseline.compare(report, written) == []
+    said: list[str] = []
+    assert baseline.check(report, path, say=said.append) == 0
+    assert "0 of 16 figures outside" in said[0]
 
 
-def test_provider_bench_smoke_run(tmp_path: Path) -> None:
-    out = tmp_path / "provider.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.provider", "--quick", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "time to first chunk" in proc.stdout
-    result = json.loads(out.read_text())
-    assert 0 < result["ttft_ms"]["p50"] <= result["ttft_ms"]["p90"]
-    assert result["burst_cpu_ms_per_stream"] > 0 and result["paced_cpu_us_per_chunk"] > 0
+def _changed(report: dict[str, Any], scenario: str, dotted: str,
+             change: Callable[[float], float]) -> dict[str, Any]:
+    """A copy of the report with one figure of the smoke load changed."""
+    out = copy.deepcopy(report)
+    fig = next(s for s in out["scenarios"] if s["scenario"] == scenario)["loads"]["smoke"]
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        fig = fig[part]
+    fig[leaf] = change(fig[leaf])
+    return out
 
 
-def test_ab_smoke_run_interleaves_two_chains(tmp_path: Path) -> None:
-    out = tmp_path / "ab.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.ab", "--root", str(ROOT), "--quick",
-                           "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "| A |" in proc.stdout and "| B |" in proc.stdout
-    result = json.loads(out.read_text())
-    for side in ("A", "B"):
-        fig = result["sides"][side]
-        assert fig["n"] == result["rounds"] * result["streams"]
-        assert 0 < fig["p50"] <= fig["p90"] <= fig["p99"]
+def test_figures_outside_the_tolerance_are_named_and_fail_the_run(
+        smoke: tuple[dict[str, Any], Path, str]) -> None:
+    report, path, _ = smoke
+    slower = _changed(report, "sse-up", "duration_ms.p50", lambda v: v * 3)
+    said: list[str] = []
+    assert baseline.check(slower, path, say=said.append) == 1
+    text = "\n".join(said)
+    assert "1 of 16 figures outside ±50%" in text
+    assert "| sse-up smoke duration p50 ms |" in text and "**worse**" in text
+    # Wider tolerance: noise.
+    assert baseline.check(slower, path, tolerance=2.5, say=said.append) == 0
+    # Better beyond the tolerance is listed, and passes.
+    slow_baseline = json.loads(path.read_text())
+    slow_baseline["figures"]["sse-up/smoke/duration_ms.p50"] += 1000
+    [finding] = baseline.compare(report, slow_baseline)
+    assert (finding.verdict, finding.fails) == ("better", False)
+    # One error where the baseline had none is outside any relative tolerance.
+    [finding] = baseline.compare(_changed(report, "direct", "error_count", lambda v: v + 1),
+                                 json.loads(path.read_text()), tolerance=10)
+    assert finding.key == "direct/smoke/error_count" and finding.verdict == "worse"
+
+
+def test_a_missing_scenario_fails_and_other_loads_or_machines_do_not(
+        smoke: tuple[dict[str, Any], Path, str]) -> None:
+    report, path, _ = smoke
+    said: list[str] = []
+    skipped = copy.deepcopy(report)
+    skipped["scenarios"] = [s for s in skipped["scenarios"] if s["scenario"] != "sse-sim"]
+    assert baseline.check(skipped, path, say=said.append) == 1
+    assert said[-1].startswith("bench: 6 figures worse")  # all of sse-sim: not measured
+    elsewhere = _changed(report, "sse-up", "duration_ms.p50", lambda v: v * 3)
+    elsewhere["machine"] = {**elsewhere["machine"], "cores": 64}
+    assert baseline.check(elsewhere, path, say=said.append) == 0
+    other_loads = copy.deepcopy(report)
+    other_loads["loads"][0]["streams"] = 60
+    said.clear()
+    assert baseline.check(other_loads, path, say=said.append) == 0
+    assert said[0].startswith("not compared")
 
 
 def test_gc_figures_count_the_load_only_and_find_the_longest_bucket() -> None:

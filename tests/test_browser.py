@@ -184,11 +184,11 @@ async def test_stop_cancels_the_chain(page: Any, chain: Chain) -> None:
     await open_chat(page, chain, model="slow")
     await send(page, "count")
     await page.wait_for_selector(".message.assistant .text:not(:empty)")
-    assert chain.engine.servicer.active_streams == 1  # 200 ticks at 5/s: far from done
+    assert chain.engine_streams == 1  # 200 ticks at 5/s: far from done
     await page.click("#stop")
     await page.wait_for_selector(".message.assistant[data-state=stopped]")
     assert "stopped" in await page.text_content(f"{LAST} >> .notice-text")
     assert await page.text_content(f"{LAST} >> .cutoff") == "cut off"
     assert await page.is_enabled("#send") and await page.is_disabled("#stop")
-    await eventually(lambda: chain.engine.servicer.active_streams == 0, within=10,
+    await eventually(lambda: chain.engine_streams == 0, within=10,
                      what="engine stream cancelled by Stop")

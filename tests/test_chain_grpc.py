@@ -9,6 +9,7 @@ from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2, prompt_pb2
 from tests.chain import running_chain
 from tests.conftest import make_config
+from tests.grpc_calls import read_all
 
 AUTH = (("authorization", "Bearer dev-key"),)
 
@@ -16,17 +17,6 @@ AUTH = (("authorization", "Bearer dev-key"),)
 def chat(model: str = "sim", text: str = "hi", **kw: object) -> prompt_pb2.StreamChatRequest:
     return prompt_pb2.StreamChatRequest(
         model=model, messages=[common_pb2.ChatMessage(role="user", content=text)], **kw)
-
-
-async def read_all(call: grpc.aio.UnaryStreamCall) -> list:
-    """Every frame of a call; a failed call's status stays on `call` instead of raising."""
-    frames = []
-    try:
-        async for frame in call:
-            frames.append(frame)
-    except grpc.aio.AioRpcError:
-        pass
-    return frames
 
 
 async def test_stream_through_prompt_and_engine(redis_server):

@@ -99,7 +99,7 @@ async def test_deadline_is_a_typed_error(chain: Chain) -> None:
                     text += event.text
     assert caught.value.code is ErrorCode.DEADLINE_EXCEEDED
     assert text  # some ticks arrived before the deadline
-    await eventually(lambda: chain.engine.servicer.active_streams == 0, what="engine idle")
+    await eventually(lambda: chain.engine_streams == 0, what="engine idle")
 
 
 async def test_early_break_cancels_the_call(chain: Chain) -> None:
@@ -110,8 +110,8 @@ async def test_early_break_cancels_the_call(chain: Chain) -> None:
                 if isinstance(event, TextDelta):
                     break
         # 200 ticks at 10/s would take 20 s; the engine stops as soon as the call is cancelled
-        assert chain.engine.servicer.active_streams <= 1
-        await eventually(lambda: chain.engine.servicer.active_streams == 0, within=10,
+        assert chain.engine_streams <= 1
+        await eventually(lambda: chain.engine_streams == 0, within=10,
                          what="engine stream cancelled")
 
 
@@ -120,7 +120,7 @@ async def test_break_without_aclosing_also_cancels(chain: Chain) -> None:
         async for event in client.stream_chat("slow", [("user", "Hi")]):
             if isinstance(event, TextDelta):
                 break
-        await eventually(lambda: chain.engine.servicer.active_streams == 0, within=10,
+        await eventually(lambda: chain.engine_streams == 0, within=10,
                          what="engine stream cancelled")
 
 

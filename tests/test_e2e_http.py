@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
+from promptline.devtools.fake_openai import FakeOpenAI
 from tests.chain import running_chain
 from tests.conftest import make_config
-from tests.fakes import FakeOpenAI
-from tests.sse_client import collect, events
+from tests.eventually import eventually
+from tests.sse_client import collect, events, without_comments
 
 AUTH = {"Authorization": "Bearer dev-key"}
 BODY = {"model": "sim", "messages": [{"role": "user", "content": "Hi"}]}
@@ -26,7 +25,7 @@ async def test_sim_stream_reaches_http_client_in_order(redis_server):
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             assert resp.headers["X-Accel-Buffering"] == "no"
-            got = [e for e in await collect(resp) if e.event != ":comment"]
+            got = without_comments(await collect(resp))
     assert got[0].event == "start" and got[0].data["model"] == "paced"
     assert got[0].data["request_id"]
     deltas = [e for e in got if e.event == "delta"]
@@ -50,7 +49,7 @@ async def test_openai_provider_through_the_chain(redis_server):
             async with http.post(f"{chain.base_url}/v1/chat/stream", json=body,
                                  headers=AUTH) as resp:
                 assert resp.status == 200
-                got = [e for e in await collect(resp) if e.event != ":comment"]
+                got = without_comments(await collect(resp))
         assert got[0].event == "start" and got[-1].event == "done"
         text = "".join(e.data["text"] for e in got if e.event == "delta")
         assert text == upstream.reply
@@ -94,8 +93,6 @@ async def test_sim_disconnect_cancels_engine_stream(redis_server):
                     break
             resp.close()
         # the engine's handler (and with it the provider generator) ends long before the reply
-        for _ in range(200):
-            if chain.engine.servicer.active_streams == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert chain.engine.servicer.active_streams == 0
+        await eventually(lambda: chain.engine_streams == 0, within=10,
+                         what="engine stream cancelled")
+        assert chain.engine_streams == 0

@@ -14,13 +14,15 @@ from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 from aiohttp.test_utils import TestServer
 
+from promptline.channels import insecure_channel
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.grpc_server import RunningServer, insecure_channel, start_grpc_server
+from promptline.grpc_server import RunningServer, start_grpc_server
 from promptline.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
 from services.edge_http import sse
 from services.edge_http.app import PROMPT_SERVICE_NAME, EdgeServer, build_app, start_edge
 from services.edge_http.chat_request import parse_chat_request, read_body
 from tests.conftest import make_config
+from tests.sse_client import Event, SseStream, without_comments
 
 WAIT = 10.0  # generous bound for anything that should happen "promptly"
 AUTH = {"Authorization": "Bearer dev-key"}
@@ -151,45 +153,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-# --- SSE client helper ---------------------------------------------------------------------------
-
-
-class SseReader:
-    """Reads a response as SSE: events as dicts (`data` decoded), comments as {"comment": ...}."""
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self.response = response
-
-    async def next(self) -> dict[str, Any] | None:
-        """The next event or comment; None at the end of the stream."""
-        return await asyncio.wait_for(self._next(), WAIT)
-
-    async def _next(self) -> dict[str, Any] | None:
-        event: dict[str, Any] = {}
-        while True:
-            raw = await self.response.content.readline()
-            if not raw:
-                assert not event, f"stream ended inside an event: {event}"
-                return None
-            line = raw.decode("utf-8").rstrip("\n")
-            if line.startswith(":"):
-                return {"comment": line[1:].strip()}
-            if not line:
-                if event:
-                    return event
-                continue
-            name, _, value = line.partition(": ")
-            event[name] = json.loads(value) if name == "data" else value
-
-    async def rest(self) -> list[dict[str, Any]]:
-        out = []
-        while (item := await self.next()) is not None:
-            out.append(item)
-        return out
-
-
-def events_only(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [item for item in items if "comment" not in item]
+# --- requests ------------------------------------------------------------------------------------
 
 
 async def post_chat(session: aiohttp.ClientSession, edge: EdgeServer, body: Any = None,
@@ -216,17 +180,17 @@ async def test_happy_path_streams_start_deltas_done(
         assert resp.headers["X-Accel-Buffering"] == "no"
         assert resp.headers["Cache-Control"] == "no-cache"
         rid = resp.headers["X-Request-Id"]
-        items = events_only(await SseReader(resp).rest())
+        items = without_comments(await SseStream(resp).rest())
 
-    events = [e["event"] for e in items]
+    events = [e.event for e in items]
     # deltas that queue up while the client reads are sent as one: 1 to 6 of them, in order
     assert events[0] == "start" and events[-1] == "done" and set(events[1:-1]) == {"delta"}
-    assert items[0]["data"] == {"request_id": rid, "model": "sim", "prompt_tokens": 9}
+    assert items[0].data == {"request_id": rid, "model": "sim", "prompt_tokens": 9}
     deltas = items[1:-1]
     assert 1 <= len(deltas) <= 6
-    assert [e["id"] for e in deltas] == [str(i) for i in range(1, len(deltas) + 1)]
-    assert "".join(e["data"]["text"] for e in deltas) == "Hello from the fake model"
-    assert items[-1]["data"] == {
+    assert [e.id for e in deltas] == [str(i) for i in range(1, len(deltas) + 1)]
+    assert "".join(e.data["text"] for e in deltas) == "Hello from the fake model"
+    assert items[-1].data == {
         "finish_reason": "stop", "model": "sim",
         "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
     }
@@ -253,11 +217,11 @@ async def test_start_event_carries_conversation_and_prompt(
 
     fake.script = script
     async with await post_chat(session, edge) as resp:
-        items = events_only(await SseReader(resp).rest())
-    assert items[0]["data"] == {"request_id": resp.headers["X-Request-Id"], "model": "sim",
+        items = without_comments(await SseStream(resp).rest())
+    assert items[0].data == {"request_id": resp.headers["X-Request-Id"], "model": "sim",
                                 "conversation_id": "c1", "prompt_id": "p1", "prompt_version": 2,
                                 "prompt_tokens": 4}
-    assert [e["event"] for e in items] == ["start", "done"]
+    assert [e.event for e in items] == ["start", "done"]
 
 
 @pytest.mark.parametrize(("given", "kept"), [("req-42.a:b_c", True), ("bad id", False),
@@ -267,7 +231,7 @@ async def test_request_id_header_is_reused_only_when_safe(
     given: str, kept: bool,
 ) -> None:
     async with await post_chat(session, edge, headers={"X-Request-Id": given}) as resp:
-        await SseReader(resp).rest()
+        await SseStream(resp).rest()
     rid = resp.headers["X-Request-Id"]
     assert (rid == given) is kept
     assert fake.calls[0][1]["x-request-id"] == rid
@@ -414,15 +378,15 @@ async def test_error_after_deltas_is_an_sse_error_event_then_the_stream_closes(
     fake.script = script
     async with await post_chat(session, edge) as resp:
         assert resp.status == 200
-        reader = SseReader(resp)
-        items = events_only(await reader.rest())  # returns only once the edge closed the stream
-    events = [e["event"] for e in items]
+        # returns only once the edge closed the stream
+        items = without_comments(await SseStream(resp).rest())
+    events = [e.event for e in items]
     assert events[0] == "start" and events[-1] == "error" and set(events[1:-1]) == {"delta"}
-    assert "".join(e["data"]["text"] for e in items if e["event"] == "delta") == "abc"
-    error = items[-1]["data"]["error"]
+    assert "".join(e.data["text"] for e in items if e.event == "delta") == "abc"
+    error = items[-1].data["error"]
     assert error["code"] == "UPSTREAM_ERROR" and error["stage"] == "mid_stream"
     assert error["request_id"] == resp.headers["X-Request-Id"]
-    assert "id" not in items[-1]
+    assert items[-1].id is None
 
 
 async def test_done_leaves_with_the_end_of_the_body(
@@ -452,9 +416,9 @@ async def test_done_leaves_with_the_end_of_the_body(
     monkeypatch.setattr(StreamWriter, "_write", write)
     monkeypatch.setattr(StreamWriter, "_writelines", writelines)
     async with await post_chat(session, edge) as resp:
-        items = events_only(await SseReader(resp).rest())
+        items = without_comments(await SseStream(resp).rest())
     monkeypatch.undo()
-    assert [e["event"] for e in items] == ["start", "delta", "done"]
+    assert [e.event for e in items] == ["start", "delta", "done"]
     sent = [w for w in writes if not w.startswith(b"POST ")]  # the client's own request
     assert len(sent) == 4, sent
     assert sent[0].startswith(b"HTTP/1.1 200") and b"event: start" in sent[1]
@@ -478,14 +442,14 @@ async def test_heartbeat_comments_while_the_stream_stalls(
 
     fake.script = script
     async with await post_chat(session, edge) as resp:
-        reader = SseReader(resp)
-        assert (await reader.next() or {}).get("event") == "start"
-        assert await reader.next() == {"comment": "keep-alive"}
-        assert await reader.next() == {"comment": "keep-alive"}
+        reader = SseStream(resp)
+        assert (await reader.next()).event == "start"
+        assert await reader.next() == Event(":comment", "keep-alive")
+        assert await reader.next() == Event(":comment", "keep-alive")
         fake.release.set()
-        items = events_only(await reader.rest())
-    assert [e["event"] for e in items] == ["delta", "done"]
-    assert items[0]["id"] == "1"
+        items = without_comments(await reader.rest())
+    assert [e.event for e in items] == ["delta", "done"]
+    assert items[0].id == "1"
 
 
 async def test_no_heartbeat_while_text_flows_faster_than_the_interval(
@@ -503,12 +467,11 @@ async def test_no_heartbeat_while_text_flows_faster_than_the_interval(
 
     fake.script = script
     async with await post_chat(session, edge) as resp:
-        reader = SseReader(resp)
+        reader = SseStream(resp)
         seen = [await reader.next() for _ in range(12)]
         fake.release.set()
         await reader.rest()
-    assert [(item or {}).get("event", "comment") for item in seen] == \
-        ["start"] + ["delta"] * 10 + ["comment"]
+    assert [item.event for item in seen] == ["start"] + ["delta"] * 10 + [":comment"]
 
 
 async def test_headers_are_committed_when_the_hold_cap_passes(
@@ -528,8 +491,8 @@ async def test_headers_are_committed_when_the_hold_cap_passes(
         assert resp.status == 200
         assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
         fake.release.set()
-        items = events_only(await SseReader(resp).rest())
-    assert [e["event"] for e in items] == ["start", "delta", "done"]
+        items = without_comments(await SseStream(resp).rest())
+    assert [e.event for e in items] == ["start", "delta", "done"]
 
 
 async def test_error_after_the_hold_cap_is_an_sse_event(
@@ -547,10 +510,10 @@ async def test_error_after_the_hold_cap_is_an_sse_event(
     async with await post_chat(session, edge) as resp:
         assert resp.status == 200
         fake.release.set()
-        items = events_only(await SseReader(resp).rest())
-    assert [e["event"] for e in items] == ["error"]
-    assert items[0]["data"]["error"]["code"] == "TPM_EXCEEDED"
-    assert items[0]["data"]["error"]["retry_after_ms"] == 3000
+        items = without_comments(await SseStream(resp).rest())
+    assert [e.event for e in items] == ["error"]
+    assert items[0].data["error"]["code"] == "TPM_EXCEEDED"
+    assert items[0].data["error"]["retry_after_ms"] == 3000
 
 
 async def test_client_disconnect_cancels_the_downstream_call(
@@ -564,9 +527,9 @@ async def test_client_disconnect_cancels_the_downstream_call(
 
     fake.script = script
     resp = await post_chat(session, edge)
-    reader = SseReader(resp)
-    assert (await reader.next() or {}).get("event") == "start"
-    assert (await reader.next() or {}).get("event") == "delta"
+    reader = SseStream(resp)
+    assert (await reader.next()).event == "start"
+    assert (await reader.next()).event == "delta"
     assert not fake.cancelled.is_set()
     resp.close()  # drops the connection, like a closed tab
     await asyncio.wait_for(fake.cancelled.wait(), WAIT)
@@ -686,25 +649,21 @@ def test_parse_full_request() -> None:
     ({"model": "sim", "messages": []}, "messages must not be empty"),
     ({"model": "sim", "messages": {"role": "user"}}, "messages must be a list"),
     ({"model": "sim", "messages": ["hi"]}, "messages[0] must be an object"),
-    ({"model": "sim", "messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
     ({"model": "sim", "messages": [{"role": "user"}]}, "messages[0].content is required"),
     ({**BODY, "max_tokens": 0}, "max_tokens must be between 1 and 1000000"),
     ({**BODY, "max_tokens": 1_000_001}, "max_tokens must be between"),
     ({**BODY, "max_tokens": 1.5}, "max_tokens must be an integer"),
     ({**BODY, "max_tokens": True}, "max_tokens must be an integer, got boolean"),
-    ({**BODY, "temperature": 2.5}, "temperature must be between 0 and 2"),
     ({**BODY, "temperature": "hot"}, "temperature must be a number"),
-    ({**BODY, "conversation_id": "has space"}, "conversation_id must be"),
-    ({**BODY, "conversation_id": "x" * 129}, "conversation_id must be"),
     ({**BODY, "conversation_id": 5}, "conversation_id must be a string"),
     ({**BODY, "prompt": "p"}, "prompt must be an object"),
     ({**BODY, "prompt": {"version": 1}}, "prompt.id is required"),
     ({**BODY, "prompt": {"id": "p", "version": "3"}}, "prompt.version must be an integer"),
-    ({**BODY, "prompt": {"id": "p", "version": 1, "label": "prod"}}, "either version or label"),
     ({**BODY, "prompt": {"id": "p", "variables": {"a": 1}}}, "prompt.variables.a must be a string"),
     ({**BODY, "prompt": {"id": "p", "variables": []}}, "prompt.variables must be an object"),
 ])
 def test_parse_rejects_naming_the_field(body: Any, fragment: str) -> None:
+    # What the values mean is checked behind the edge: tests/test_request_rules.py.
     with pytest.raises(PromptlineError) as info:
         parse_chat_request(json.dumps(body).encode())
     assert info.value.code is ErrorCode.INVALID_REQUEST
@@ -747,8 +706,8 @@ async def test_stop_cancels_streams_that_outlive_the_grace(
 
     fake.script = script
     resp = await post_chat(session, edge)
-    reader = SseReader(resp)
-    assert (await reader.next() or {}).get("event") == "start"
+    reader = SseStream(resp)
+    assert (await reader.next()).event == "start"
     await asyncio.wait_for(edge.stop(), WAIT)
     await asyncio.wait_for(fake.cancelled.wait(), WAIT)
     resp.close()

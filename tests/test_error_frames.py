@@ -17,12 +17,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from promptline.embedded_redis import free_port
+from promptline.devtools.embedded_redis import free_port
+from promptline.devtools.fake_openai import FakeOpenAI
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2, prompt_pb2
 from tests.chain import running_chain
 from tests.conftest import make_config
-from tests.fakes import FakeOpenAI
 from tests.sse_client import collect
 
 LONG_REPLY = ("Streaming replies arrive token by token, and every hop relays them at once. " * 4)
@@ -312,7 +312,7 @@ async def test_two_prompt_replicas_share_one_budget(redis_client, redis_server, 
 
     import yaml
 
-    from promptline.grpc_server import insecure_channel
+    from promptline.channels import insecure_channel
     from promptline.v1 import prompt_pb2_grpc
 
     tenants = [{"name": "shared", "api_keys": ["shared-key"], "quotas": {"qpm": 4}}]

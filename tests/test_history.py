@@ -4,8 +4,6 @@ end to end through the chain (history in the model's context, partial replies, G
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -13,22 +11,17 @@ import pytest
 
 from promptline.errors import ErrorCode, PromptlineError
 from promptline.tokens import count_messages
+from promptline.v1.common_pb2 import ChatMessage
 from services.prompt.history import ConversationStore, Turn, conversation_key, exchange
 from tests.chain import running_chain
 from tests.conftest import make_config
+from tests.eventually import eventually
 from tests.sse_client import collect, events
 
 DEV = {"Authorization": "Bearer dev-key"}
 OTHER = {"Authorization": "Bearer other-key"}
 REPLY = "Hello from the simulated model, streaming token by token."  # BASE_CONFIG's sim reply
 LONG_REPLY = "Streaming replies arrive token by token, and every hop relays them at once. " * 4
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 # --- the store -----------------------------------------------------------------------------------
@@ -40,8 +33,8 @@ def store(redis_client) -> ConversationStore:
 
 
 def pair(i: int, partial: bool = False) -> list[Turn]:
-    return exchange([("user", f"question {i}")], f"answer {i}", partial=partial,
-                    request_id=f"r{i}")
+    return exchange([ChatMessage(role="user", content=f"question {i}")], f"answer {i}",
+                    partial=partial, request_id=f"r{i}")
 
 
 async def test_append_load_and_get(store):
@@ -69,7 +62,7 @@ async def test_ttl_is_set_renewed_and_expires(redis_client):
     async def gone() -> bool:
         return not await redis_client.exists(key)
 
-    await eventually(gone)
+    await eventually(gone, what="the conversation expiring")
     with pytest.raises(PromptlineError) as info:
         await store.get("dev", "c1")
     assert info.value.code is ErrorCode.NOT_FOUND
@@ -251,7 +244,7 @@ async def test_partial_reply_policy(redis_client, redis_server):
         async def stored() -> bool:  # written right after the error frame
             return (await history(http, base, "p1"))[0] == 200
 
-        await eventually(stored)
+        await eventually(stored, what="the stored partial reply")
         _, body = await history(http, base, "p1")
         assert [(m["role"], m["content"], m["partial"]) for m in body["messages"]] == [
             ("user", "second try", False), ("assistant", delivered, True)]
@@ -274,7 +267,7 @@ async def test_client_disconnect_stores_the_partial_reply(redis_client, redis_se
         async def stored() -> bool:
             return (await history(http, base, "stop1"))[0] == 200
 
-        await eventually(stored)
+        await eventually(stored, what="the stored partial reply")
         _, data = await history(http, base, "stop1")
         user, reply = data["messages"]
         assert user["content"] == "tell me a lot" and reply["partial"] is True

@@ -9,11 +9,12 @@ from typing import Any
 
 import grpc
 
+from promptline.channels import insecure_channel
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.grpc_server import insecure_channel
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 from services.llm_engine.server import start_engine
 from tests.conftest import make_config
+from tests.grpc_calls import read_all
 
 REPLY = "one two three four five six seven eight nine ten eleven twelve"
 
@@ -43,13 +44,7 @@ def request(model: str = "m", **kw: Any) -> llm_engine_pb2.GenerateRequest:
 
 
 async def run(call: Any) -> tuple[list[Any], grpc.StatusCode]:
-    frames = []
-    try:
-        async for frame in call:
-            frames.append(frame)
-    except grpc.aio.AioRpcError:
-        pass
-    return frames, await call.code()
+    return await read_all(call), await call.code()
 
 
 def kinds(frames: list[Any]) -> list[str]:

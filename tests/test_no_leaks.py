@@ -8,10 +8,10 @@ import asyncio
 import aiohttp
 from prometheus_client import REGISTRY
 
+from promptline.devtools.fake_openai import FakeOpenAI
 from tests.chain import running_chain
 from tests.conftest import make_config
 from tests.eventually import eventually
-from tests.fakes import FakeOpenAI
 from tests.sse_client import events
 
 AUTH = {"Authorization": "Bearer dev-key"}
@@ -64,7 +64,7 @@ async def test_nothing_survives_any_ending(redis_client, redis_server):
                 complete("sim", "say forbidden-word"), complete("no-such-model"),
                 hang_up("up"), hang_up("sim"), stall_then_timeout(),
             )
-            await eventually(lambda: chain.engine.servicer.active_streams == 0
+            await eventually(lambda: chain.engine_streams == 0
                              and active("edge_http") == active("prompt")
                              == active("llm_engine") == 0, what="every hop idle")
             await eventually(lambda: upstream.active_streams == 0, what="upstream idle")

@@ -292,7 +292,7 @@ async def test_client_disconnect_cancels_the_chain(chain: Chain) -> None:
                 seen += 1
                 if seen == 2:
                     break
-        assert chain.engine.servicer.active_streams >= 1  # still generating: 200 ticks at 10/s
+        assert chain.engine_streams >= 1  # still generating: 200 ticks at 10/s
         await stream.close()
-    await eventually(lambda: chain.engine.servicer.active_streams == 0, within=10,
+    await eventually(lambda: chain.engine_streams == 0, within=10,
                      what="engine stream cancelled")

@@ -13,10 +13,11 @@ import grpc
 import pytest
 
 from promptline.auth import Authenticator
+from promptline.channels import insecure_channel
 from promptline.config import Targets, key_digest
-from promptline.embedded_redis import free_port
+from promptline.devtools.embedded_redis import free_port
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.grpc_server import insecure_channel, start_grpc_server
+from promptline.grpc_server import start_grpc_server
 from promptline.v1 import (
     common_pb2,
     llm_engine_pb2,
@@ -26,6 +27,7 @@ from promptline.v1 import (
 )
 from services.prompt.server import start_prompt
 from tests.conftest import make_config
+from tests.grpc_calls import read_all
 
 AUTH = (("authorization", "Bearer dev-key"),)
 Script = Callable[[Any, Any], Any]
@@ -37,6 +39,8 @@ class FakeEngine(llm_engine_pb2_grpc.LlmEngineServicer):
     def __init__(self, script: Script) -> None:
         self.script = script
         self.cancelled = asyncio.Event()
+        self.ended = asyncio.Event()
+        """Set when the handler is over: it cannot produce another frame after that."""
         self.frames_sent = 0
 
     async def Generate(self, request, context):
@@ -47,6 +51,8 @@ class FakeEngine(llm_engine_pb2_grpc.LlmEngineServicer):
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+        finally:
+            self.ended.set()
 
 
 def start_frame() -> llm_engine_pb2.GenerateResponse:
@@ -87,14 +93,6 @@ def chat() -> prompt_pb2.StreamChatRequest:
         model="sim", messages=[common_pb2.ChatMessage(role="user", content="hi")])
 
 
-async def read_all(call: Any) -> list[Any]:
-    frames = []
-    with pytest.raises(grpc.aio.AioRpcError):
-        async for frame in call:
-            frames.append(frame)
-    return frames
-
-
 async def test_relay_stops_at_error_frame_and_cancels_the_engine(redis_server):
     async def script(request, context):
         yield start_frame()
@@ -113,14 +111,14 @@ async def test_relay_stops_at_error_frame_and_cancels_the_engine(redis_server):
         frames = await read_all(call)
         assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await asyncio.wait_for(engine.cancelled.wait(), 10)
+        sent_when_cancelled = engine.frames_sent
+        await asyncio.wait_for(engine.ended.wait(), 10)  # the window in which it could go on
     kinds = [f.WhichOneof("frame") for f in frames]
     assert kinds[-1] == "error" and "error" not in kinds[:-1]
     relayed = PromptlineError.from_pb(frames[-1].error)
     # relayed unchanged: same code, stage and origin, never rewrapped
     assert (relayed.code, relayed.stage, relayed.origin) == (
         ErrorCode.STREAM_TIMEOUT, Stage.MID_STREAM, "llm_engine")
-    sent_when_cancelled = engine.frames_sent
-    await asyncio.sleep(0.1)
     assert engine.frames_sent == sent_when_cancelled  # nothing more was produced
 
 
@@ -146,6 +144,7 @@ async def test_stream_without_terminal_frame_is_upstream_error(redis_server):
     async with prompt_with(FakeEngine(script), redis_server.url) as stub:
         call = stub.StreamChat(chat(), metadata=AUTH, timeout=10)
         frames = await read_all(call)
+        assert await call.code() == grpc.StatusCode.UNAVAILABLE
     err = PromptlineError.from_pb(frames[-1].error)
     assert (err.code, err.stage) == (ErrorCode.UPSTREAM_ERROR, Stage.MID_STREAM)
 

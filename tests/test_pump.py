@@ -13,6 +13,7 @@ from services.llm_engine import pump as pump_module
 from services.llm_engine.providers.base import Chunk
 from services.llm_engine.pump import ChunkPump
 from services.llm_engine.timeouts import StreamClock
+from tests.eventually import eventually
 
 
 class Provider:
@@ -22,15 +23,21 @@ class Provider:
         self.texts = texts
         self.gap = gap
         self.pulled = 0
+        self.pulled_at: list[float] = []
+        """Loop time of each read, in order."""
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         for text in self.texts:
             if self.gap:
                 await asyncio.sleep(self.gap)
-            self.pulled += 1
+            self._pull()
             yield Chunk(text=text)
-        self.pulled += 1
+        self._pull()
         yield Chunk(finish_reason="stop")
+
+    def _pull(self) -> None:
+        self.pulled += 1
+        self.pulled_at.append(asyncio.get_running_loop().time())
 
 
 def clock(idle: float = 5.0) -> StreamClock:
@@ -71,9 +78,8 @@ async def test_the_rest_of_a_burst_waits_a_short_lead_after_the_first_text(
         loop = asyncio.get_running_loop()
         sent = loop.time()
         rest = asyncio.ensure_future(pump.take())  # "a" went out: the reader holds back
-        await asyncio.sleep(0.1)
-        assert provider.pulled == 1, "read on during the lead"
         assert [c.text for c in await rest] + await drain(pump) == ["b", "c"]  # nothing lost
+        assert provider.pulled_at[1] - sent >= 0.15, "read on during the lead"
         assert loop.time() - sent >= 0.15, "the rest of the burst did not wait for the lead"
     finally:
         await pump.aclose()
@@ -86,10 +92,7 @@ async def test_the_pause_is_bounded_when_the_writer_is_slow(monkeypatch: pytest.
     try:
         assert [c.text for c in await pump.take()] == ["a"]
         # The writer is still sending "a"; the reader goes on after the short pause.
-        for _ in range(200):
-            if provider.pulled == 5:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: provider.pulled == 5, within=2, what="the reader going on")
         assert provider.pulled == 5
         assert await drain(pump) == ["b", "c", "d"]
     finally:

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from redis.crc import key_slot
 
 from promptline.config import ModelConfig, QuotaPolicy, Quotas, TenantConfig
-from promptline.embedded_redis import EmbeddedRedis, free_port
+from promptline.devtools.embedded_redis import EmbeddedRedis, free_port
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from services.prompt.quotas import (
     QuotaManager,

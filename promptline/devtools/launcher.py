@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from promptline.config import Config, ConfigError, load_config
-from promptline.embedded_redis import EmbeddedRedis
+from promptline.devtools.embedded_redis import EmbeddedRedis
 
 SERVICES = ("llm_engine", "prompt", "edge_http")  # start order; stop order is the reverse
 

@@ -23,10 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
 
+from promptline.channels import insecure_channel
 from promptline.config import Config
 from promptline.config_reload import LiveConfig
-from promptline.grpc_server import insecure_channel
-from promptline.metrics import metrics_handler
+from promptline.metrics_server import metrics_handler
 from promptline.tracing import client_interceptors, tracer
 from promptline.v1 import prompt_pb2, prompt_pb2_grpc
 from services.edge_http import chat_page, openai_api, prompts_api

@@ -29,8 +29,8 @@ from promptline.metrics import (
     INTER_TOKEN_GAP,
     PROVIDER_FIRST_CHUNK,
     PROVIDER_REQUESTS,
-    MetricsServer,
 )
+from promptline.metrics_server import MetricsServer
 from promptline.streams import StreamLife, serve_stream
 from promptline.tokens import count_messages_off_loop, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
@@ -164,9 +164,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         gen = provider.stream(GenerationRequest(
             request_id=rid,
             model=model.upstream_model or model.name,
-            # The request's own messages, not Python copies: gRPC holds the request for the
-            # whole call anyway, and a long prompt held twice costs more than the rest of a stream.
-            messages=request.messages,
+            messages=request.messages,  # not copies: see ChatPlan.without_messages
             max_tokens=request.max_tokens or model.default_max_tokens,
             temperature=request.temperature if request.HasField("temperature") else None,
         ))
@@ -223,8 +221,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             span.set_attribute("llm.completion_tokens", completion)
             span.end()
         if usage is None:
-            usage = Usage(await count_messages_off_loop(
-                [(m.role, m.content) for m in request.messages]), completion)
+            usage = Usage(await count_messages_off_loop(request.messages), completion)
         span.set_attribute("llm.prompt_tokens", usage.prompt_tokens)
         yield llm_engine_pb2.GenerateResponse(done=common_pb2.Done(
             finish_reason=finish,

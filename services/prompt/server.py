@@ -28,12 +28,13 @@ import redis.asyncio as aioredis
 from opentelemetry import trace
 
 from promptline.auth import Authenticator
-from promptline.config import Config
+from promptline.channels import insecure_channel
+from promptline.config import Config, ConfigError
 from promptline.config_reload import LiveConfig
-from promptline.embedded_redis import EmbeddedRedis
 from promptline.errors import PromptlineError
-from promptline.grpc_server import RunningServer, insecure_channel, start_grpc_server
-from promptline.metrics import QUOTA_REJECTIONS, MetricsServer
+from promptline.grpc_server import RunningServer, start_grpc_server
+from promptline.metrics import QUOTA_REJECTIONS
+from promptline.metrics_server import MetricsServer
 from promptline.ratelimit import parse_quota_subject, rejection_limits
 from promptline.rules import request_id_from
 from promptline.streams import DONE, StreamLife, read_frames, serve_stream
@@ -216,7 +217,6 @@ class PromptServer:
     redis: aioredis.Redis
     servicer: PromptServicer
     live: LiveConfig
-    embedded_redis: EmbeddedRedis | None = None
 
     @property
     def port(self) -> int:
@@ -230,8 +230,6 @@ class PromptServer:
         await self.metrics.stop()
         await self.engine_channel.close()
         await self.redis.aclose()
-        if self.embedded_redis:
-            self.embedded_redis.stop()
 
 
 def _register(servicer: PromptServicer, admin: PromptAdminServicer) -> Callable[[Any], None]:
@@ -246,14 +244,12 @@ async def start_prompt(config: Config, address: str | None = None, *,
     """Start the prompt service (default address: config.listen.prompt; port 0 in tests)."""
     live = live or LiveConfig(config, "prompt")
     get_tokenizer()  # loading cl100k takes ~250 ms: before serving, not in the first request
-    embedded = None
-    redis_url = config.redis_url
-    if redis_url is None:
-        log.warning("no redis_url configured: starting an embedded Redis for local use "
-                    "(replicas will not share quotas or history)")
-        embedded = EmbeddedRedis().start()
-        redis_url = embedded.url
-    redis = aioredis.from_url(redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    if config.redis_url is None:
+        # Quotas and history must be shared by every replica: a private Redis would silently
+        # give each its own. `make run` starts a local one and passes it in.
+        raise ConfigError("redis_url: required by the prompt service (make run starts a local "
+                          "Redis when the config has none)")
+    redis = aioredis.from_url(config.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     channel = insecure_channel(config.llm_engine_target, interceptors=client_interceptors())
     prompts = PromptRegistry(redis, max_template_bytes=config.prompts.max_template_bytes)
     conversations = ConversationStore(redis, ttl=config.conversations.ttl,
@@ -268,4 +264,4 @@ async def start_prompt(config: Config, address: str | None = None, *,
         interceptors=server_interceptors(),
     )
     metrics = await MetricsServer().start(config.listen.prompt_metrics)
-    return PromptServer(running, metrics, channel, redis, servicer, live, embedded)
+    return PromptServer(running, metrics, channel, redis, servicer, live)

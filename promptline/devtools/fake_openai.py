@@ -1,9 +1,19 @@
-"""A real OpenAI-compatible HTTP server (aiohttp) for tests and benchmarks.
+"""An OpenAI-compatible HTTP server (aiohttp) with fault knobs: the upstream of the tests and of
+the benchmarks.
 
     fake = FakeOpenAI(reply="Hello there", tokens=5)
     base_url = await fake.start()          # http://127.0.0.1:<port>/v1
     ...
     await fake.stop()
+
+    python -m promptline.devtools.fake_openai --port 9100      # standalone (the bench's upstream)
+
+The reply is `reply`, streamed one piece per word (`tokens`: exactly N pieces, merging or
+repeating words). A model named `up-<N>x<D>ms` or `up-<N>x<D>ms-t<T>ms` (optionally behind a
+`provider/` prefix) asks for a shape of its own instead, so one server serves every load of a
+bench and the chain and a direct client get exactly the same stream: N content chunks of one
+cl100k token each, D ms apart, the first one T ms after the role chunk (`model_name()` builds
+such a name, `reply_text()` is its reply). The fault knobs apply to both.
 
 Knobs are plain attributes, read when a request arrives, so tests can change them between
 requests; `push(**overrides)` queues overrides for the next request only (one dict per request,
@@ -13,14 +23,18 @@ Knobs: `reply`, `tokens`, `ttft`, `delay`, `fail_status`, `fail_code`, `fail_mes
 `fail_body`, `retry_after`, `retry_after_ms`, `fail_after_chunks`, `stall_after_chunks`,
 `drop_after_chunks`, `truncate_after_chunks`, `models`.
 
-Records: `requests` (RecordedRequest: body, authorization, headers), `active_streams`,
-`disconnects` (count) with the `disconnected` event, `completed`, `drops`; and the helpers
-`wait_disconnect()`, `wait_idle()`, `wait_until()`.
+Records: `requests` (RecordedRequest: body, authorization, headers, peer; kept unless
+`record=False`, as the standalone server runs), `request_count`, `active_streams`,
+`streams_started`, `chunks_sent`, `disconnects` (count) with the `disconnected` event,
+`completed`, `drops`; `GET /stats` reports the counters; and the helpers `wait_disconnect()`,
+`wait_idle()`, `wait_until()`.
 
 Streaming follows OpenAI: a role chunk right after the headers, `ttft` later the first content
-chunk, `delay` between content chunks, a chunk with `finish_reason` ("length" when the request's
-`max_tokens` cut the reply), a `choices: []` usage chunk when `stream_options.include_usage`, then
-`data: [DONE]`. Chunk counts in the fault knobs count content chunks.
+chunk, the next ones `delay` apart (paced against absolute times, so event-loop jitter does not
+add up over a stream), a chunk with `finish_reason` ("length" when the request's `max_tokens` cut
+the reply), a `choices: []` usage chunk when `stream_options.include_usage`, then
+`data: [DONE]`. Chunk counts in the fault knobs count content chunks. Every chunk is pre-encoded
+once per reply shape; only the id is spliced in per request.
 """
 
 from __future__ import annotations
@@ -49,6 +63,13 @@ KNOBS = (
 )
 
 _WORDS = re.compile(r"\S+\s*|\s+")
+MODEL_RE = re.compile(r"^(?:[A-Za-z0-9_.-]+/)?up-(\d+)x(\d+)ms(?:-t(\d+)ms)?$")
+
+# Words that are one cl100k token each with their leading space, so a shaped reply of N words is
+# N tokens and one content chunk carries exactly one token.
+_TOKEN_WORDS = (
+    "The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".", " A",
+    " stream", " of", " words", " flows", " from", " model", " to", " user", ",")
 
 # Default error bodies for `fail_status`: (message, type, code). 401 echoes the presented key,
 # as some compatible servers do, so tests can prove it never reaches a user.
@@ -69,6 +90,66 @@ _FAIL_DEFAULTS: dict[int, tuple[str, str, str | None]] = {
     502: ("Bad gateway.", "server_error", None),
     503: ("The engine is currently overloaded, please try again later.", "server_error", None),
 }
+
+
+# --- reply shapes ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """The reply shape an `up-<N>x<D>ms[-t<T>ms]` model name asks for."""
+
+    tokens: int
+    delay: float
+    """Seconds between content chunks."""
+    ttft: float
+    """Seconds between the role chunk and the first content chunk."""
+
+
+def parse_model(name: str) -> Spec | None:
+    """The shape a model name asks for; None for any other name (the knobs decide)."""
+    match = MODEL_RE.match(name)
+    if not match:
+        return None
+    tokens, delay_ms, ttft_ms = match.groups()
+    return Spec(int(tokens), int(delay_ms) / 1000, int(ttft_ms or 0) / 1000)
+
+
+def model_name(tokens: int, delay_ms: int, ttft_ms: int = 0) -> str:
+    """The model name that asks for `tokens` one-token chunks `delay_ms` apart."""
+    return f"up-{tokens}x{delay_ms}ms" + (f"-t{ttft_ms}ms" if ttft_ms else "")
+
+
+def reply_pieces(tokens: int) -> list[str]:
+    """The content chunks of a shaped `tokens`-token reply, one token each."""
+    return list(itertools.islice(itertools.cycle(_TOKEN_WORDS), tokens))
+
+
+def reply_text(tokens: int) -> str:
+    """The text of a shaped `tokens`-token reply (what `model_name(tokens, ...)` streams)."""
+    return "".join(reply_pieces(tokens))
+
+
+def split_reply(reply: str, tokens: int | None) -> list[str]:
+    """The reply as streamed pieces: one per word, merged into `tokens` pieces, or words
+    repeated (cycling through the reply) until there are `tokens` of them."""
+    words = _WORDS.findall(reply) or [reply]
+    if tokens is None or tokens <= 0:
+        return words
+    if tokens <= len(words):
+        size, extra = divmod(len(words), tokens)
+        pieces: list[str] = []
+        start = 0
+        for i in range(tokens):
+            end = start + size + (1 if i < extra else 0)
+            pieces.append("".join(words[start:end]))
+            start = end
+        return pieces
+    cycled = [w if w[-1:].isspace() else w + " " for w in words]
+    return list(itertools.islice(itertools.cycle(cycled), tokens))
+
+
+# --- the server ------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -103,25 +184,8 @@ class _Plan:
     stall_after_chunks: int | None
     drop_after_chunks: int | None
     truncate_after_chunks: int | None
-
-
-def split_reply(reply: str, tokens: int | None) -> list[str]:
-    """The reply as streamed pieces: one per word, merged into `tokens` pieces, or words
-    repeated (cycling through the reply) until there are `tokens` of them."""
-    words = _WORDS.findall(reply) or [reply]
-    if tokens is None or tokens <= 0:
-        return words
-    if tokens <= len(words):
-        size, extra = divmod(len(words), tokens)
-        pieces: list[str] = []
-        start = 0
-        for i in range(tokens):
-            end = start + size + (1 if i < extra else 0)
-            pieces.append("".join(words[start:end]))
-            start = end
-        return pieces
-    cycled = [w if w[-1:].isspace() else w + " " for w in words]
-    return list(itertools.islice(itertools.cycle(cycled), tokens))
+    spec: Spec | None = None
+    """The shape the model name asks for: it replaces reply, tokens, delay and ttft."""
 
 
 class _ChunkTemplates:
@@ -129,7 +193,7 @@ class _ChunkTemplates:
 
     def __init__(self, model: str, pieces: list[str]) -> None:
         self.created = int(time.time())
-        head = b'data: {"id":"'
+        self.texts = pieces
 
         def line(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
             payload: dict[str, Any] = {"object": "chat.completion.chunk",
@@ -142,7 +206,7 @@ class _ChunkTemplates:
         def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
             return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
 
-        self.head = head
+        self.head = b'data: {"id":"'
         # Every tail completes `data: {"id":"<id>` into a full line.
         self.role = b'",' + line(choice({"role": "assistant", "content": ""}))
         self.pieces = [b'",' + line(choice({"content": p})) for p in pieces]
@@ -168,6 +232,7 @@ class FakeOpenAI:
         models: tuple[str, ...] = ("gpt-test",),
         host: str = "127.0.0.1",
         port: int = 0,
+        record: bool = True,
     ) -> None:
         # --- knobs (read per request) ---
         self.reply = reply
@@ -198,10 +263,16 @@ class FakeOpenAI:
         """After N content chunks end the response cleanly, without finish_reason or [DONE]."""
         self.models = models
         self.host = host
+        self.record = record
+        """Keep every request in `requests` (a long-running server only counts them)."""
 
         # --- records ---
         self.requests: list[RecordedRequest] = []
+        self.request_count = 0
         self.active_streams = 0
+        self.streams_started = 0
+        self.chunks_sent = 0
+        """Content chunks written (for `up-...` models, one token each)."""
         self.disconnects = 0
         """Streams whose client went away before the stream ended."""
         self.disconnected = asyncio.Event()
@@ -210,7 +281,7 @@ class FakeOpenAI:
         self.drops = 0
 
         self._overrides: deque[tuple[str | None, dict[str, Any]]] = deque()
-        self._templates: dict[tuple[str, str, int | None], _ChunkTemplates] = {}
+        self._templates: dict[tuple[str, str | None, int | None], _ChunkTemplates] = {}
         self._ids = itertools.count(1)
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -226,14 +297,12 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/stats", self._stats)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5,
                                      access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[union-attr]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await web.TCPSite(self._runner, self.host, self.port, backlog=1024).start()
+        self.port = self._runner.addresses[0][1]
         self.base_url = f"http://{self.host}:{self.port}/v1"
         return self.base_url
 
@@ -268,8 +337,16 @@ class FakeOpenAI:
         """Forget recorded requests and counters (knobs stay as they are)."""
         self.requests.clear()
         self._overrides.clear()
+        self.request_count = self.streams_started = self.chunks_sent = 0
         self.disconnects = self.completed = self.drops = 0
         self.disconnected.clear()
+
+    def stats(self) -> dict[str, int]:
+        """The counters, as `GET /stats` reports them."""
+        return {"requests": self.request_count, "streams_started": self.streams_started,
+                "active_streams": self.active_streams, "completed": self.completed,
+                "chunks_sent": self.chunks_sent, "disconnects": self.disconnects,
+                "drops": self.drops}
 
     async def wait_until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
         """Wait until `predicate()` holds (re-checked on every state change); TimeoutError."""
@@ -299,12 +376,30 @@ class FakeOpenAI:
                 values.update(overrides)
                 del self._overrides[i]
                 break
-        return _Plan(**values)
+        plan = _Plan(**values, spec=parse_model(model))
+        if plan.spec is not None:
+            plan.delay, plan.ttft = plan.spec.delay, plan.spec.ttft
+        return plan
+
+    def _templates_for(self, model: str, plan: _Plan) -> _ChunkTemplates:
+        spec = plan.spec
+        key = (model, None, None) if spec is not None else (model, plan.reply, plan.tokens)
+        templates = self._templates.get(key)
+        if templates is None:
+            pieces = (reply_pieces(spec.tokens) if spec is not None
+                      else split_reply(plan.reply, plan.tokens))
+            if len(self._templates) > 64:
+                self._templates.clear()
+            templates = self._templates[key] = _ChunkTemplates(model, pieces)
+        return templates
 
     async def _models(self, _request: web.Request) -> web.Response:
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"}
                 for m in self.models]
         return web.json_response({"object": "list", "data": data})
+
+    async def _stats(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -314,9 +409,11 @@ class FakeOpenAI:
         if not isinstance(body, dict):
             return _error_response(400, "body must be an object", "invalid_request_error", None)
         auth = request.headers.get("Authorization")
-        self.requests.append(RecordedRequest(
-            body=body, authorization=auth, headers=dict(request.headers),
-            peer=request.transport.get_extra_info("peername") if request.transport else None))
+        self.request_count += 1
+        if self.record:
+            self.requests.append(RecordedRequest(
+                body=body, authorization=auth, headers=dict(request.headers),
+                peer=request.transport.get_extra_info("peername") if request.transport else None))
         self._notify()
         model = str(body.get("model") or "")
         plan = self._plan(model)
@@ -324,13 +421,7 @@ class FakeOpenAI:
         if plan.fail_status:
             return self._fail(plan, model, auth)
 
-        pieces_key = (model, plan.reply, plan.tokens)
-        templates = self._templates.get(pieces_key)
-        if templates is None:
-            templates = _ChunkTemplates(model, split_reply(plan.reply, plan.tokens))
-            if len(self._templates) > 64:
-                self._templates.clear()
-            self._templates[pieces_key] = templates
+        templates = self._templates_for(model, plan)
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         n_pieces = len(templates.pieces)
         finish = "stop"
@@ -364,7 +455,7 @@ class FakeOpenAI:
                           n_pieces: int, finish: str, prompt_tokens: int) -> web.Response:
         if plan.ttft:
             await asyncio.sleep(plan.ttft)
-        text = "".join(split_reply(plan.reply, plan.tokens)[:n_pieces])
+        text = "".join(templates.texts[:n_pieces])
         self.completed += 1
         self._notify()
         return web.json_response({
@@ -387,16 +478,21 @@ class FakeOpenAI:
         head = templates.head + f"chatcmpl-fake{next(self._ids)}".encode()
         resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
         self.active_streams += 1
+        self.streams_started += 1
         self._notify()
         finished = False
         try:
             await resp.prepare(request)
             await resp.write(head + templates.role)
+            loop = asyncio.get_running_loop()
             if plan.ttft:
                 await asyncio.sleep(plan.ttft)
+            started = loop.time()
             for i in range(n_pieces):
                 if i and plan.delay:
-                    await asyncio.sleep(plan.delay)
+                    wait = started + i * plan.delay - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 if plan.fail_after_chunks is not None and i >= plan.fail_after_chunks:
                     await resp.write(_stream_error_line())
                     await resp.write_eof()
@@ -413,6 +509,7 @@ class FakeOpenAI:
                     finished = True
                     return resp
                 await resp.write(head + templates.pieces[i])
+                self.chunks_sent += 1
             if plan.fail_after_chunks is not None and plan.fail_after_chunks >= n_pieces:
                 await resp.write(_stream_error_line())
                 await resp.write_eof()
@@ -465,11 +562,13 @@ def _rough_prompt_tokens(messages: Any) -> int:
     return total
 
 
-__all__ = ["DEFAULT_REPLY", "KNOBS", "FakeOpenAI", "RecordedRequest", "split_reply"]
+__all__ = ["DEFAULT_REPLY", "KNOBS", "FakeOpenAI", "RecordedRequest", "Spec", "model_name",
+           "parse_model", "reply_pieces", "reply_text", "split_reply"]
 
 
 async def _main(port: int, reply: str | None, tokens: int | None, delay: float) -> None:
-    fake = FakeOpenAI(reply=reply or DEFAULT_REPLY, tokens=tokens, delay=delay, port=port)
+    fake = FakeOpenAI(reply=reply or DEFAULT_REPLY, tokens=tokens, delay=delay, port=port,
+                      record=False)
     print(f"FakeOpenAI listening on {await fake.start()}", flush=True)
     try:
         await asyncio.Event().wait()
@@ -477,10 +576,12 @@ async def _main(port: int, reply: str | None, tokens: int | None, delay: float) 
         await fake.stop()
 
 
-if __name__ == "__main__":  # python -m tests.fakes.openai_upstream --port 9100
+if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m promptline.devtools.fake_openai",
+        description="An OpenAI-compatible fake server (the tests' and the bench's upstream).")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--reply", default=None)
     parser.add_argument("--tokens", type=int, default=None)

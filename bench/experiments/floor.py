@@ -14,8 +14,8 @@ the same figures for our own chain, hop by hop:
    else (duration against the paced time, largest gap p99, KiB per open stream), and CPU per
    message per process from /proc, as `make bench` measures them.
 
-    python -m bench.floor            # ~1 minute; prints a markdown report
-    python -m bench.floor --quick    # a few seconds, fewer streams (the smoke test's run)
+    python -m bench.experiments.floor            # ~1 minute; prints a markdown report
+    python -m bench.experiments.floor --quick    # a few seconds, fewer streams
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import yaml
 from bench import procstat
 from bench.run import API_KEY, ROOT, Load, Stack, sim_name
 from bench.stats import percentile
-from bench.upstream import model_name
+from promptline.devtools.fake_openai import model_name
 from promptline.v1 import (
     common_pb2,
     llm_engine_pb2,
@@ -245,7 +245,7 @@ def _start_bare(workdir: Path) -> tuple[dict[str, int], dict[str, procstat.Child
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     children: dict[str, procstat.Child] = {}
     for name, target in (("backend", None), ("relay1", "backend"), ("relay2", "relay1")):
-        argv = [sys.executable, "-m", "bench.floor", "--serve",
+        argv = [sys.executable, "-m", "bench.experiments.floor", "--serve",
                 "backend" if name == "backend" else "relay", str(ports[name])]
         if target:
             argv.append(f"127.0.0.1:{ports[target]}")
@@ -265,8 +265,8 @@ def _run_loop(coro: Awaitable[Any]) -> Any:
 
 def report(result: dict[str, Any]) -> str:
     bare, paced, chain = result["bare_ttft_ms"], result["bare_paced"], result["chain_ttft_ms"]
-    lines = [f"# bench.floor — {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
-             f"grpcio {grpc.__version__}", "",
+    lines = [f"# bench.experiments.floor — {os.cpu_count()} cores, "
+             f"Python {sys.version.split()[0]}, grpcio {grpc.__version__}", "",
              "## Time to the first message at C=1 (p50 / p90 ms, "
              f"{result['ttft_streams']} sequential streams)", "",
              "| path | p50 | p90 |", "|---|--:|--:|"]
