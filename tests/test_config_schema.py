@@ -24,11 +24,10 @@ from promptline.config_keys import (
     format_duration,
     parse_duration,
 )
+from tests.test_config import BASE, _with
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted([*ROOT.glob("config/*.yaml"), *ROOT.glob("k8s/**/promptline.yaml")])
-BASE = {"tenants": [{"name": "dev", "api_keys": ["dev-key"]}],
-        "models": [{"name": "sim", "provider": "simulated"}]}
 
 
 @pytest.fixture(scope="module")
@@ -161,14 +160,6 @@ def test_cli_prints_schema_and_docs_without_a_key():
     assert out.getvalue() == render_docs()
 
 
-def _with(dotted: str, value: object) -> dict:
-    raw = copy.deepcopy(BASE)
-    node: object = raw
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        node = node[int(part)] if part.isdigit() else node[part]  # type: ignore[index]
-    node[leaf] = value  # type: ignore[index]
-    return raw
 
 
 def _unwrap(kind: AnyKind) -> tuple[AnyKind, bool]:
