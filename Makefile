@@ -16,8 +16,10 @@ test: $(STAMP) $(GEN)
 
 protos: $(GEN)
 
+# ruff, then mypy (strict on promptline/ and services/; settings in pyproject.toml).
 lint: $(STAMP) $(GEN)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Render k8s/ (base and overlays) with `kubectl kustomize`, validate against pinned Kubernetes
 # schemas, check the config.

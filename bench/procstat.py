@@ -92,7 +92,7 @@ class Child:
 
     By default also in its own session, as `make run` starts the services: where the kernel has
     autogroups on, each session is then scheduled as one group, and when the box is short of
-    CPU that decides who waits (docs/performance.md, seventh pass). `own_session=False` keeps it
+    CPU that decides who waits (docs/performance.md, C=200 gap). `own_session=False` keeps it
     in the bench's session, scheduled thread by thread with everything else the bench started.
     """
 

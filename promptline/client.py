@@ -18,13 +18,13 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
 
 import grpc
 
 from promptline.channels import insecure_channel
 from promptline.errors import PromptlineError
 from promptline.streams import read_frames
+from promptline.stubs import PromptServiceClient
 from promptline.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
@@ -109,7 +109,7 @@ class PromptlineClient:
         self._api_key = api_key
         self._timeout = timeout
         self._channel: grpc.aio.Channel | None = None
-        self._stub: prompt_pb2_grpc.PromptServiceStub | None = None
+        self._stub: PromptServiceClient | None = None
 
     async def __aenter__(self) -> PromptlineClient:
         self._channel = insecure_channel(self._target)
@@ -192,7 +192,7 @@ def _message(message: MessageLike) -> common_pb2.ChatMessage:
     return common_pb2.ChatMessage(role=message["role"], content=message["content"])
 
 
-def _event(frame: Any) -> ChatEvent | None:
+def _event(frame: prompt_pb2.StreamChatResponse) -> ChatEvent | None:
     kind = frame.WhichOneof("frame")
     if kind == "delta":
         return TextDelta(frame.delta.text, frame.delta.tokens)

@@ -25,7 +25,6 @@ import yaml
 
 from promptline.config_keys import (
     Choice,
-    ConfigError,
     Duration,
     Kind,
     Text,
@@ -33,6 +32,7 @@ from promptline.config_keys import (
     key,
     section,
 )
+from promptline.config_keys import ConfigError as ConfigError
 from promptline.config_keys import parse_duration as parse_duration
 from promptline.config_keys import read as read_keys
 from promptline.rules import MODEL_NAME

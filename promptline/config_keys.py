@@ -23,9 +23,21 @@ import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass
-from typing import Annotated, Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 _META = "promptline.config.key"
 
 
@@ -128,8 +140,8 @@ class Bool(Kind):
 
 @dataclass(frozen=True, slots=True)
 class Int(Kind):
-    minimum: int | None = None
-    maximum: int | None = None
+    minimum: float | None = None  # a `Key` limit: any number, compared as it is
+    maximum: float | None = None
 
     @property
     def label(self) -> str:
@@ -263,7 +275,7 @@ Duration = Annotated[float, DurationKind()]
 class Section:
     """A nested mapping, read into the config dataclass `cls`."""
 
-    cls: type
+    cls: type[DataclassInstance]
     label = "mapping"
 
 
@@ -329,7 +341,7 @@ def key(default: Any = MISSING, *, doc: str, name: str | None = None,
     return dataclasses.field(default=default, repr=repr, metadata={_META: spec})
 
 
-def section(cls: type, doc: str | None = None) -> Any:
+def section(cls: type[DataclassInstance], doc: str | None = None) -> Any:
     """A nested section whose absent keys take their defaults; `doc` defaults to the class's."""
     spec = Key(doc or _summary(cls))
     return dataclasses.field(default_factory=cls, metadata={_META: spec})
@@ -359,7 +371,7 @@ class Declared:
 
 
 @functools.cache
-def declared(cls: type) -> tuple[Declared, ...]:
+def declared(cls: type[DataclassInstance]) -> tuple[Declared, ...]:
     """The keys of a config dataclass, in declaration order; fields without a `Key` (derived at
     load, like a secret read from the environment) are not in the file."""
     hints = get_type_hints(cls, include_extras=True)
@@ -378,7 +390,7 @@ def _kind(hint: Any, spec: Key) -> AnyKind:
         return Nullable(_kind(inner, spec))
     if origin is tuple:
         return List(_kind(args[0], Key(spec.doc)), spec.min_items, spec.empty)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return Section(hint)
     if origin is Annotated:
         scalar = next(a for a in args[1:] if isinstance(a, Kind))
@@ -387,6 +399,8 @@ def _kind(hint: Any, spec: Key) -> AnyKind:
     if spec.minimum is None and spec.maximum is None:
         return scalar
     # Only the numeric kinds have limits: a limit on another kind fails here, at import.
+    if not isinstance(scalar, Int | Number | DurationKind):
+        raise TypeError(f"{type(scalar).__name__} takes no minimum or maximum")
     return dataclasses.replace(scalar, minimum=spec.minimum, maximum=spec.maximum)
 
 
@@ -455,7 +469,7 @@ def _summary(cls: type) -> str:
     return text.split(". ", 1)[0].rstrip(".") + "."
 
 
-def env_overrides(cls: type) -> dict[str, str]:
+def env_overrides(cls: type[DataclassInstance]) -> dict[str, str]:
     """Environment variable -> dotted key, from the `env` of the keys of `cls` and its sections."""
     found: dict[str, str] = {}
     for k in declared(cls):
@@ -471,7 +485,7 @@ def env_overrides(cls: type) -> dict[str, str]:
 # --- JSON Schema ------------------------------------------------------------------------------
 
 
-def json_schema(cls: type, *, title: str) -> dict[str, Any]:
+def json_schema(cls: type[DataclassInstance], *, title: str) -> dict[str, Any]:
     """A JSON Schema (draft 2020-12) of the file `cls` reads; sections are `$defs`."""
     defs: dict[str, Any] = {}
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title,
@@ -480,7 +494,7 @@ def json_schema(cls: type, *, title: str) -> dict[str, Any]:
     return schema
 
 
-def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
+def _object_schema(cls: type[DataclassInstance], defs: dict[str, Any]) -> dict[str, Any]:
     properties: dict[str, Any] = {}
     for k in declared(cls):
         prop = _kind_schema(k.kind, defs)
@@ -534,12 +548,12 @@ def _dump(kind: AnyKind, value: Any) -> Any:
 # --- reference tables -------------------------------------------------------------------------
 
 
-def reference(cls: type, root_title: str = "Top-level keys") -> str:
+def reference(cls: type[DataclassInstance], root_title: str = "Top-level keys") -> str:
     """Markdown: one heading per section (its class docstring as prose) and a table of its keys."""
     return "\n".join(_reference(cls, "", root_title, 2)).rstrip() + "\n"
 
 
-def _reference(cls: type, prefix: str, title: str, level: int, note: str = ""
+def _reference(cls: type[DataclassInstance], prefix: str, title: str, level: int, note: str = ""
                ) -> Iterator[str]:
     """Top-level sections get `##` headings like the root's own keys, nested ones `###`."""
     keys = declared(cls)

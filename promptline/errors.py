@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
+from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -154,8 +154,8 @@ class PromptlineError(Exception):
 
     def to_pb(self) -> common_pb2.Error:
         return common_pb2.Error(
-            code=common_pb2.ErrorCode.Value(f"ERROR_CODE_{self.code.value}"),
-            stage=common_pb2.Stage.Value(f"STAGE_{(self.stage or Stage.CONNECT).value.upper()}"),
+            code=f"ERROR_CODE_{self.code.value}",  # enum labels: the constructor looks them up
+            stage=f"STAGE_{(self.stage or Stage.CONNECT).value.upper()}",
             message=self.message,
             retryable=self.retryable,
             retry_after_ms=self.retry_after_ms,
@@ -223,6 +223,8 @@ class PromptlineError(Exception):
         """Rebuild the error from a failed call: rich details first, bare status code otherwise."""
         status = None
         try:
+            # The stub wants a grpc.Call; it reads only code(), details() and trailing_metadata(),
+            # which every RpcError raised by a call (AioRpcError included) has.
             status = rpc_status.from_call(err)  # type: ignore[arg-type]
         except Exception:
             status = None  # details unreadable: fall back to the status code
@@ -243,14 +245,14 @@ class PromptlineError(Exception):
         retry_ms = 0
         subject = ""
         for any_pb in status.details:
-            if any_pb.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            if _holds(any_pb, error_details_pb2.ErrorInfo):
                 info = error_details_pb2.ErrorInfo()
                 any_pb.Unpack(info)
-            elif any_pb.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            elif _holds(any_pb, error_details_pb2.RetryInfo):
                 retry = error_details_pb2.RetryInfo()
                 any_pb.Unpack(retry)
                 retry_ms = retry.retry_delay.seconds * 1000 + retry.retry_delay.nanos // 1_000_000
-            elif any_pb.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            elif _holds(any_pb, error_details_pb2.QuotaFailure):
                 quota = error_details_pb2.QuotaFailure()
                 any_pb.Unpack(quota)
                 subject = quota.violations[0].subject if quota.violations else ""
@@ -297,6 +299,13 @@ class PromptlineError(Exception):
         if not self.retry_after_ms:
             return {}
         return {"Retry-After": str(max(1, -(-self.retry_after_ms // 1000)))}
+
+
+def _holds(any_pb: any_pb2.Any, message_type: type[message.Message]) -> bool:
+    """Whether `any_pb` packs a `message_type`."""
+    # types-protobuf types DESCRIPTOR as `Descriptor | upb Descriptor` but `Any.Is` as taking only
+    # the first; the runtime's descriptors are the upb ones.
+    return any_pb.Is(message_type.DESCRIPTOR)  # type: ignore[arg-type]
 
 
 def internal_error(request_id: str = "", stage: Stage | None = None) -> PromptlineError:

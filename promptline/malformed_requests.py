@@ -9,13 +9,21 @@ other bad request is answered: an error frame (streams) and INVALID_ARGUMENT wit
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import grpc
-from google.protobuf import descriptor_pool, message_factory
+from google.protobuf import descriptor_pool, message, message_factory
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.streams import abort_unary, error_frame
+from promptline.streams import Context, ErrorFrameType, abort_unary, error_frame
+
+# Every RPC's handler passes through: their messages are not known here. (Strings: grpc's
+# classes are generic in its stubs only.)
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# grpc's stubs type a handler's behaviours as the sync server's; grpc.aio runs coroutines and
+# async generators.
+UnaryBehavior: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
+StreamBehavior: TypeAlias = "Callable[[Any, Context], AsyncIterator[Any]]"
 
 
 class _Malformed:
@@ -42,21 +50,21 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
     """Wraps unary-request handlers (all of Promptline's) with a lenient deserializer."""
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
         parse = _lenient(handler.request_deserializer)
         if handler.response_streaming:
             frame_type = _response_class(handler_call_details.method)
-            behavior = handler.unary_stream
+            behavior = cast(StreamBehavior, handler.unary_stream)
 
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext
-                                   ) -> AsyncIterator[Any]:
+            async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 if isinstance(request, _Malformed):
-                    frame = error_frame(context, _malformed_error(), frame_type or _NoFrame)
+                    make_frame: ErrorFrameType[message.Message | None] = frame_type or _NoFrame
+                    frame = error_frame(context, _malformed_error(), make_frame)
                     if frame_type is not None:
                         yield frame
                     return
@@ -67,9 +75,9 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
                 unary_stream, request_deserializer=parse,
                 response_serializer=handler.response_serializer)
 
-        unary = handler.unary_unary
+        unary = cast(UnaryBehavior, handler.unary_unary)
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def unary_unary(request: Any, context: Context) -> Any:
             if isinstance(request, _Malformed):
                 await abort_unary(context, _malformed_error())
             return await unary(request, context)
@@ -79,7 +87,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer)
 
 
-def _response_class(method: str) -> type | None:
+def _response_class(method: str) -> ErrorFrameType[message.Message] | None:
     """The stream message of a Promptline RPC (one with an `error` frame), else None."""
     try:
         service, name = method.strip("/").rsplit("/", 1)
@@ -88,7 +96,10 @@ def _response_class(method: str) -> type | None:
         return None
     if "error" not in descriptor.output_type.fields_by_name:
         return None  # e.g. grpc.health.v1.Health/Watch: the status alone tells
-    return message_factory.GetMessageClass(descriptor.output_type)
+    # A message class with an `error` field: `cls(error=...)` is its error frame (the stub of
+    # `Message` declares no constructor).
+    return cast(ErrorFrameType[message.Message],
+                message_factory.GetMessageClass(descriptor.output_type))
 
 
 def _NoFrame(**_: Any) -> None:

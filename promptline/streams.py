@@ -13,19 +13,60 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any
+from typing import Any, NoReturn, Protocol, TypeAlias, TypeVar
 
 import grpc
 
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.metrics import ACTIVE_STREAMS, ERRORS, StreamTimer
+from promptline.v1 import common_pb2
 
 log = logging.getLogger("promptline.streams")
 
 DONE = "done"
 CANCELLED = "cancelled"
+
+
+class Frame(Protocol):
+    """A frame of a Promptline stream (`GenerateResponse`, `StreamChatResponse`): its `frame`
+    oneof holds `start`, `delta`, `done` or `error`."""
+
+    @property
+    def error(self) -> common_pb2.Error: ...
+
+    def WhichOneof(self, oneof_group: str, /) -> str | None: ...
+
+
+F = TypeVar("F", bound=Frame)
+F_co = TypeVar("F_co", bound=Frame, covariant=True)
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class ErrorFrameType(Protocol[T_co]):
+    """What makes a stream's error frame: its message class, called as `cls(error=...)`."""
+
+    def __call__(self, *, error: common_pb2.Error) -> T_co: ...
+
+
+class FrameCall(Protocol[F_co]):
+    """A server-streaming call of frames (`grpc.aio.UnaryStreamCall`), as `read_frames` uses it.
+    """
+
+    def __aiter__(self) -> AsyncIterator[F_co]: ...
+
+    def cancel(self) -> bool: ...
+
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+"""A handler's context; what it carries is not checked per RPC."""
+
+
+def text_metadata(context: Context) -> dict[str, str]:
+    """The call's metadata with text values (a `-bin` key's value is bytes: not among them)."""
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
 class StreamLife:
@@ -82,8 +123,8 @@ class StreamLife:
             ERRORS.labels(self.origin, err.code.value, (err.stage or Stage.CONNECT).value).inc()
         return err
 
-    def error_frame(self, context: grpc.aio.ServicerContext, err: PromptlineError,
-                    frame_type: type, extra_metadata: tuple[tuple[str, str], ...] = ()) -> Any:
+    def error_frame(self, context: Context, err: PromptlineError, frame_type: ErrorFrameType[F],
+                    extra_metadata: tuple[tuple[str, str], ...] = ()) -> F:
         """`failed(err)`, then the status on `context` and the error frame to yield."""
         return error_frame(context, self.failed(err), frame_type, extra_metadata)
 
@@ -110,15 +151,14 @@ class StreamLife:
             "duration_ms": round((time.perf_counter() - self._timer.started) * 1000)})
 
 
-FrameType = type
 AfterError = Callable[[PromptlineError], Awaitable[None]]
 
 
-async def serve_stream(life: StreamLife, frames: AsyncIterator[Any],
-                       context: grpc.aio.ServicerContext, frame_type: FrameType, *,
+async def serve_stream(life: StreamLife, frames: AsyncGenerator[F, None], context: Context,
+                       frame_type: ErrorFrameType[F], *,
                        error_metadata: Callable[[PromptlineError], tuple[tuple[str, str], ...]]
                        | None = None,
-                       after_error: AfterError | None = None) -> AsyncIterator[Any]:
+                       after_error: AfterError | None = None) -> AsyncGenerator[F, None]:
     """A gRPC hop's stream: `frames` relayed, then one end, whatever ends it.
 
     A PromptlineError becomes the last frame (its stage from `life`) and the RPC's status; any
@@ -141,10 +181,10 @@ async def serve_stream(life: StreamLife, frames: AsyncIterator[Any],
         raise
     except Exception:
         life.log.exception("unexpected error in stream", extra={"request_id": life.request_id})
-        err = internal_error(life.request_id)
-        yield life.error_frame(context, err, frame_type)
+        internal = internal_error(life.request_id)
+        yield life.error_frame(context, internal, frame_type)
         if after_error is not None:
-            await after_error(err)
+            await after_error(internal)
     finally:
         life.finish()
 
@@ -154,7 +194,7 @@ async def serve_stream(life: StreamLife, frames: AsyncIterator[Any],
 END_OF_STREAM_WAIT = 1.0
 
 
-async def read_frames(call: Any) -> AsyncIterator[Any]:
+async def read_frames(call: FrameCall[F]) -> AsyncGenerator[F, None]:
     """Yield the frames of a server-streaming call up to and including `done`.
 
     An `error` frame, a non-OK status or a stream that ends without a terminal frame raises
@@ -194,7 +234,7 @@ async def read_frames(call: Any) -> AsyncIterator[Any]:
         call.cancel()  # no-op when the call already finished
 
 
-async def _end_of_stream(frames: AsyncIterator[Any]) -> None:
+async def _end_of_stream(frames: AsyncIterator[Frame]) -> None:
     """Read the end of the stream after its terminal frame; never more than one frame."""
     try:
         async with asyncio.timeout(END_OF_STREAM_WAIT):
@@ -203,8 +243,8 @@ async def _end_of_stream(frames: AsyncIterator[Any]) -> None:
         pass  # the expected end (or a server that will not end): the terminal frame counts
 
 
-def error_frame(context: grpc.aio.ServicerContext, err: PromptlineError,
-                frame_type: type, extra_metadata: tuple[tuple[str, str], ...] = ()) -> Any:
+def error_frame(context: Context, err: PromptlineError, frame_type: ErrorFrameType[T],
+                extra_metadata: tuple[tuple[str, str], ...] = ()) -> T:
     """Set the matching status and rich details on `context`; return the error frame to yield.
 
     For async-generator handlers: the frame goes out as the last message (it survives proxies
@@ -220,7 +260,7 @@ def error_frame(context: grpc.aio.ServicerContext, err: PromptlineError,
     return frame_type(error=err.to_pb())
 
 
-async def abort_unary(context: grpc.aio.ServicerContext, err: PromptlineError) -> None:
+async def abort_unary(context: Context, err: PromptlineError) -> NoReturn:
     """End a unary RPC with the error's status and rich details (`ErrorInfo`, `RetryInfo`, ...).
 
     `context.abort` raises to finish the RPC: call it last, outside any `except Exception`.

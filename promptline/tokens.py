@@ -13,9 +13,12 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from promptline.v1 import common_pb2
+
+if TYPE_CHECKING:
+    import tiktoken
 
 log = logging.getLogger("promptline.tokens")
 
@@ -42,19 +45,19 @@ class Tokenizer(Protocol):
 class TiktokenTokenizer:
     """tiktoken encoding; `pieces` splits text into per-token strings (UTF-8 safe)."""
 
-    def __init__(self, encoding: object, name: str) -> None:
+    def __init__(self, encoding: tiktoken.Encoding, name: str) -> None:
         self._enc = encoding
         self.name = name
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode(text, disallowed_special=())  # type: ignore[attr-defined]
+        return self._enc.encode(text, disallowed_special=())
 
     def pieces(self, text: str) -> list[str]:
         # A token can end inside a multi-byte character: carry bytes until they decode.
         out: list[str] = []
         pending = b""
         for tok in self.encode(text):
-            pending += self._enc.decode_single_token_bytes(tok)  # type: ignore[attr-defined]
+            pending += self._enc.decode_single_token_bytes(tok)
             try:
                 out.append(pending.decode("utf-8"))
                 pending = b""

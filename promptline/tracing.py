@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
+import grpc
 from opentelemetry import trace
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
@@ -70,12 +70,12 @@ def _exporter_from_env(env: Mapping[str, str]) -> SpanProcessor | None:
     return None
 
 
-def server_interceptors() -> list[Any]:
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """Interceptors for every gRPC server: a SERVER span per RPC, streams included."""
     return [aio_server_interceptor()] if _enabled else []
 
 
-def client_interceptors() -> list[Any]:
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Interceptors for every gRPC channel: a CLIENT span per call, `traceparent` injected."""
     return list(aio_client_interceptors()) if _enabled else []
 

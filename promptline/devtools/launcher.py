@@ -104,15 +104,20 @@ def _ready(edge_url: str, config: Config) -> bool:
     for target in (config.llm_engine_target, config.prompt_target):
         with grpc.insecure_channel(target) as channel:
             try:
-                status = health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=0.5).status
+                stub = health_pb2_grpc.HealthStub(channel)
+                # types-grpcio-health-checking declares HealthStub without its methods.
+                check = stub.Check  # type: ignore[attr-defined]
+                reply: health_pb2.HealthCheckResponse = check(health_pb2.HealthCheckRequest(),
+                                                              timeout=0.5)
+                status = reply.status
             except grpc.RpcError:
                 return False
             if status != health_pb2.HealthCheckResponse.SERVING:
                 return False
     try:
         with urllib.request.urlopen(edge_url + "/readyz", timeout=0.5) as resp:
-            return resp.status == 200
+            status_code: int = resp.status  # urlopen is typed as returning Any
+            return status_code == 200
     except OSError:
         return False
 

@@ -157,8 +157,9 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "unavailable", "reason": "shutting down"}, status=503)
     stub = health_pb2_grpc.HealthStub(request.app[CHANNEL_KEY])
     try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=PROMPT_SERVICE_NAME),
-                                 timeout=READY_TIMEOUT)
+        # types-grpcio-health-checking declares HealthStub without its methods.
+        reply: health_pb2.HealthCheckResponse = await stub.Check(  # type: ignore[attr-defined]
+            health_pb2.HealthCheckRequest(service=PROMPT_SERVICE_NAME), timeout=READY_TIMEOUT)
     except grpc.aio.AioRpcError as exc:
         reason = f"prompt service health check failed: {exc.code().name}"
         return web.json_response({"status": "unavailable", "reason": reason}, status=503)

@@ -19,7 +19,7 @@ from promptline.config import Config, TenantConfig
 from promptline.config_reload import LiveConfig
 from promptline.errors import PromptlineError
 from promptline.rules import request_id_from
-from promptline.v1 import prompt_pb2_grpc
+from promptline.stubs import PromptServiceClient
 from services.edge_http.chat_request import BodyError
 from services.edge_http.http_errors import error_body_for, error_response
 
@@ -36,7 +36,7 @@ class Lifecycle:
 
 LIVE_CONFIG_KEY = web.AppKey("promptline_live_config", LiveConfig)
 CHANNEL_KEY = web.AppKey("prompt_channel", grpc.aio.Channel)
-STUB_KEY = web.AppKey("prompt_stub", prompt_pb2_grpc.PromptServiceStub)
+STUB_KEY = web.AppKey[PromptServiceClient]("prompt_stub")
 LIFECYCLE_KEY = web.AppKey("lifecycle", Lifecycle)
 
 

@@ -33,6 +33,8 @@ OPENAI_PATHS = frozenset({CHAT_COMPLETIONS_PATH, MODELS_PATH})
 
 ErrorBody = Callable[[PromptlineError], dict[str, Any]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+"""What a low-level `Server` calls (the application's, for the requests its factory makes)."""
 
 
 def native_error_body(err: PromptlineError) -> dict[str, Any]:
@@ -182,14 +184,14 @@ class _JsonErrorsServer(Server):
         return _JsonErrorsProtocol(self, loop=self._loop, **self._kwargs)
 
 
-def _refuse_unknown_expect(handle: Handler) -> Handler:
+def _refuse_unknown_expect(handle: ServerHandler) -> ServerHandler:
     """Answer an `Expect` other than 100-continue before the application sees it.
 
     aiohttp's own Expect handling runs outside the middlewares, answers text/plain, echoes the
     header, and fails with a 500 on a value that is not UTF-8.
     """
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
         expect = request.headers.get("Expect")
         if expect is not None and expect.strip().lower() != "100-continue":
             return _http_exception_response(request, web.HTTPExpectationFailed(),

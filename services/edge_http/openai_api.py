@@ -21,13 +21,14 @@ from typing import Any
 from aiohttp import web
 
 from promptline.errors import PromptlineError
+from promptline.rules import invalid
 from promptline.streams import DONE, StreamLife, read_frames
+from promptline.stubs import ChatCall
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
 from services.edge_http.chat_request import (
     chat_request_from,
     decode_json_object,
-    invalid,
     json_kind,
     read_request_body,
 )
@@ -239,7 +240,7 @@ async def chat_completions(request: web.Request, caller: Caller) -> web.StreamRe
     return await relay.run(call, header_hold=config.edge.header_hold)
 
 
-async def _complete(request: web.Request, call: Any, caller: Caller, model: str
+async def _complete(request: web.Request, call: ChatCall, caller: Caller, model: str
                     ) -> web.Response:
     """Aggregate the whole stream into one `chat.completion`; an error at any point is HTTP.
 

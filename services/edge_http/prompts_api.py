@@ -23,10 +23,11 @@ import grpc
 from aiohttp import web
 
 from promptline.errors import PromptlineError, Stage
+from promptline.rules import invalid
+from promptline.stubs import PromptAdminClient
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 from services.edge_http.chat_request import (
     decode_json_object,
-    invalid,
     json_kind,
     read_request_body,
     string_field,
@@ -49,7 +50,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/conversations/{conversation_id}", _admin(delete_conversation))
 
 
-Call = Callable[[prompt_admin_pb2_grpc.PromptAdminStub, web.Request, tuple[tuple[str, str], ...]],
+Call = Callable[[PromptAdminClient, web.Request, tuple[tuple[str, str], ...]],
                 Awaitable[web.StreamResponse]]
 
 
@@ -59,7 +60,7 @@ def _admin(call: Call) -> Handler:
 
     @authenticated
     async def handler(request: web.Request, caller: Caller) -> web.StreamResponse:
-        stub = prompt_admin_pb2_grpc.PromptAdminStub(request.app[CHANNEL_KEY])
+        stub: PromptAdminClient = prompt_admin_pb2_grpc.PromptAdminStub(request.app[CHANNEL_KEY])
         try:
             response = await call(stub, request, caller.metadata)
         except grpc.aio.AioRpcError as exc:
@@ -75,7 +76,7 @@ def _admin(call: Call) -> Handler:
 # --- prompts -----------------------------------------------------------------------------------
 
 
-async def create_version(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+async def create_version(stub: PromptAdminClient, request: web.Request,
                          metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """POST /v1/prompts/{id}/versions: {"template", "variables"?, "model"?, "parameters"?:
     {"max_tokens", "temperature"}, "message"?, "author"?}."""
@@ -103,7 +104,7 @@ async def create_version(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: w
     return web.json_response(version_json(version), status=201)
 
 
-async def list_versions(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+async def list_versions(stub: PromptAdminClient, request: web.Request,
                         metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """GET /v1/prompts/{id}/versions?limit=50&before=N."""
     page = await stub.ListPromptVersions(prompt_admin_pb2.ListPromptVersionsRequest(
@@ -122,7 +123,7 @@ async def list_versions(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: we
     return web.json_response(body)
 
 
-async def get_version(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+async def get_version(stub: PromptAdminClient, request: web.Request,
                       metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """GET /v1/prompts/{id}/versions/{n}."""
     raw = request.match_info["version"]
@@ -134,7 +135,7 @@ async def get_version(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.
     return web.json_response(version_json(version))
 
 
-async def get_label(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+async def get_label(stub: PromptAdminClient, request: web.Request,
                     metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """GET /v1/prompts/{id}/labels/{label}: the version the label points at."""
     version = await stub.GetPromptVersion(prompt_admin_pb2.GetPromptVersionRequest(
@@ -143,7 +144,7 @@ async def get_label(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Re
     return web.json_response(version_json(version))
 
 
-async def set_label(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+async def set_label(stub: PromptAdminClient, request: web.Request,
                     metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """PUT /v1/prompts/{id}/labels/{label} with {"version": n}."""
     data = await _json_body(request)
@@ -181,7 +182,7 @@ def version_json(version: prompt_admin_pb2.PromptVersion) -> dict[str, Any]:
 # --- conversations -----------------------------------------------------------------------------
 
 
-async def get_conversation(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+async def get_conversation(stub: PromptAdminClient, request: web.Request,
                            metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """GET /v1/conversations/{id}: the caller's own history, oldest first."""
     conversation = await stub.GetConversation(prompt_admin_pb2.GetConversationRequest(
@@ -196,7 +197,7 @@ async def get_conversation(stub: prompt_admin_pb2_grpc.PromptAdminStub, request:
     })
 
 
-async def delete_conversation(stub: prompt_admin_pb2_grpc.PromptAdminStub, request: web.Request,
+async def delete_conversation(stub: PromptAdminClient, request: web.Request,
                               metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """DELETE /v1/conversations/{id}: 204 when deleted, 404 when there was none."""
     await stub.DeleteConversation(prompt_admin_pb2.DeleteConversationRequest(

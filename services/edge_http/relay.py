@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import grpc
 from aiohttp import web
@@ -22,6 +23,7 @@ from aiohttp import web
 from promptline.config import Config, Timeouts
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.streams import CANCELLED, DONE, StreamLife, read_frames
+from promptline.stubs import ChatCall
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
 from services.edge_http.http_errors import ORIGIN, error_response, native_error_body
@@ -32,10 +34,19 @@ log = logging.getLogger("promptline.edge_http")
 # next read, small enough that a slow client pushes back through gRPC flow control instead of
 # having the edge buffer a whole reply in memory.
 FRAME_QUEUE_SIZE = 8
-_HEARTBEAT = object()
-"""Queued by a stream's heartbeat timer: nothing was written for `edge.heartbeat`."""
 
-async def ratelimit_headers(call: Any, *, rejected: bool = False) -> dict[str, str]:
+
+class _Marker(enum.Enum):
+    HEARTBEAT = "heartbeat"
+
+
+_HEARTBEAT: Final = _Marker.HEARTBEAT
+"""Queued by a stream's heartbeat timer: nothing was written for `edge.heartbeat`."""
+Frame = prompt_pb2.StreamChatResponse
+Queued = Frame | PromptlineError | _Marker
+"""What the reader task and the heartbeat timer put in the writer's queue."""
+
+async def ratelimit_headers(call: grpc.aio.Call, *, rejected: bool = False) -> dict[str, str]:
     """`x-ratelimit-*` headers as the prompt service sent them: initial metadata at admission,
     trailing metadata with a quota rejection (`rejected`). Never rebuilt from the edge's own
     config, which may differ from the prompt service's after a reload."""
@@ -117,8 +128,9 @@ class StreamRelay:
         self._stall_limit = (model_config.timeouts if model_config else Timeouts()).idle
         """Longest a write may wait for a client that stopped reading: the model's idle rule."""
         self._response: web.StreamResponse | None = None
-        self._call: Any = None
-        self._stash: Any = None  # a frame taken from the queue while merging deltas
+        self._call: ChatCall | None = None
+        self._stash: Frame | PromptlineError | None = None
+        """A frame (or the error) taken from the queue while merging deltas."""
         self._started = False
         self._deltas = 0
         """Deltas written: each one's SSE id."""
@@ -127,9 +139,9 @@ class StreamRelay:
         self.life = StreamLife(ORIGIN, model, request_id, logger=log)
         self.life.fields["endpoint"] = endpoint
 
-    async def run(self, call: Any, *, header_hold: float) -> web.StreamResponse:
+    async def run(self, call: ChatCall, *, header_hold: float) -> web.StreamResponse:
         self._call = call
-        queue: asyncio.Queue[Any] = asyncio.Queue(FRAME_QUEUE_SIZE)
+        queue: asyncio.Queue[Queued] = asyncio.Queue(FRAME_QUEUE_SIZE)
         reader = asyncio.create_task(_read_into(call, queue, self._rid),
                                      name=f"edge-read-{self._rid}")
         try:
@@ -152,7 +164,8 @@ class StreamRelay:
                 self.life.fields["deltas"] = self._deltas
                 self.life.finish()
 
-    async def _relay(self, queue: asyncio.Queue[Any], header_hold: float) -> web.StreamResponse:
+    async def _relay(self, queue: asyncio.Queue[Queued], header_hold: float) -> web.StreamResponse:
+        assert self._call is not None  # set by `run`
         try:
             frame = await self._first_frame(queue, header_hold)
             # The prompt service sends its quota headers as initial metadata at admission.
@@ -175,15 +188,17 @@ class StreamRelay:
         await self._response.write_eof()
         return self._response
 
-    async def _first_frame(self, queue: asyncio.Queue[Any], hold: float) -> Any | None:
+    async def _first_frame(self, queue: asyncio.Queue[Queued], hold: float) -> Frame | None:
         """The first frame, or None once `hold` passed (headers are then committed anyway)."""
         try:
             async with asyncio.timeout(hold):  # not wait_for: no extra task per request
-                return _unwrap(await queue.get())
+                item = await queue.get()
         except TimeoutError:
             return None
+        assert item is not _HEARTBEAT  # the heartbeat timer is armed after the first frame
+        return _unwrap(item)
 
-    async def _next_frame(self, queue: asyncio.Queue[Any]) -> Any:
+    async def _next_frame(self, queue: asyncio.Queue[Queued]) -> Frame:
         """The next frame; deltas that queued up while the client was slow leave as one."""
         if self._stash is not None:
             frame, self._stash = self._stash, None
@@ -204,7 +219,7 @@ class StreamRelay:
         return prompt_pb2.StreamChatResponse(
             delta=common_pb2.Delta(text="".join(texts), tokens=tokens))
 
-    async def _wait_frame(self, queue: asyncio.Queue[Any]) -> Any:
+    async def _wait_frame(self, queue: asyncio.Queue[Queued]) -> Frame:
         """The next queued frame; a heartbeat for each marker the timer queued meanwhile."""
         while True:
             item = queue.get_nowait() if not queue.empty() else await queue.get()
@@ -213,11 +228,11 @@ class StreamRelay:
             if asyncio.get_running_loop().time() - self._last_write >= self._heartbeat:
                 await self._write(self._encoder.heartbeat)
 
-    def _arm_heartbeat(self, queue: asyncio.Queue[Any]) -> None:
+    def _arm_heartbeat(self, queue: asyncio.Queue[Queued]) -> None:
         loop = asyncio.get_running_loop()
         self._beat = loop.call_at(self._last_write + self._heartbeat, self._heartbeat_due, queue)
 
-    def _heartbeat_due(self, queue: asyncio.Queue[Any]) -> None:
+    def _heartbeat_due(self, queue: asyncio.Queue[Queued]) -> None:
         # A write since the timer was armed moved the deadline: sleep until the new one. A full
         # queue means the writer has frames to write anyway.
         loop = asyncio.get_running_loop()
@@ -263,7 +278,7 @@ class StreamRelay:
         except TimeoutError:
             raise ClientStalled(self._stall_limit) from None
 
-    async def _write_frame(self, frame: Any) -> None:
+    async def _write_frame(self, frame: Frame) -> None:
         kind = frame.WhichOneof("frame")
         if kind == "start":
             if not self._started:
@@ -300,6 +315,7 @@ class StreamRelay:
             assert self._response is not None
             return self._response
         if self._response is None:
+            assert self._call is not None  # set by `run`
             headers = await ratelimit_headers(self._call, rejected=bool(err.quota_subject))
             return error_response(err, self._rid, headers=headers,
                                   body=self._encoder.error_body)
@@ -344,13 +360,13 @@ def done_data(done: common_pb2.Done) -> dict[str, Any]:
     return data
 
 
-def _unwrap(item: Any) -> Any:
+def _unwrap(item: Frame | PromptlineError) -> Frame:
     if isinstance(item, PromptlineError):
         raise item
     return item
 
 
-async def _read_into(call: Any, queue: asyncio.Queue[Any], request_id: str) -> None:
+async def _read_into(call: ChatCall, queue: asyncio.Queue[Queued], request_id: str) -> None:
     """Reader task: frames into `queue`, ending with the terminal frame or a PromptlineError."""
     try:
         async with contextlib.aclosing(read_frames(call)) as frames:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from .providers.base import Chunk
 from .timeouts import StreamClock, Watchdog
@@ -39,7 +39,7 @@ MAX_PENDING_CHUNKS = 4096
 class ChunkPump:
     """One provider stream, read ahead by a task; `take()` returns what accumulated."""
 
-    def __init__(self, chunks: AsyncIterator[Chunk], clock: StreamClock) -> None:
+    def __init__(self, chunks: AsyncGenerator[Chunk, None], clock: StreamClock) -> None:
         self._chunks = chunks
         self._pending: list[Chunk] = []
         self._pending_chars = 0
@@ -76,7 +76,7 @@ class ChunkPump:
         finally:
             self._ended = True
             self._ready.set()
-            await self._chunks.aclose()  # type: ignore[attr-defined]
+            await self._chunks.aclose()
 
     async def _make_way(self, chunk: Chunk, idle_writer: bool) -> None:
         """The yield policy: when reading stops so the writer can run.

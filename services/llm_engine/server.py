@@ -14,11 +14,10 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-import grpc
 from opentelemetry.trace import SpanKind, StatusCode
 
 from promptline.config import Config, ModelConfig
@@ -31,7 +30,7 @@ from promptline.metrics import (
     PROVIDER_REQUESTS,
 )
 from promptline.metrics_server import MetricsServer
-from promptline.streams import StreamLife, serve_stream
+from promptline.streams import Context, StreamLife, serve_stream
 from promptline.tokens import count_messages_off_loop, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
@@ -105,7 +104,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         self._providers = providers
 
     async def Generate(
-        self, request: llm_engine_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: llm_engine_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         # An async generator (not context.write) so that gRPC interceptors, OpenTelemetry's
         # included, see every frame of the stream.
@@ -118,8 +117,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             yield frame
 
     async def _generate(self, config: Config, request: llm_engine_pb2.GenerateRequest,
-                        context: grpc.aio.ServicerContext, life: StreamLife
-                        ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
+                        context: Context, life: StreamLife
+                        ) -> AsyncGenerator[llm_engine_pb2.GenerateResponse, None]:
         model = config.model(request.model)
         if model is None:
             raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {request.model!r}",
@@ -157,7 +156,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
 
     async def _attempt(self, model: ModelConfig, request: llm_engine_pb2.GenerateRequest,
                        clock: StreamClock, life: StreamLife
-                       ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
+                       ) -> AsyncGenerator[llm_engine_pb2.GenerateResponse, None]:
         """One provider call: provider chunks -> frames, bounded by the stream's clock."""
         rid = life.request_id
         provider = self._providers.get(model)

@@ -125,5 +125,5 @@ class Watchdog:
                  tb: TracebackType | None) -> None:
         self.stop()
         if exc_type is asyncio.CancelledError and self.expired is not None:
-            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self._task.uncancel()  # the task this block runs in, which `_fire` cancelled
             raise self.expired from None

@@ -14,13 +14,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
-
 from promptline.auth import Authenticator
 from promptline.config import TenantConfig
 from promptline.config_reload import LiveConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
-from promptline.streams import abort_unary
+from promptline.streams import Context, abort_unary, text_metadata
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 
 from .history import ConversationStore
@@ -30,15 +28,15 @@ log = logging.getLogger("promptline.prompt.admin")
 
 ORIGIN = "prompt"
 R = TypeVar("R")
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+Handler = Callable[[Any, Any, Context], Awaitable[R]]
 
 
 def _unary(method: Handler[R]) -> Handler[R]:
     """Map PromptlineError (and anything unexpected) to the call's status, in one place."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
-        rid = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+    async def wrapper(self: Any, request: Any, context: Context) -> R:
+        rid = text_metadata(context).get("x-request-id", "")
         try:
             return await method(self, request, context)
         except PromptlineError as exc:
@@ -61,8 +59,8 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
         self._prompts = prompts
         self._conversations = conversations
 
-    def _tenant(self, context: grpc.aio.ServicerContext, *, admin: bool = False) -> TenantConfig:
-        metadata = dict(context.invocation_metadata() or ())
+    def _tenant(self, context: Context, *, admin: bool = False) -> TenantConfig:
+        metadata = text_metadata(context)
         auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
         tenant = auth.tenant_for_header(metadata.get("authorization"))
         if admin and not tenant.admin:
@@ -73,7 +71,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
 
     @_unary
     async def CreatePromptVersion(self, request: prompt_admin_pb2.CreatePromptVersionRequest,
-                                  context: grpc.aio.ServicerContext
+                                  context: Context
                                   ) -> prompt_admin_pb2.PromptVersion:
         tenant = self._tenant(context, admin=True)
         version = await self._prompts.create(tenant.name, PromptDraft.from_pb(request))
@@ -84,7 +82,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
 
     @_unary
     async def ListPromptVersions(self, request: prompt_admin_pb2.ListPromptVersionsRequest,
-                                 context: grpc.aio.ServicerContext
+                                 context: Context
                                  ) -> prompt_admin_pb2.ListPromptVersionsResponse:
         tenant = self._tenant(context)
         page = await self._prompts.list(tenant.name, request.prompt_id, request.page_size,
@@ -96,7 +94,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
 
     @_unary
     async def GetPromptVersion(self, request: prompt_admin_pb2.GetPromptVersionRequest,
-                               context: grpc.aio.ServicerContext
+                               context: Context
                                ) -> prompt_admin_pb2.PromptVersion:
         tenant = self._tenant(context)
         version = await self._prompts.get(tenant.name, request.prompt_id, request.version,
@@ -105,7 +103,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
 
     @_unary
     async def SetPromptLabel(self, request: prompt_admin_pb2.SetPromptLabelRequest,
-                             context: grpc.aio.ServicerContext
+                             context: Context
                              ) -> prompt_admin_pb2.SetPromptLabelResponse:
         tenant = self._tenant(context, admin=True)
         previous = await self._prompts.set_label(tenant.name, request.prompt_id, request.label,
@@ -120,7 +118,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
 
     @_unary
     async def GetConversation(self, request: prompt_admin_pb2.GetConversationRequest,
-                              context: grpc.aio.ServicerContext) -> prompt_admin_pb2.Conversation:
+                              context: Context) -> prompt_admin_pb2.Conversation:
         tenant = self._tenant(context)
         conversation = await self._conversations.get(tenant.name, request.conversation_id)
         return prompt_admin_pb2.Conversation(
@@ -133,7 +131,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
 
     @_unary
     async def DeleteConversation(self, request: prompt_admin_pb2.DeleteConversationRequest,
-                                 context: grpc.aio.ServicerContext
+                                 context: Context
                                  ) -> prompt_admin_pb2.DeleteConversationResponse:
         tenant = self._tenant(context)
         deleted = await self._conversations.delete(tenant.name, request.conversation_id)

@@ -31,10 +31,10 @@ from redis.exceptions import RedisError
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
-from promptline.rules import check_max_tokens, check_temperature, is_model_name
+from promptline.rules import check_max_tokens, check_temperature, invalid, is_model_name
 from promptline.v1 import prompt_admin_pb2
 
-from .templates import declared_variables, invalid
+from .templates import declared_variables
 
 PROMPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

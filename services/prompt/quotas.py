@@ -236,7 +236,7 @@ class Reservation:
         delta = max(0, int(actual_tokens)) - self.reserved_tokens
         if delta == 0:
             return
-        await self._manager._settle(self, delta)
+        await self._manager._settle(self, self.window, delta)
 
     async def refund(self) -> None:
         """Return the whole token reservation (the stream failed before using any)."""
@@ -369,12 +369,12 @@ class QuotaManager:
                     type(exc).__name__, extra={"request_id": request_id})
         return Reservation(None, request_id, 0, None, (), degraded=True)
 
-    async def _settle(self, reservation: Reservation, delta: int) -> None:
+    async def _settle(self, reservation: Reservation, window: int, delta: int) -> None:
         try:
             async with asyncio.timeout(self.policy.redis_timeout):
                 await self._scripts["settle"](
                     keys=list(reservation._keys),
-                    args=[self._now_arg(), WINDOW_MS, reservation.window, delta],
+                    args=[self._now_arg(), WINDOW_MS, window, delta],
                 )
         except _STORE_ERRORS as exc:
             _record_store_error("settle", exc, reservation.request_id)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
+from grpc import aio
 from opentelemetry import trace
 
 from promptline.auth import Authenticator
@@ -37,7 +37,8 @@ from promptline.metrics import QUOTA_REJECTIONS
 from promptline.metrics_server import MetricsServer
 from promptline.ratelimit import parse_quota_subject, rejection_limits
 from promptline.rules import request_id_from
-from promptline.streams import DONE, StreamLife, read_frames, serve_stream
+from promptline.streams import DONE, Context, StreamLife, read_frames, serve_stream, text_metadata
+from promptline.stubs import GenerateCall, LlmEngineClient
 from promptline.tokens import get_tokenizer
 from promptline.tracing import client_interceptors, server_interceptors
 from promptline.v1 import (
@@ -69,7 +70,7 @@ ORIGIN = "prompt"
 class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
     """Implements PromptService.StreamChat."""
 
-    def __init__(self, live: LiveConfig, engine: llm_engine_pb2_grpc.LlmEngineStub,
+    def __init__(self, live: LiveConfig, engine: LlmEngineClient,
                  quotas: QuotaManager, prompts: PromptRegistry | None = None,
                  conversations: ConversationStore | None = None) -> None:
         self._live = live
@@ -83,11 +84,11 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         """Counts of long messages that clients re-send every turn."""
 
     async def StreamChat(
-        self, request: prompt_pb2.StreamChatRequest, context: grpc.aio.ServicerContext
+        self, request: prompt_pb2.StreamChatRequest, context: Context
     ) -> AsyncIterator[prompt_pb2.StreamChatResponse]:
         # An async generator (not context.write) so that gRPC interceptors, OpenTelemetry's
         # included, see every frame of the stream.
-        metadata = dict(context.invocation_metadata() or ())
+        metadata = text_metadata(context)
         rid = request_id_from(request.request_id or metadata.get("x-request-id"))
         config = self._live.current  # this stream keeps the config it started with
         trace.get_current_span().set_attribute("promptline.request_id", rid)
@@ -126,9 +127,9 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         return tuple(rejection_limits(config, err).headers().items())
 
     async def _stream_chat(self, config: Config, request: prompt_pb2.StreamChatRequest,
-                           context: grpc.aio.ServicerContext, metadata: dict[str, str],
+                           context: Context, metadata: dict[str, str],
                            session: ChatSession, life: StreamLife
-                           ) -> AsyncIterator[prompt_pb2.StreamChatResponse]:
+                           ) -> AsyncGenerator[prompt_pb2.StreamChatResponse, None]:
         # Cheapest checks first: auth touches nothing; the plan validates before it reads a
         # prompt or a conversation from Redis, and nothing before admission calls the model.
         auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
@@ -163,9 +164,9 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
             async for frame in frames:
                 yield frame
 
-    async def _relay(self, call: grpc.aio.UnaryStreamCall, request: prompt_pb2.StreamChatRequest,
+    async def _relay(self, call: GenerateCall, request: prompt_pb2.StreamChatRequest,
                      moderator: Moderator, session: ChatSession, life: StreamLife
-                     ) -> AsyncIterator[prompt_pb2.StreamChatResponse]:
+                     ) -> AsyncGenerator[prompt_pb2.StreamChatResponse, None]:
         """Engine frames -> output moderation -> caller, until the first terminal frame."""
         plan = session.plan
         assert plan is not None
@@ -213,7 +214,7 @@ class PromptServer:
 
     grpc: RunningServer
     metrics: MetricsServer
-    engine_channel: grpc.aio.Channel
+    engine_channel: aio.Channel  # `grpc` here is the field above
     redis: aioredis.Redis
     servicer: PromptServicer
     live: LiveConfig
@@ -232,7 +233,8 @@ class PromptServer:
         await self.redis.aclose()
 
 
-def _register(servicer: PromptServicer, admin: PromptAdminServicer) -> Callable[[Any], None]:
+def _register(servicer: PromptServicer, admin: PromptAdminServicer
+              ) -> Callable[[grpc.aio.Server], None]:
     def register(server: grpc.aio.Server) -> None:
         prompt_pb2_grpc.add_PromptServiceServicer_to_server(servicer, server)
         prompt_admin_pb2_grpc.add_PromptAdminServicer_to_server(admin, server)

@@ -8,7 +8,7 @@ consumer stops early or is cancelled (`aclose()` on the async generator).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -56,7 +56,7 @@ class Provider(Protocol):
 
     kind: str
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]: ...
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]: ...
 
     async def close(self) -> None:
         """Release process-wide resources (HTTP connection pools)."""

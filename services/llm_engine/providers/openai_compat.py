@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -111,7 +111,7 @@ class OpenAIProvider:
                     self.model.name, request.request_id, what, err.code.value)
         return err
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         """Yield the reply's text chunks, then one final chunk with finish_reason and usage."""
         try:
             response = await self.open_stream(self._params(request))
@@ -171,7 +171,7 @@ async def _status_error(response: aiohttp.ClientResponse) -> PromptlineError:
     return status_error(response.status, response.headers, body)
 
 
-async def _sse_data(body: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def _sse_data(body: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
     """The `data` of each server-sent event (multi-line data joined, comments skipped).
 
     Reads whatever bytes have arrived and splits them here, rather than `readline()` per line:

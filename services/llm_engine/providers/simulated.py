@@ -9,7 +9,7 @@ until it is cancelled, which is what idle and first-token timeout drills need.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from functools import lru_cache
 
 from promptline.config import SimulatedSettings
@@ -40,7 +40,7 @@ class SimulatedProvider:
     def __init__(self, settings: SimulatedSettings) -> None:
         self.settings = settings
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         s = self.settings
         pieces = _pieces(s.reply if s.reply is not None else BUILTIN_REPLY)
         if s.ttft_ms:
