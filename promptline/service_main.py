@@ -67,7 +67,7 @@ def _freeze_start_up_objects() -> None:
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed: it measured ~15% less CPU per streamed frame (docs/performance.md)."""
+    """uvloop when installed: less CPU per streamed frame (docs/performance.md)."""
     try:
         import uvloop
     except ImportError:

@@ -6,9 +6,8 @@ standard OTEL_* variables: OTLP over HTTP when `OTEL_TRACES_EXPORTER=otlp` or an
 then get the `opentelemetry-instrumentation-grpc` interceptors explicitly (no global
 monkey-patching), which propagate W3C `traceparent` through gRPC metadata.
 
-With no exporter (the default) tracing is off: the interceptors wrap every streamed message and
-measured ~22% of the chain's CPU per token and ~25 KiB per open stream (docs/performance.md), a
-price worth paying only when the spans go somewhere.
+With no exporter (the default) tracing is off: the interceptors wrap every streamed message, a
+cost (docs/performance.md) worth paying only when the spans go somewhere.
 """
 
 from __future__ import annotations

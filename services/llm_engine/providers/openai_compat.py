@@ -1,9 +1,9 @@
 """Provider for any OpenAI-compatible server (OpenAI, vLLM, Ollama, ...).
 
 The request goes out on one long-lived `aiohttp` session per configured model (one connection
-pool), and the event stream is parsed here. Through the `openai` SDK (its aiohttp transport
-included) the first chunk came 0.9-1.4 ms later and each paced chunk cost 25-45% more CPU: its
-request builder and its httpx response, decoder and line layers (docs/performance.md).
+pool), and the event stream is parsed here: the `openai` SDK's request builder and its httpx
+response, decoder and line layers cost time to first chunk and CPU per chunk
+(docs/performance.md).
 What went wrong (an error status, an in-stream error event, a transport exception) is mapped
 straight to a PromptlineError by one table (`openai_errors`). No retries here: the engine
 retries and falls back, and only before the first token.
