@@ -8,8 +8,10 @@ GEN    := promptline/v1/.generated
 
 .PHONY: run test protos lint bench k8s-validate clean
 
+# REDIS=cluster (3 masters + 3 replicas) or REDIS=sentinel (master, replica, 3 sentinels): a local
+# topology on free ports instead of the single embedded Redis; REDIS=standalone forces that one.
 run: $(STAMP) $(GEN)
-	$(PY) -m promptline.devtools.launcher
+	PROMPTLINE_DEV_REDIS='$(REDIS)' $(PY) -m promptline.devtools.launcher
 
 test: $(STAMP) $(GEN)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -28,6 +28,7 @@ from promptline.config_keys import (
     Duration,
     Kind,
     Text,
+    env_list_overrides,
     env_overrides,
     key,
     section,
@@ -279,6 +280,21 @@ class RetryConfig:
     backoff_max: Duration = key(2.0, doc="longest backoff; a longer retry-after is not waited for")
 
 
+RedisMode = Annotated[str, Choice.of("standalone", "cluster", "sentinel")]
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelConfig:
+    """Redis Sentinel (`redis_mode: sentinel`): the master is found through the sentinels, and
+    found again after a failover without a restart. Password, database and TLS come from
+    `redis_url` (`rediss://:password@host/0`; the host there is not used)."""
+
+    master: str = key("mymaster", env="PROMPTLINE_REDIS_SENTINEL_MASTER",
+                      doc="the name the sentinels monitor the master under")
+    nodes: tuple[Address, ...] = key((), env="PROMPTLINE_REDIS_SENTINEL_NODES",
+                                     doc="the sentinels, `host:port` (env: comma-separated)")
+
+
 @dataclass(frozen=True, slots=True)
 class QuotaPolicy:
     """What quotas do when Redis is slow or down. Every quota round trip is bounded by
@@ -320,7 +336,12 @@ class Config:
     redis_url: RedisUrl | None = key(
         None, env="PROMPTLINE_REDIS_URL",
         doc="`redis://`, `rediss://` or `unix://`; required by the prompt service (null: `make "
-            "run` starts a local Redis and passes it in). Needs a restart")
+            "run` starts a local Redis and passes it in), except with sentinel. Cluster: any one "
+            "node. Needs a restart")
+    redis_mode: RedisMode = key("standalone", env="PROMPTLINE_REDIS_MODE",
+                                doc="`standalone`, `cluster` (nodes discovered from `redis_url`) "
+                                    "or `sentinel` (`redis_sentinel`)")
+    redis_sentinel: SentinelConfig = section(SentinelConfig)
     listen: Listen = section(Listen)
     targets: Targets | None = key(None, doc="where each hop dials the next")
     edge: EdgeConfig = section(EdgeConfig)
@@ -352,6 +373,8 @@ class Config:
 
 # Env variable -> the key it overrides, from the declarations' `env`.
 ENV_OVERRIDES = env_overrides(Config)
+ENV_LISTS = env_list_overrides(Config)
+"""The overrides of list keys: their value is comma-separated."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,6 +414,11 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
 
 def _check_rules(config: Config) -> None:
     """The rules that involve more than one key."""
+    if config.redis_mode == "sentinel" and not config.redis_sentinel.nodes:
+        raise ConfigError("redis_sentinel.nodes: redis_mode sentinel needs at least one sentinel")
+    if config.redis_mode == "cluster" and config.redis_url and config.redis_url.startswith(
+            "unix://"):
+        raise ConfigError("redis_url: a cluster is reached over TCP (redis:// or rediss://)")
     _unique([t.name for t in config.tenants], "tenants", "tenant name")
     _unique([m.name for m in config.models], "models", "model name")
     names = {m.name for m in config.models}
@@ -439,7 +467,8 @@ def _with_env_overrides(raw: Any, env: Mapping[str, str]) -> Any:
             if child is not None and not isinstance(child, Mapping):
                 raise ConfigError(f"{part}: must be a mapping (needed for ${var})")
             node[part] = node = dict(child or {})
-        node[leaf] = value
+        node[leaf] = ([part.strip() for part in value.split(",") if part.strip()]
+                      if var in ENV_LISTS else value)
     return root
 
 

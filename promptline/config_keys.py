@@ -482,6 +482,18 @@ def env_overrides(cls: type[DataclassInstance]) -> dict[str, str]:
     return found
 
 
+def env_list_overrides(cls: type[DataclassInstance]) -> frozenset[str]:
+    """The environment variables of `env_overrides(cls)` whose key is a list."""
+    found: set[str] = set()
+    for k in declared(cls):
+        inner = k.kind.inner if isinstance(k.kind, Nullable) else k.kind
+        if k.spec.env and isinstance(inner, List):
+            found.add(k.spec.env)
+        if isinstance(inner, Section):
+            found |= env_list_overrides(inner.cls)
+    return frozenset(found)
+
+
 # --- JSON Schema ------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from promptline.config import Config, parse_config
 from promptline.devtools.embedded_redis import EmbeddedRedis
+from promptline.devtools.redis_topologies import LocalRedisCluster, LocalRedisSentinel
 
 BASE_CONFIG: dict[str, Any] = {
     "tenants": [
@@ -52,6 +53,23 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     """One private redis-server per test session, on a free port; never a shared instance."""
     with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """One local Redis Cluster (3 masters, 3 replicas) per session, started when a test first
+    asks. Shared: use unique keys and leave its nodes alive (failover tests start their own)."""
+    with LocalRedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[LocalRedisSentinel]:
+    """One local Sentinel set (master, replica, 3 sentinels) per session, started when a test
+    first asks. Shared: use unique keys and leave its master alive (failover tests start their
+    own)."""
+    with LocalRedisSentinel() as sentinel:
+        yield sentinel
 
 
 @pytest.fixture

@@ -116,12 +116,26 @@ def test_schema_carries_docs_and_file_form_defaults():
 def test_env_overrides_come_from_the_declarations():
     assert ENV_OVERRIDES == {
         "PROMPTLINE_REDIS_URL": "redis_url",
+        "PROMPTLINE_REDIS_MODE": "redis_mode",
+        "PROMPTLINE_REDIS_SENTINEL_MASTER": "redis_sentinel.master",
+        "PROMPTLINE_REDIS_SENTINEL_NODES": "redis_sentinel.nodes",
         "PROMPTLINE_EDGE_HTTP_ADDR": "listen.edge_http",
         "PROMPTLINE_PROMPT_ADDR": "listen.prompt",
         "PROMPTLINE_LLM_ENGINE_ADDR": "listen.llm_engine",
         "PROMPTLINE_PROMPT_TARGET": "targets.prompt",
         "PROMPTLINE_LLM_ENGINE_TARGET": "targets.llm_engine",
     }
+
+
+def test_a_list_override_is_comma_separated():
+    config = parse_config({**BASE, "redis_mode": "sentinel"}, env={
+        "PROMPTLINE_REDIS_SENTINEL_NODES": "127.0.0.1:26379, 127.0.0.1:26380,"})
+    assert config.redis_sentinel.nodes == ("127.0.0.1:26379", "127.0.0.1:26380")
+
+
+def test_sentinel_mode_needs_sentinels():
+    with pytest.raises(ConfigError, match="redis_sentinel.nodes"):
+        parse_config({**BASE, "redis_mode": "sentinel"}, env={})
 
 
 def test_env_override_leaves_the_callers_mapping_alone():

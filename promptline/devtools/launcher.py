@@ -1,6 +1,8 @@
 """`make run`: the whole suite on one machine, in the foreground.
 
-Starts an embedded Redis when no `redis_url` is configured, then llm_engine, prompt and edge_http
+Starts an embedded Redis when no `redis_url` is configured (or, with `make run REDIS=cluster` /
+`REDIS=sentinel`, i.e. $PROMPTLINE_DEV_REDIS, a local Redis Cluster or Sentinel set instead,
+passed to the services through PROMPTLINE_REDIS_* variables), then llm_engine, prompt and edge_http
 as child processes (each in its own process group, so Ctrl-C reaches only this launcher), waits
 until the edge answers /healthz, and on Ctrl-C / SIGTERM stops them edge-first so in-flight
 streams drain before the hops behind them go away. If any child dies, everything stops.
@@ -16,14 +18,23 @@ import sys
 import time
 import urllib.request
 from types import FrameType
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from promptline.config import Config, ConfigError, load_config
 from promptline.devtools.embedded_redis import EmbeddedRedis
+from promptline.devtools.redis_topologies import LocalRedisCluster, LocalRedisSentinel
 
 SERVICES = ("llm_engine", "prompt", "edge_http")  # start order; stop order is the reverse
+DEV_REDIS_ENV = "PROMPTLINE_DEV_REDIS"  # `make run REDIS=...`
+DEV_REDIS_KINDS = ("standalone", "cluster", "sentinel")
+_SENTINEL_VARS = ("PROMPTLINE_REDIS_SENTINEL_MASTER", "PROMPTLINE_REDIS_SENTINEL_NODES")
+
+
+class _LocalRedis(Protocol):
+    def stop(self) -> None: ...
 
 
 def main() -> int:
@@ -33,11 +44,18 @@ def main() -> int:
         print(f"promptline: config error: {exc}", file=sys.stderr)
         return 2
     env = dict(os.environ)
-    redis = None
-    if config.redis_url is None:
-        redis = EmbeddedRedis().start()
-        env["PROMPTLINE_REDIS_URL"] = redis.url
-        _say(f"embedded Redis on {redis.url} (set redis_url to use your own)")
+    kind = env.pop(DEV_REDIS_ENV, "").strip().lower()
+    if kind and kind not in DEV_REDIS_KINDS:
+        print(f"promptline: REDIS={kind!r}: expected one of {', '.join(DEV_REDIS_KINDS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        redis = start_local_redis(kind, config, env)
+    except KeyboardInterrupt:  # the topology cleaned up after itself
+        return 130
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        _say(f"could not start the local Redis: {exc}")
+        return 1
     stopping = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -70,6 +88,40 @@ def main() -> int:
             redis.stop()
         _say("stopped")
     return exit_code
+
+
+def start_local_redis(kind: str, config: Config, env: dict[str, str]) -> _LocalRedis | None:
+    """Start the Redis `kind` asks for (`""`: an embedded one only when no `redis_url` is
+    configured) and point the services' environment at it; None when nothing was started."""
+    if not kind:
+        if config.redis_url is not None or config.redis_mode != "standalone":
+            return None
+        embedded = EmbeddedRedis().start()
+        env["PROMPTLINE_REDIS_URL"] = embedded.url
+        _say(f"embedded Redis on {embedded.url} (set redis_url to use your own)")
+        return embedded
+    for var in _SENTINEL_VARS:  # a sentinel setting from the shell must not leak into another mode
+        env.pop(var, None)
+    env["PROMPTLINE_REDIS_MODE"] = kind
+    if kind == "standalone":
+        embedded = EmbeddedRedis().start()
+        env["PROMPTLINE_REDIS_URL"] = embedded.url
+        _say(f"REDIS=standalone: embedded Redis on {embedded.url}")
+        return embedded
+    if kind == "cluster":
+        cluster = LocalRedisCluster().start()
+        env["PROMPTLINE_REDIS_URL"] = cluster.url
+        _say(f"REDIS=cluster: local Redis Cluster, 3 masters + 3 replicas on "
+             f"{', '.join(cluster.nodes)}; redis_url {cluster.url}")
+        return cluster
+    sentinel = LocalRedisSentinel().start()
+    # Only the database (and a password, none here) is read from the URL in sentinel mode.
+    env["PROMPTLINE_REDIS_URL"] = sentinel.url
+    env["PROMPTLINE_REDIS_SENTINEL_MASTER"] = sentinel.master_name
+    env["PROMPTLINE_REDIS_SENTINEL_NODES"] = ",".join(sentinel.sentinels)
+    _say(f"REDIS=sentinel: local Sentinel set, master {sentinel.master_address} + 1 replica, "
+         f"sentinels {', '.join(sentinel.sentinels)} monitoring {sentinel.master_name!r}")
+    return sentinel
 
 
 def try_hint(config: Config, edge_url: str) -> str:

@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.redis_store import RedisClient
 from promptline.rules import check_conversation_id
 from promptline.v1 import common_pb2
 
@@ -82,7 +81,7 @@ def conversation_key(tenant: str, conversation_id: str) -> str:
 class ConversationStore:
     """Loads, appends, reads and deletes conversation histories."""
 
-    def __init__(self, redis: aioredis.Redis, *, ttl: float, max_messages: int) -> None:
+    def __init__(self, redis: RedisClient, *, ttl: float, max_messages: int) -> None:
         self._redis = redis
         self.ttl_ms = max(1000, int(ttl * 1000))
         self.max_messages = max_messages

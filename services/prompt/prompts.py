@@ -26,11 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
+from promptline.redis_store import RedisClient
 from promptline.rules import check_max_tokens, check_temperature, invalid, is_model_name
 from promptline.v1 import prompt_admin_pb2
 
@@ -172,7 +172,7 @@ def _key(tenant: str, prompt_id: str, part: str) -> str:
 class PromptRegistry:
     """Versioned prompts of every tenant, in Redis."""
 
-    def __init__(self, redis: aioredis.Redis, *, max_template_bytes: int = 65536) -> None:
+    def __init__(self, redis: RedisClient, *, max_template_bytes: int = 65536) -> None:
         self._redis = redis
         self.max_template_bytes = max_template_bytes
         self._create = redis.register_script(_CREATE_LUA)

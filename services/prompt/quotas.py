@@ -2,11 +2,16 @@
 
 Admission
     `QuotaManager.admit()` checks and charges every applicable limit of a request - tenant qpm,
-    tenant tpm, model qpm, model tpm (limits that are None are skipped) - in ONE Lua script
-    call: either every limit admits the request and all counters move, or none moves and the
-    script names the limit that failed and when a retry can succeed. Redis runs a script
-    atomically, so N concurrent requests (from any number of replicas) are serialised and can
-    never overshoot a limit: a request is admitted only if its whole reservation fits.
+    tenant tpm, model qpm, model tpm (limits that are None are skipped). The tenant's limits are
+    one Lua script call on the tenant's keys, the model's one on the model's keys, both sent at
+    once: within each, either every limit admits the request and its counters move, or none
+    moves and the script names the limit that failed and when a retry can succeed. When one
+    side admits and the other rejects (or fails), the admitted side is given back within the
+    same request, so the request is all-or-nothing. Redis runs a script atomically, so N
+    concurrent requests (from any number of replicas) never overshoot a limit; a request the
+    other side rejected holds its admitted side's budget for one round trip, so a concurrent
+    request may be rejected that would have fit: over-counting by at most one reservation per
+    concurrent request, never under-counting.
 
 Tokens: reserve, then reconcile
     TPM reserves `prompt tokens (tiktoken) + max_tokens` at admission, before the provider is
@@ -43,16 +48,11 @@ Clock
     bucket written by a replica whose clock is ahead is treated as the current one).
 
 Keys and Redis Cluster
-    Every key is `{pl:quota}:<scope>:<name>:<qpm|tpm>` (a hash, expiring two minutes after its
-    last write). A tenant limit and a model limit must be checked in one script, and a model's
-    budget is shared by all tenants, so there is no per-tenant hash tag that puts both in one
-    slot. We chose a single global hash tag `{pl:quota}`: all quota keys live in one cluster
-    slot, so one script sees them all and admission stays truly atomic (a rejection by the
-    model limit leaves the tenant counters untouched). The trade-off: all quota traffic goes
-    to one shard - one small script per request, far below what one Redis node serves at our
-    scale. If that ever becomes the bottleneck, the alternative is two calls (tenant slot,
-    model slot) with compensation (refund the first if the second rejects), which can briefly
-    over-count by one reservation but never overshoot.
+    Every key is `{pl:quota:<scope>:<name>}:<qpm|tpm>` (a hash, expiring two minutes after its
+    last write): each tenant's limits share one hash slot, each model's another, so on a
+    cluster the quota traffic spreads over the shards with the tenants and models, and every
+    script call stays inside one slot. The price is the compensation above (two scripts instead
+    of one atomic one); the two run concurrently, so admission still costs one round trip.
 
 Redis slow or down
     Every call is bounded by `QuotaPolicy.redis_timeout`. On a Redis error or timeout, admission
@@ -72,18 +72,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from promptline.config import ModelConfig, QuotaPolicy, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
 from promptline.ratelimit import RateLimitInfo
+from promptline.redis_store import RedisClient
 
 log = logging.getLogger("promptline.quotas")
 
 WINDOW_MS = 60_000
-KEY_PREFIX = "{pl:quota}:"
+KEY_PREFIX = "{pl:quota:"
 
 """Redis errors/timeouts of the quota store, by operation ("admit", "settle", "usage")."""
 
@@ -204,11 +204,11 @@ class Reservation:
     """An admitted request's token reservation; settle or refund it exactly once (extra calls
     are no-ops, failures are logged, nothing raises)."""
 
-    __slots__ = ("_keys", "_manager", "_settled", "degraded", "limits", "request_id",
+    __slots__ = ("_charged", "_manager", "_settled", "degraded", "limits", "request_id",
                  "reserved_tokens", "window")
 
     def __init__(self, manager: QuotaManager | None, request_id: str, reserved_tokens: int,
-                 window: int | None, tpm_keys: tuple[str, ...],
+                 window: int | None, charged: tuple[_Charged, ...] = (),
                  limits: RateLimitInfo | None = None, degraded: bool = False) -> None:
         self._manager = manager
         self.request_id = request_id
@@ -216,7 +216,7 @@ class Reservation:
         """Tokens charged to the tpm limits at admission."""
         self.window = window
         """Index of the one-minute bucket the tokens were charged to (None: nothing charged)."""
-        self._keys = tpm_keys
+        self._charged = tuple(c for c in charged if c.tpm_keys)
         self.limits = limits or RateLimitInfo()
         self.degraded = degraded
         """True when admitted without the quota store (fail-open): settle does nothing."""
@@ -231,12 +231,14 @@ class Reservation:
         if self._settled:
             return
         self._settled = True  # before any await: a concurrent second call is a no-op too
-        if self._manager is None or not self._keys or self.window is None:
+        if self._manager is None or not self._charged or self.window is None:
             return
         delta = max(0, int(actual_tokens)) - self.reserved_tokens
         if delta == 0:
             return
-        await self._manager._settle(self, self.window, delta)
+        manager = self._manager
+        await asyncio.gather(*(manager._settle(c.tpm_keys, c.window, delta, self.request_id)
+                               for c in self._charged))
 
     async def refund(self) -> None:
         """Return the whole token reservation (the stream failed before using any)."""
@@ -265,9 +267,18 @@ class _Check:
         return quota_key(self.scope, self.name, self.kind)
 
 
+@dataclass(frozen=True, slots=True)
+class _Charged:
+    """What one side (a tenant's or a model's limits, one hash slot) charged at admission."""
+
+    qpm_keys: tuple[str, ...]
+    tpm_keys: tuple[str, ...]
+    window: int
+
+
 def quota_key(scope: str, name: str, kind: str) -> str:
-    """Redis key of one limit; every key shares the `{pl:quota}` hash tag (one cluster slot)."""
-    return f"{KEY_PREFIX}{scope}:{name}:{kind}"
+    """Redis key of one limit; a tenant's (or a model's) keys share one hash slot."""
+    return f"{KEY_PREFIX}{scope}:{name}}}:{kind}"
 
 
 class QuotaManager:
@@ -279,7 +290,7 @@ class QuotaManager:
 
     __slots__ = ("_scripts", "clock", "policy", "redis")
 
-    def __init__(self, redis: aioredis.Redis, policy: QuotaPolicy, *,
+    def __init__(self, redis: RedisClient, policy: QuotaPolicy, *,
                  clock: Callable[[], float] | None = None) -> None:
         self.redis = redis
         self.policy = policy
@@ -301,29 +312,52 @@ class QuotaManager:
         reserve = max(0, int(reserve_tokens))
         checks = _checks(tenant, model, reserve)
         if not checks:
-            return Reservation(None, request_id, 0, None, ())
+            return Reservation(None, request_id, 0, None)
         for check in checks:
             if check.cost > check.limit:
                 raise _never_fits(check, request_id)
-        args: list[Any] = [self._now_arg(), WINDOW_MS]
-        for check in checks:
-            args += [check.limit, check.cost]
+        # One script per slot (the tenant's keys, the model's keys), both at once.
+        sides = [[c for c in checks if c.scope == scope] for scope in ("tenant", "model")]
+        sides = [side for side in sides if side]
+        now = self._now_arg()
+        calls = [asyncio.ensure_future(self._admit_side(side, now)) for side in sides]
         try:
-            async with asyncio.timeout(self.policy.redis_timeout):
-                raw = await self._scripts["admit"](keys=[c.key for c in checks], args=args)
-        except _STORE_ERRORS as exc:
-            return self._admit_without_store(exc, request_id)
-        result = [int(x) for x in raw]
-        if result[0] != 1:
-            check = checks[result[1] - 1]
-            if result[2] < 0:
-                raise _never_fits(check, request_id)
-            raise _exceeded(check, result[2], request_id)
-        window, now_ms = result[1], result[2]
-        per_check = {c.subject: result[3 + 3 * i: 6 + 3 * i] for i, c in enumerate(checks)}
-        tpm_keys = tuple(c.key for c in checks if c.kind == "tpm")
-        return Reservation(self, request_id, reserve if tpm_keys else 0, window, tpm_keys,
-                           _limits(tenant, per_check, now_ms))
+            _, pending = await asyncio.wait(calls, timeout=self.policy.redis_timeout)
+        finally:
+            for call in calls:
+                if not call.done():  # past the timeout, or we are cancelled ourselves
+                    call.cancel()
+                    call.add_done_callback(_retrieved)
+        results = [TimeoutError() if call in pending else _outcome(call) for call in calls]
+        admitted = [(side, r) for side, r in zip(sides, results, strict=True)
+                    if isinstance(r, list) and r[0] == 1]
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        rejection = next(((side, r) for side, r in zip(sides, results, strict=True)
+                          if isinstance(r, list) and r[0] != 1), None)
+        if failure is not None or rejection is not None:
+            await self._give_back(admitted, request_id)  # all-or-nothing across the two slots
+            if rejection is not None:
+                side, result = rejection
+                check = side[result[1] - 1]
+                if result[2] < 0:
+                    raise _never_fits(check, request_id)
+                raise _exceeded(check, result[2], request_id)
+            assert failure is not None
+            if not isinstance(failure, _STORE_ERRORS):
+                raise failure
+            return self._admit_without_store(failure, request_id)
+        per_check: dict[str, list[int]] = {}
+        charged = []
+        now_ms = 0
+        for side, result in admitted:
+            window, now_ms = result[1], result[2]
+            per_check.update({c.subject: result[3 + 3 * i: 6 + 3 * i]
+                              for i, c in enumerate(side)})
+            charged.append(_Charged(tuple(c.key for c in side if c.kind == "qpm"),
+                                    tuple(c.key for c in side if c.kind == "tpm"), window))
+        tpm = any(c.tpm_keys for c in charged)
+        return Reservation(self, request_id, reserve if tpm else 0, charged[0].window,
+                           tuple(charged), _limits(tenant, per_check, now_ms))
 
     async def usage(self, tenant: TenantConfig) -> dict[str, Any]:
         """The tenant's current sliding-window usage of each limit that applies.
@@ -359,6 +393,27 @@ class QuotaManager:
     def _now_arg(self) -> int | str:
         return "" if self.clock is None else int(self.clock() * 1000)
 
+    async def _admit_side(self, side: list[_Check], now: int | str) -> list[int]:
+        args: list[Any] = [now, WINDOW_MS]
+        for check in side:
+            args += [check.limit, check.cost]
+        raw = await self._scripts["admit"](keys=[c.key for c in side], args=args)
+        return [int(x) for x in raw]
+
+    async def _give_back(self, admitted: list[tuple[list[_Check], list[int]]],
+                         request_id: str) -> None:
+        """Undo what the sides that admitted charged, when the other one did not admit."""
+        undo = []
+        for side, result in admitted:
+            window = result[1]
+            qpm = [c.key for c in side if c.kind == "qpm"]
+            tpm = [c for c in side if c.kind == "tpm"]
+            if qpm:
+                undo.append(self._settle(tuple(qpm), window, -1, request_id))
+            for check in tpm:
+                undo.append(self._settle((check.key,), window, -check.cost, request_id))
+        await asyncio.gather(*undo)
+
     def _admit_without_store(self, exc: BaseException, request_id: str) -> Reservation:
         _record_store_error("admit", exc, request_id)
         if not self.policy.fail_open:
@@ -367,17 +422,28 @@ class QuotaManager:
             raise _unavailable(request_id) from None
         log.warning("quota store unavailable (%s): admitting without quota check (fail_open)",
                     type(exc).__name__, extra={"request_id": request_id})
-        return Reservation(None, request_id, 0, None, (), degraded=True)
+        return Reservation(None, request_id, 0, None, degraded=True)
 
-    async def _settle(self, reservation: Reservation, window: int, delta: int) -> None:
+    async def _settle(self, keys: tuple[str, ...], window: int, delta: int,
+                      request_id: str) -> None:
+        """Move the bucket `window` of `keys` (one slot) by `delta`; never raises."""
         try:
             async with asyncio.timeout(self.policy.redis_timeout):
                 await self._scripts["settle"](
-                    keys=list(reservation._keys),
-                    args=[self._now_arg(), WINDOW_MS, window, delta],
-                )
+                    keys=list(keys), args=[self._now_arg(), WINDOW_MS, window, delta])
         except _STORE_ERRORS as exc:
-            _record_store_error("settle", exc, reservation.request_id)
+            _record_store_error("settle", exc, request_id)
+
+
+def _outcome(call: asyncio.Future[list[int]]) -> list[int] | BaseException:
+    """A finished admission call's result or error."""
+    return call.exception() or call.result()
+
+
+def _retrieved(call: asyncio.Future[list[int]]) -> None:
+    # A call cut short may still end with an error of its own: it was counted as a timeout.
+    if not call.cancelled():
+        call.exception()
 
 
 def _checks(tenant: TenantConfig, model: ModelConfig, reserve: int) -> list[_Check]:

@@ -23,19 +23,20 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
-import redis.asyncio as aioredis
 from grpc import aio
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
 from promptline.auth import Authenticator
 from promptline.channels import insecure_channel
-from promptline.config import Config, ConfigError
+from promptline.config import Config
 from promptline.config_reload import LiveConfig
 from promptline.errors import PromptlineError
 from promptline.grpc_server import RunningServer, start_grpc_server
 from promptline.metrics import QUOTA_REJECTIONS
 from promptline.metrics_server import MetricsServer
 from promptline.ratelimit import parse_quota_subject, rejection_limits
+from promptline.redis_store import RedisStore, connect_redis
 from promptline.rules import request_id_from
 from promptline.streams import DONE, Context, StreamLife, read_frames, serve_stream, text_metadata
 from promptline.stubs import GenerateCall, LlmEngineClient
@@ -215,7 +216,7 @@ class PromptServer:
     grpc: RunningServer
     metrics: MetricsServer
     engine_channel: aio.Channel  # `grpc` here is the field above
-    redis: aioredis.Redis
+    redis: RedisStore
     servicer: PromptServicer
     live: LiveConfig
 
@@ -230,7 +231,7 @@ class PromptServer:
             await asyncio.wait(self.servicer.background, timeout=max(grace, 1.0))
         await self.metrics.stop()
         await self.engine_channel.close()
-        await self.redis.aclose()
+        await self.redis.close()
 
 
 def _register(servicer: PromptServicer, admin: PromptAdminServicer
@@ -246,12 +247,15 @@ async def start_prompt(config: Config, address: str | None = None, *,
     """Start the prompt service (default address: config.listen.prompt; port 0 in tests)."""
     live = live or LiveConfig(config, "prompt")
     get_tokenizer()  # loading cl100k takes ~250 ms: before serving, not in the first request
-    if config.redis_url is None:
-        # Quotas and history must be shared by every replica: a private Redis would silently
-        # give each its own. `make run` starts a local one and passes it in.
-        raise ConfigError("redis_url: required by the prompt service (make run starts a local "
-                          "Redis when the config has none)")
-    redis = aioredis.from_url(config.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    # Quotas and history must be shared by every replica: the prompt service never starts a
+    # private Redis (`make run` starts a local one and passes it in).
+    store = connect_redis(config)
+    try:
+        async with asyncio.timeout(config.quota_policy.redis_timeout * 8):
+            await store.connect()
+    except (RedisError, OSError, TimeoutError) as exc:  # it connects again on first use
+        log.warning("Redis not reachable at start (%s)", type(exc).__name__)
+    redis = store.client
     channel = insecure_channel(config.llm_engine_target, interceptors=client_interceptors())
     prompts = PromptRegistry(redis, max_template_bytes=config.prompts.max_template_bytes)
     conversations = ConversationStore(redis, ttl=config.conversations.ttl,
@@ -266,4 +270,4 @@ async def start_prompt(config: Config, address: str | None = None, *,
         interceptors=server_interceptors(),
     )
     metrics = await MetricsServer().start(config.listen.prompt_metrics)
-    return PromptServer(running, metrics, channel, redis, servicer, live)
+    return PromptServer(running, metrics, channel, store, servicer, live)
