@@ -134,7 +134,7 @@ def test_a_list_override_is_comma_separated():
 
 
 def test_sentinel_mode_needs_sentinels():
-    with pytest.raises(ConfigError, match="redis_sentinel.nodes"):
+    with pytest.raises(ConfigError, match=r"redis_sentinel\.nodes"):
         parse_config({**BASE, "redis_mode": "sentinel"}, env={})
 
 
