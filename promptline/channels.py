@@ -16,6 +16,11 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_receive_message_length", 8 * 1024 * 1024),
     # With a `dns:///` target (a headless Service) calls are spread over every resolved replica.
     ("grpc.lb_policy_name", "round_robin"),
+    # A restarted next hop is dialled again within a second: gRPC's default backoff grows from
+    # 1 s towards 120 s while it is down. Meanwhile calls fail fast with UNAVAILABLE.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
