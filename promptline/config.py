@@ -300,12 +300,20 @@ class QuotaPolicy:
     """What quotas do when Redis is slow or down. Every quota round trip is bounded by
     `redis_timeout`. `fail_closed` rejects the request with UNAVAILABLE (retryable): no quota is
     ever overrun. `fail_open` admits it unchecked, with a warning log and a metric: Redis
-    trouble does not become an outage, at the price of unenforced quotas meanwhile."""
+    trouble does not become an outage, at the price of unenforced quotas meanwhile. `local`
+    (degraded mode) has each prompt-service replica enforce limit / `replicas` in its own memory
+    with the same window until Redis answers again: one warning per outage,
+    `promptline_quota_degraded` = 1 meanwhile."""
 
-    # The file says `on_redis_error: fail_closed | fail_open`; the code reads a bool.
-    fail_open: Annotated[bool, Choice({"fail_closed": False, "fail_open": True})] = key(
-        False, name="on_redis_error", doc="what admission does when a quota check fails")
+    on_redis_error: Annotated[str, Choice.of("fail_closed", "fail_open", "local")] = key(
+        "fail_closed", doc="what admission does when a quota check fails")
     redis_timeout: Duration = key(0.25, doc="longest wait for one quota round trip to Redis")
+    replicas: int = key(1, minimum=1, doc="prompt-service replicas sharing the budgets: with "
+                                          "`local`, each enforces limit / replicas")
+
+    @property
+    def fail_open(self) -> bool:
+        return self.on_redis_error == "fail_open"
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,13 @@ PROVIDER_FIRST_CHUNK = Histogram(
     "promptline_provider_first_chunk_seconds",
     "Provider latency: from the call to its first chunk.",
     ["model", "provider"], buckets=_LATENCY_BUCKETS)
+QUOTA_DEGRADED = Gauge(
+    "promptline_quota_degraded",
+    "1 while this prompt-service replica enforces quotas in memory (Redis unreachable, "
+    "quota_policy.on_redis_error: local), else 0.")
+QUOTA_DEGRADED_ADMISSIONS = Counter(
+    "promptline_quota_degraded_admissions_total",
+    "Requests admitted by the in-memory quota share while Redis was unreachable.")
 REDIS_ERRORS = Counter(
     "promptline_redis_errors_total",
     "Redis errors and timeouts by operation (quota admit/settle, history, prompts).",

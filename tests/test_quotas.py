@@ -26,8 +26,8 @@ from tests.conftest import make_config
 
 T0 = 1_700_000_040.0  # a minute boundary: T0 % 60 == 0
 # Generous: a loaded CI machine must not turn a slow admit into a spurious UNAVAILABLE.
-CLOSED = QuotaPolicy(fail_open=False, redis_timeout=2.0)
-OPEN = QuotaPolicy(fail_open=True, redis_timeout=0.25)
+CLOSED = QuotaPolicy(on_redis_error="fail_closed", redis_timeout=2.0)
+OPEN = QuotaPolicy(on_redis_error="fail_open", redis_timeout=0.25)
 
 
 class FakeClock:
@@ -399,7 +399,8 @@ async def test_redis_down_fail_open_admits_with_warning_and_metric(
 @pytest.mark.parametrize("fail_open", [False, True])
 async def test_slow_redis_is_bounded_and_follows_the_policy(
         redis_client: aioredis.Redis, second_client: aioredis.Redis, fail_open: bool) -> None:
-    policy = QuotaPolicy(fail_open=fail_open, redis_timeout=0.1)
+    policy = QuotaPolicy(on_redis_error="fail_open" if fail_open else "fail_closed",
+                         redis_timeout=0.1)
     manager = QuotaManager(second_client, policy)
     await second_client.ping()  # connection ready: the pause below delays the script itself
     before = quota_store_errors("admit")
@@ -422,7 +423,8 @@ async def test_slow_redis_is_bounded_and_follows_the_policy(
 async def test_settle_on_a_slow_redis_is_bounded_and_never_raises(
         redis_client: aioredis.Redis, second_client: aioredis.Redis,
         caplog: pytest.LogCaptureFixture) -> None:
-    manager = QuotaManager(second_client, QuotaPolicy(fail_open=False, redis_timeout=0.1))
+    manager = QuotaManager(second_client,
+                           QuotaPolicy(on_redis_error="fail_closed", redis_timeout=0.1))
     reservation = await manager.admit(tenant(tpm=1_000), model(), 500, "a")
     before = quota_store_errors("settle")
     caplog.set_level(logging.WARNING, logger="promptline.quotas")

@@ -56,8 +56,11 @@ Keys and Redis Cluster
 
 Redis slow or down
     Every call is bounded by `QuotaPolicy.redis_timeout`. On a Redis error or timeout, admission
-    either fails closed (`UNAVAILABLE`, retryable) or, with `fail_open`, admits the request with
-    a WARNING log and a no-op reservation; settle/usage failures are logged and never raise.
+    fails closed (`UNAVAILABLE`, retryable), or with `fail_open` admits the request with a
+    WARNING log and a no-op reservation, or with `local` runs the same scripts on this process's
+    memory (`local_quotas.py`) against limit / `replicas`, until a Redis call succeeds again
+    (one warning when it starts, one when it ends; `promptline_quota_degraded`).
+    Settle/usage failures are logged and never raise.
     Each failure increments `promptline_redis_errors_total{operation="quota_<op>"}`. Note:
     a call that timed out on our side may still be executed by Redis later (e.g. after a
     CLIENT PAUSE): that can only over-count, never over-admit, and expires with the window.
@@ -68,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,9 +80,11 @@ from redis.exceptions import RedisError
 
 from promptline.config import ModelConfig, QuotaPolicy, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.metrics import REDIS_ERRORS
+from promptline.metrics import QUOTA_DEGRADED, QUOTA_DEGRADED_ADMISSIONS, REDIS_ERRORS
 from promptline.ratelimit import RateLimitInfo
 from promptline.redis_store import RedisClient
+
+from .local_quotas import LocalWindows
 
 log = logging.getLogger("promptline.quotas")
 
@@ -204,13 +210,16 @@ class Reservation:
     """An admitted request's token reservation; settle or refund it exactly once (extra calls
     are no-ops, failures are logged, nothing raises)."""
 
-    __slots__ = ("_charged", "_manager", "_settled", "degraded", "limits", "request_id",
-                 "reserved_tokens", "window")
+    __slots__ = ("_charged", "_local", "_manager", "_settled", "degraded", "limits",
+                 "request_id", "reserved_tokens", "window")
 
     def __init__(self, manager: QuotaManager | None, request_id: str, reserved_tokens: int,
                  window: int | None, charged: tuple[_Charged, ...] = (),
-                 limits: RateLimitInfo | None = None, degraded: bool = False) -> None:
+                 limits: RateLimitInfo | None = None, degraded: bool = False,
+                 local: bool = False) -> None:
         self._manager = manager
+        self._local = local
+        """Charged to the in-memory share (degraded mode): settled there too."""
         self.request_id = request_id
         self.reserved_tokens = reserved_tokens
         """Tokens charged to the tpm limits at admission."""
@@ -237,6 +246,10 @@ class Reservation:
         if delta == 0:
             return
         manager = self._manager
+        if self._local:
+            for c in self._charged:
+                manager._settle_local(c.tpm_keys, c.window, delta)
+            return
         await asyncio.gather(*(manager._settle(c.tpm_keys, c.window, delta, self.request_id)
                                for c in self._charged))
 
@@ -288,13 +301,15 @@ class QuotaManager:
     TIME, one clock for every replica.
     """
 
-    __slots__ = ("_scripts", "clock", "policy", "redis")
+    __slots__ = ("_degraded", "_local", "_scripts", "clock", "policy", "redis")
 
     def __init__(self, redis: RedisClient, policy: QuotaPolicy, *,
                  clock: Callable[[], float] | None = None) -> None:
         self.redis = redis
         self.policy = policy
         self.clock = clock
+        self._local = LocalWindows()
+        self._degraded = False
         self._scripts = {
             "admit": redis.register_script(_ADMIT_LUA),
             "settle": redis.register_script(_SETTLE_LUA),
@@ -334,6 +349,8 @@ class QuotaManager:
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         rejection = next(((side, r) for side, r in zip(sides, results, strict=True)
                           if isinstance(r, list) and r[0] != 1), None)
+        if failure is None:
+            self._store_is_back()
         if failure is not None or rejection is not None:
             await self._give_back(admitted, request_id)  # all-or-nothing across the two slots
             if rejection is not None:
@@ -345,6 +362,9 @@ class QuotaManager:
             assert failure is not None
             if not isinstance(failure, _STORE_ERRORS):
                 raise failure
+            if self.policy.on_redis_error == "local":
+                _record_store_error("admit", failure, request_id)
+                return self._admit_locally(tenant, sides, reserve, request_id, failure)
             return self._admit_without_store(failure, request_id)
         per_check: dict[str, list[int]] = {}
         charged = []
@@ -375,7 +395,7 @@ class QuotaManager:
                 raw = await self._scripts["usage"](keys=keys, args=[self._now_arg(), WINDOW_MS])
         except _STORE_ERRORS as exc:
             _record_store_error("usage", exc, "")
-            if self.policy.fail_open:
+            if self.policy.on_redis_error != "fail_closed":
                 return {}
             raise _unavailable("") from None
         values = [int(x) for x in raw]
@@ -392,6 +412,43 @@ class QuotaManager:
 
     def _now_arg(self) -> int | str:
         return "" if self.clock is None else int(self.clock() * 1000)
+
+    def _admit_locally(self, tenant: TenantConfig, sides: list[list[_Check]], reserve: int,
+                       request_id: str, exc: BaseException) -> Reservation:
+        """Degraded mode: this replica's share of every limit, in memory, one window."""
+        if not self._degraded:
+            self._degraded = True
+            QUOTA_DEGRADED.set(1)
+            log.warning("quota store unavailable (%s): enforcing limit / %d in memory until it "
+                        "is back (local)", type(exc).__name__, self.policy.replicas,
+                        extra={"request_id": request_id})
+        checks = [c for side in sides for c in side]
+        limits = [max(1, math.ceil(c.limit / self.policy.replicas)) for c in checks]
+        now = int((self.clock or time.time)() * 1000)
+        result = self._local.admit([c.key for c in checks], limits, [c.cost for c in checks],
+                                   now, WINDOW_MS)
+        if result[0] != 1:
+            check = checks[result[1] - 1]
+            if result[2] < 0:
+                raise _never_fits(check, request_id)
+            raise _exceeded(check, result[2], request_id)
+        QUOTA_DEGRADED_ADMISSIONS.inc()
+        window = result[1]
+        charged = (_Charged((), tuple(c.key for c in checks if c.kind == "tpm"), window),)
+        per_check = {c.subject: result[3 + 3 * i: 6 + 3 * i] for i, c in enumerate(checks)}
+        return Reservation(self, request_id, reserve if charged[0].tpm_keys else 0, window,
+                           charged, _limits(tenant, per_check, now), degraded=True, local=True)
+
+    def _store_is_back(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            self._local.clear()  # the shared budget counts again
+            QUOTA_DEGRADED.set(0)
+            log.warning("quota store reachable again: quotas are shared again")
+
+    def _settle_local(self, keys: tuple[str, ...], window: int, delta: int) -> None:
+        now = int((self.clock or time.time)() * 1000)
+        self._local.settle(keys, now, WINDOW_MS, window, delta)
 
     async def _admit_side(self, side: list[_Check], now: int | str) -> list[int]:
         args: list[Any] = [now, WINDOW_MS]
