@@ -20,6 +20,9 @@ from promptline.reflection import enable_reflection
 
 log = logging.getLogger("promptline.grpc")
 
+REDIS_HEALTH_NAME = "promptline.redis"
+"""The health status the prompt service keeps for its Redis (edge `/readyz` reports it)."""
+
 # Keepalive pings keep long idle streams (minute-level first-token waits) alive through NATs and
 # proxies, and detect dead peers so their streams are cancelled instead of leaking.
 SERVER_OPTIONS: list[tuple[str, int]] = [

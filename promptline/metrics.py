@@ -55,6 +55,9 @@ PROVIDER_FIRST_CHUNK = Histogram(
     "promptline_provider_first_chunk_seconds",
     "Provider latency: from the call to its first chunk.",
     ["model", "provider"], buckets=_LATENCY_BUCKETS)
+REDIS_UP = Gauge(
+    "promptline_redis_up",
+    "1 while this prompt-service replica reaches Redis (a PING every second), else 0.")
 QUOTA_DEGRADED = Gauge(
     "promptline_quota_degraded",
     "1 while this prompt-service replica enforces quotas in memory (Redis unreachable, "

@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind
 from promptline.channels import insecure_channel
 from promptline.config import Config
 from promptline.config_reload import LiveConfig
+from promptline.grpc_server import REDIS_HEALTH_NAME
 from promptline.metrics_server import metrics_handler
 from promptline.tracing import client_interceptors, tracer
 from promptline.v1 import prompt_pb2, prompt_pb2_grpc
@@ -152,22 +153,34 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: not draining, and the prompt service answers its gRPC health check."""
+    """Readiness: not draining, and the prompt service answers its gRPC health check. The body
+    also says whether that prompt service reaches Redis, without failing the probe for it: every
+    replica shares the one Redis (see services/prompt/redis_watch.py)."""
     if request.app[LIFECYCLE_KEY].draining:
         return web.json_response({"status": "unavailable", "reason": "shutting down"}, status=503)
     stub = health_pb2_grpc.HealthStub(request.app[CHANNEL_KEY])
     try:
-        # types-grpcio-health-checking declares HealthStub without its methods.
-        reply: health_pb2.HealthCheckResponse = await stub.Check(  # type: ignore[attr-defined]
-            health_pb2.HealthCheckRequest(service=PROMPT_SERVICE_NAME), timeout=READY_TIMEOUT)
+        status = await _health(stub, PROMPT_SERVICE_NAME)
     except grpc.aio.AioRpcError as exc:
         reason = f"prompt service health check failed: {exc.code().name}"
         return web.json_response({"status": "unavailable", "reason": reason}, status=503)
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if status != health_pb2.HealthCheckResponse.SERVING:
+        status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
         reason = f"prompt service is {status_name}"
         return web.json_response({"status": "unavailable", "reason": reason}, status=503)
-    return web.json_response({"status": "ready"})
+    try:
+        redis_ok = await _health(stub, REDIS_HEALTH_NAME) == health_pb2.HealthCheckResponse.SERVING
+        redis = "ok" if redis_ok else "unreachable"
+    except grpc.aio.AioRpcError:
+        redis = "unknown"
+    return web.json_response({"status": "ready", "redis": redis})
+
+
+async def _health(stub: health_pb2_grpc.HealthStub, service: str) -> int:
+    # types-grpcio-health-checking declares HealthStub without its methods.
+    reply: health_pb2.HealthCheckResponse = await stub.Check(  # type: ignore[attr-defined]
+        health_pb2.HealthCheckRequest(service=service), timeout=READY_TIMEOUT)
+    return reply.status
 
 
 # --- the chat stream ---------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from .history import ConversationStore
 from .moderation import Moderator, build_moderator
 from .prompts import PromptRegistry
 from .quotas import QuotaManager
+from .redis_watch import RedisWatch
 from .session import ChatSession
 
 log = logging.getLogger("promptline.prompt")
@@ -219,6 +220,7 @@ class PromptServer:
     redis: RedisStore
     servicer: PromptServicer
     live: LiveConfig
+    redis_watch: RedisWatch
 
     @property
     def port(self) -> int:
@@ -226,6 +228,7 @@ class PromptServer:
 
     async def stop(self, grace: float) -> None:
         await self.grpc.stop(grace)
+        await self.redis_watch.stop()
         if self.servicer.background:
             # History writes of streams cancelled during the drain: short Redis calls.
             await asyncio.wait(self.servicer.background, timeout=max(grace, 1.0))
@@ -270,4 +273,5 @@ async def start_prompt(config: Config, address: str | None = None, *,
         interceptors=server_interceptors(),
     )
     metrics = await MetricsServer().start(config.listen.prompt_metrics)
-    return PromptServer(running, metrics, channel, store, servicer, live)
+    watch = await RedisWatch(store, running.health, config.quota_policy.redis_timeout).start()
+    return PromptServer(running, metrics, channel, store, servicer, live, watch)
