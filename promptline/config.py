@@ -111,9 +111,12 @@ Name = Annotated[str, Text(MODEL_NAME,
                            "must be 1-128 letters, digits and . _ : / - (starting with a letter "
                            "or digit)", "name")]
 Address = Annotated[str, _Address(_HOST_PORT, "must be host:port", "host:port")]
-# A gRPC target: `dns:///` resolves every address behind the name.
-Target = Annotated[str, _Address(f"(?:dns:///)?{_HOST_PORT}", "must be host:port",
-                                 "host:port or dns:///host:port")]
+# A gRPC target: `dns:///` resolves every address behind the name; `ipv4:` lists replicas.
+_IP_PORT = r"\d{1,3}(?:\.\d{1,3}){3}:\d{1,5}"
+Target = Annotated[str, _Address(
+    f"(?:dns:///)?{_HOST_PORT}|ipv4:{_IP_PORT}(?:,{_IP_PORT})*",
+    "must be host:port, dns:///host:port or ipv4:ip:port,ip:port,...",
+    "host:port, dns:///host:port or ipv4:ip:port,...")]
 HttpUrl = Annotated[str, Text(r"https?://.+", "must be an http(s) URL", "http(s) URL")]
 ProxyUrl = Annotated[str, Text(r"(?:https?://.+)?", 'must be an http(s) URL, or "" for none',
                                'http(s) URL or ""')]
@@ -244,8 +247,9 @@ class Listen:
 class Targets:
     """Where each hop dials the next; absent: the `listen` addresses (one machine). A
     `dns:///host:port` target resolves every address behind the name (a Kubernetes headless
-    Service) and spreads calls over them round-robin; servers ask clients to reconnect every
-    5 minutes so new replicas get traffic. Changing one needs a restart."""
+    Service), an `ipv4:ip:port,ip:port` target names the replicas; calls are spread over them
+    round-robin, and one that is down gets none. Servers ask clients to reconnect every 5 minutes
+    so new replicas get traffic. Changing one needs a restart."""
 
     prompt: Target = key(default_from="listen.prompt", env="PROMPTLINE_PROMPT_TARGET",
                          doc="where the edge dials the prompt service")
