@@ -47,7 +47,7 @@ clean:
 	rm -rf $(VENV) promptline/v1 .pytest_cache
 
 # Measurements (not part of `make test`); reports in bench/results/.
-.PHONY: bench-baseline bench-compare bench-floor bench-provider bench-ab
+.PHONY: bench-baseline bench-compare bench-floor bench-provider bench-ab bench-quotas
 LITELLM_VENV := .venv-litellm
 BASELINE     := bench/baseline.json
 
@@ -80,3 +80,7 @@ bench-compare: $(STAMP) $(GEN)
 	  $(LITELLM_VENV)/bin/pip install --quiet --disable-pip-version-check 'litellm[proxy]'; } || \
 	  { echo "bench-compare: could not install litellm[proxy] into $(LITELLM_VENV)" >&2; exit 1; }
 	$(PY) -m bench.run --litellm $(LITELLM_VENV)/bin/litellm $(BENCH_ARGS)
+
+# Quota admissions per second on one Redis and on a 3-master cluster (bench/experiments/).
+bench-quotas: $(STAMP) $(GEN)
+	$(PY) -m bench.experiments.quota_shards $(BENCH_ARGS)

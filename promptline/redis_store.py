@@ -27,9 +27,10 @@ from promptline.config import Config, ConfigError, split_address
 SOCKET_TIMEOUT = 1.0
 """Seconds; longer than any caller's own bound, so a dead socket cannot hang a request."""
 
-CLUSTER_CONNECTIONS_PER_NODE = 10_000
-"""redis-py's default of 100 raises MaxConnectionsError once 100 commands to one node are in
-flight, which a burst of admissions reaches; a standalone client's pool is unbounded."""
+MAX_CONNECTIONS = 10_000
+"""Connections per Redis node. redis-py's default pool (100) raises MaxConnectionsError as soon
+as 100 commands are in flight, which 50 concurrent admissions (two scripts each) and their
+settlements reach."""
 
 RedisClient = aioredis.Redis | RedisCluster
 """What the stores (quotas, prompts, conversations) are given: both speak the same commands."""
@@ -60,15 +61,15 @@ class RedisStore:
 def connect_redis(config: Config) -> RedisStore:
     """The client for `config.redis_mode`; it connects on first use."""
     timeouts: dict[str, Any] = {"socket_timeout": SOCKET_TIMEOUT,
-                                "socket_connect_timeout": SOCKET_TIMEOUT}
+                                "socket_connect_timeout": SOCKET_TIMEOUT,
+                                "max_connections": MAX_CONNECTIONS}
     if config.redis_mode == "sentinel":
         return _sentinel_store(config, timeouts)
     if config.redis_url is None:
         raise ConfigError("redis_url: required by the prompt service (make run starts a local "
                           "Redis when the config has none)")
     if config.redis_mode == "cluster":
-        cluster = RedisCluster.from_url(config.redis_url, **timeouts,
-                                        max_connections=CLUSTER_CONNECTIONS_PER_NODE)
+        cluster = RedisCluster.from_url(config.redis_url, **timeouts)
         return RedisStore(cluster, "cluster")
     return RedisStore(aioredis.from_url(config.redis_url, **timeouts), "standalone")
 
@@ -77,7 +78,8 @@ def _sentinel_store(config: Config, timeouts: dict[str, Any]) -> RedisStore:
     options = parse_url(config.redis_url) if config.redis_url else {}
     tls = options.get("connection_class") is SSLConnection
     kept = {k: options[k] for k in ("username", "password", "db") if options.get(k) is not None}
+    probes = {k: v for k, v in timeouts.items() if k != "max_connections"}
     sentinel = Sentinel([split_address(node) for node in config.redis_sentinel.nodes],
-                        sentinel_kwargs=dict(timeouts), **timeouts)
+                        sentinel_kwargs=probes, **probes)
     master = sentinel.master_for(config.redis_sentinel.master, **timeouts, **kept, ssl=tls)
     return RedisStore(master, "sentinel", sentinel)

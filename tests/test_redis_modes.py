@@ -153,3 +153,22 @@ async def test_sentinel_mode_writes_to_the_master(sentinel_store: Any, redis_sen
         assert (await master.info("replication"))["role"] == "master"
     finally:
         await master.aclose()
+
+
+async def test_a_burst_beyond_redis_pys_default_pool_is_served(mode: Mode) -> None:
+    # redis-py's default pool (100 connections) raised MaxConnectionsError here: 150 concurrent
+    # admissions are 300 scripts in flight.
+    name = f"burst150-{mode.name}-{id(mode)}"
+    config = make_config({**mode.overrides, "tenants": [
+        {"name": name, "api_keys": ["burst-150"], "quotas": {"qpm": 10_000}}]}, models=[
+        {"name": f"m-{name}", "provider": "simulated", "quotas": {"qpm": 10_000}}])
+    store = connect_redis(config)
+    await store.connect()
+    try:
+        manager = QuotaManager(store.client, QuotaPolicy(redis_timeout=5.0))
+        results = await asyncio.gather(*(manager.admit(config.tenants[0], config.models[-1], 1,
+                                                       f"r{i}") for i in range(150)),
+                                       return_exceptions=True)
+        assert [r for r in results if isinstance(r, BaseException)] == []
+    finally:
+        await store.close()

@@ -156,6 +156,11 @@ class EmbeddedRedis:
             raise
         return self
 
+    @property
+    def pid(self) -> int | None:
+        """The redis-server's process id while it runs (benches read its CPU time)."""
+        return self._proc.pid if self._proc is not None else None
+
     def stop(self) -> None:
         stop_process(self._proc)
         self._proc = None
