@@ -35,6 +35,7 @@ class FloodingProvider:
         self.waiting_since: float | None = None
         self.closed = asyncio.Event()
         self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def base_url(self) -> str:
@@ -48,12 +49,15 @@ class FloodingProvider:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
-        await self._server.wait_closed()
+        for writer in self._writers:  # a test that failed early leaves a send blocked
+            writer.transport.abort()
+        await asyncio.wait_for(self._server.wait_closed(), 5)
 
     def blocked_for(self) -> float:
         return 0.0 if self.waiting_since is None else time.monotonic() - self.waiting_since
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
@@ -70,6 +74,7 @@ class FloodingProvider:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._writers.discard(writer)
             self.closed.set()
             writer.close()
             with contextlib.suppress(ConnectionError):
