@@ -72,7 +72,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -454,7 +454,7 @@ class QuotaManager:
         args: list[Any] = [now, WINDOW_MS]
         for check in side:
             args += [check.limit, check.cost]
-        raw = await self._scripts["admit"](keys=[c.key for c in side], args=args)
+        raw = await _store_call(self._scripts["admit"](keys=[c.key for c in side], args=args))
         return [int(x) for x in raw]
 
     async def _give_back(self, admitted: list[tuple[list[_Check], list[int]]],
@@ -486,10 +486,22 @@ class QuotaManager:
         """Move the bucket `window` of `keys` (one slot) by `delta`; never raises."""
         try:
             async with asyncio.timeout(self.policy.redis_timeout):
-                await self._scripts["settle"](
-                    keys=list(keys), args=[self._now_arg(), WINDOW_MS, window, delta])
+                await _store_call(self._scripts["settle"](
+                    keys=list(keys), args=[self._now_arg(), WINDOW_MS, window, delta]))
         except _STORE_ERRORS as exc:
             _record_store_error("settle", exc, request_id)
+
+
+async def _store_call(call: Awaitable[Any]) -> Any:
+    """A Redis call whose every failure is a store error. redis-py's cluster client, in the
+    middle of a failover, has raised its own bugs (AttributeError on a connection another
+    coroutine closed): that is still "the quota store is unavailable", never an INTERNAL."""
+    try:
+        return await call
+    except _STORE_ERRORS:
+        raise
+    except Exception as exc:
+        raise RedisError(f"redis client failed: {type(exc).__name__}") from exc
 
 
 def _outcome(call: asyncio.Future[list[int]]) -> list[int] | BaseException:
