@@ -266,15 +266,16 @@ class StreamRelay:
     async def _send(self, data: bytes, *, last: bool) -> None:
         response = self._response
         assert response is not None
+        write = response.write_eof(data) if last else response.write(data)
         transport = self._request.transport
         if transport is None or not transport.get_write_buffer_size():
-            await (response.write_eof(data) if last else response.write(data))
+            await write
             return
         # The client is behind, so this write may wait for it (the socket pushes back, gRPC flow
         # control carries that down to the provider), but not longer than the idle rule allows.
         try:
             async with asyncio.timeout(self._stall_limit):
-                await (response.write_eof(data) if last else response.write(data))
+                await write
         except TimeoutError:
             raise ClientStalled(self._stall_limit) from None
 

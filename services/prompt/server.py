@@ -96,7 +96,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         trace.get_current_span().set_attribute("promptline.request_id", rid)
         life = StreamLife(ORIGIN, request.model, rid, logger=log)
         session = ChatSession(rid, self._conversations)
-        life.on_finish(lambda outcome: self._finish_later(session, life, outcome))
+        life.on_finish(lambda outcome: self._on_stream_end(session, life, outcome))
         async for frame in serve_stream(
                 life, self._stream_chat(config, request, context, metadata, session, life),
                 context, prompt_pb2.StreamChatResponse,
@@ -104,9 +104,10 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 after_error=lambda err: session.finish(err.code.value)):
             yield frame
 
-    def _finish_later(self, session: ChatSession, life: StreamLife, outcome: str) -> None:
-        """A stream cancelled (or closed) before its session finished: finish it in a task of its
-        own, so a second cancel cannot cut the settlement short; `PromptServer.stop` waits."""
+    def _on_stream_end(self, session: ChatSession, life: StreamLife, outcome: str) -> None:
+        """The end-of-stream log line's fields; and a stream cancelled (or closed) before its
+        session finished gets it finished in a task of its own, so a second cancel cannot cut
+        the settlement short (`PromptServer.stop` waits for those)."""
         life.fields.update(tenant=session.tenant.name if session.tenant else "",
                            completion_tokens=session.usage.completion_tokens if session.usage
                            else session.completion_tokens)
