@@ -14,13 +14,15 @@ the same to them. Socket timeouts are a backstop: each caller bounds its own wai
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.connection import SSLConnection, parse_url
+from redis.exceptions import RedisError
 
 from promptline.config import Config, ConfigError, split_address
 
@@ -34,6 +36,38 @@ settlements reach."""
 
 RedisClient = aioredis.Redis | RedisCluster
 """What the stores (quotas, prompts, conversations) are given: both speak the same commands."""
+
+STORE_ERRORS = (RedisError, TimeoutError, OSError)
+"""What a Redis call raises when the store is down, slow or failing over."""
+
+T = TypeVar("T")
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """The store failed: a Redis error, a timeout, a socket error, or any other exception raised
+    inside redis-py itself. Its cluster client, mid-failover, has raised AttributeError on a
+    connection another coroutine closed: still "the store is unavailable", never INTERNAL."""
+    if isinstance(exc, STORE_ERRORS):
+        return True
+    if not isinstance(exc, Exception) or exc.__traceback__ is None:
+        return False
+    frame = exc.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return str(frame.tb_frame.f_globals.get("__name__", "")).partition(".")[0] == "redis"
+
+
+async def store_call(call: Awaitable[T]) -> T:
+    """Await a Redis call; any store failure (`is_store_failure`) is raised as a RedisError, so
+    callers catch `STORE_ERRORS` alone."""
+    try:
+        return await call
+    except STORE_ERRORS:
+        raise
+    except Exception as exc:
+        if not is_store_failure(exc):
+            raise
+        raise RedisError(f"redis client failed: {type(exc).__name__}") from exc
 
 
 @dataclass

@@ -26,11 +26,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
-from promptline.redis_store import RedisClient
+from promptline.redis_store import RedisClient, is_store_failure
 from promptline.rules import check_max_tokens, check_temperature, invalid, is_model_name
 from promptline.v1 import prompt_admin_pb2
 
@@ -156,10 +154,13 @@ def not_found(message: str) -> PromptlineError:
 
 @contextmanager
 def store_errors(what: str) -> Iterator[None]:
-    """Redis failures and timeouts become UNAVAILABLE (retryable), naming the operation."""
+    """Store failures (`is_store_failure`) become UNAVAILABLE (retryable), naming the
+    operation; anything else (NOT_FOUND, a bug of ours) passes through."""
     try:
         yield
-    except (RedisError, TimeoutError, OSError):
+    except Exception as exc:
+        if not is_store_failure(exc):
+            raise
         REDIS_ERRORS.labels(what).inc()
         raise PromptlineError(ErrorCode.UNAVAILABLE, f"the {what} store is unavailable",
                               stage=Stage.CONNECT) from None

@@ -72,17 +72,15 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from redis.exceptions import RedisError
 
 from promptline.config import ModelConfig, QuotaPolicy, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import QUOTA_DEGRADED, QUOTA_DEGRADED_ADMISSIONS, REDIS_ERRORS
 from promptline.ratelimit import RateLimitInfo
-from promptline.redis_store import RedisClient
+from promptline.redis_store import STORE_ERRORS, RedisClient, store_call
 
 from .local_quotas import LocalWindows
 
@@ -90,10 +88,6 @@ log = logging.getLogger("promptline.quotas")
 
 WINDOW_MS = 60_000
 KEY_PREFIX = "{pl:quota:"
-
-"""Redis errors/timeouts of the quota store, by operation ("admit", "settle", "usage")."""
-
-_STORE_ERRORS = (RedisError, TimeoutError, OSError)
 
 # --- Lua -------------------------------------------------------------------------------------
 
@@ -360,7 +354,7 @@ class QuotaManager:
                     raise _never_fits(check, request_id)
                 raise _exceeded(check, result[2], request_id)
             assert failure is not None
-            if not isinstance(failure, _STORE_ERRORS):
+            if not isinstance(failure, STORE_ERRORS):
                 raise failure
             if self.policy.on_redis_error == "local":
                 _record_store_error("admit", failure, request_id)
@@ -392,8 +386,9 @@ class QuotaManager:
         keys = [quota_key("tenant", tenant.name, k) for k in kinds]
         try:
             async with asyncio.timeout(self.policy.redis_timeout):
-                raw = await self._scripts["usage"](keys=keys, args=[self._now_arg(), WINDOW_MS])
-        except _STORE_ERRORS as exc:
+                raw = await store_call(self._scripts["usage"](
+                    keys=keys, args=[self._now_arg(), WINDOW_MS]))
+        except STORE_ERRORS as exc:
             _record_store_error("usage", exc, "")
             if self.policy.on_redis_error != "fail_closed":
                 return {}
@@ -454,7 +449,7 @@ class QuotaManager:
         args: list[Any] = [now, WINDOW_MS]
         for check in side:
             args += [check.limit, check.cost]
-        raw = await _store_call(self._scripts["admit"](keys=[c.key for c in side], args=args))
+        raw = await store_call(self._scripts["admit"](keys=[c.key for c in side], args=args))
         return [int(x) for x in raw]
 
     async def _give_back(self, admitted: list[tuple[list[_Check], list[int]]],
@@ -486,22 +481,10 @@ class QuotaManager:
         """Move the bucket `window` of `keys` (one slot) by `delta`; never raises."""
         try:
             async with asyncio.timeout(self.policy.redis_timeout):
-                await _store_call(self._scripts["settle"](
+                await store_call(self._scripts["settle"](
                     keys=list(keys), args=[self._now_arg(), WINDOW_MS, window, delta]))
-        except _STORE_ERRORS as exc:
+        except STORE_ERRORS as exc:
             _record_store_error("settle", exc, request_id)
-
-
-async def _store_call(call: Awaitable[Any]) -> Any:
-    """A Redis call whose every failure is a store error. redis-py's cluster client, in the
-    middle of a failover, has raised its own bugs (AttributeError on a connection another
-    coroutine closed): that is still "the quota store is unavailable", never an INTERNAL."""
-    try:
-        return await call
-    except _STORE_ERRORS:
-        raise
-    except Exception as exc:
-        raise RedisError(f"redis client failed: {type(exc).__name__}") from exc
 
 
 def _outcome(call: asyncio.Future[list[int]]) -> list[int] | BaseException:

@@ -17,11 +17,10 @@ import contextlib
 import logging
 
 from grpc_health.v1 import health, health_pb2
-from redis.exceptions import RedisError
 
 from promptline.grpc_server import REDIS_HEALTH_NAME
 from promptline.metrics import REDIS_UP
-from promptline.redis_store import RedisStore
+from promptline.redis_store import STORE_ERRORS, RedisStore
 
 log = logging.getLogger("promptline.prompt")
 
@@ -58,7 +57,7 @@ class RedisWatch:
             async with asyncio.timeout(self._timeout):
                 await self._store.client.ping()
             up = True
-        except (RedisError, OSError, TimeoutError):
+        except STORE_ERRORS:
             up = False
         if up == self.up:
             return

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import grpc
 from grpc import aio
 from opentelemetry import trace
-from redis.exceptions import RedisError
 
 from promptline.auth import Authenticator
 from promptline.channels import insecure_channel
@@ -36,7 +35,7 @@ from promptline.grpc_server import RunningServer, start_grpc_server
 from promptline.metrics import QUOTA_REJECTIONS
 from promptline.metrics_server import MetricsServer
 from promptline.ratelimit import parse_quota_subject, rejection_limits
-from promptline.redis_store import RedisStore, connect_redis
+from promptline.redis_store import STORE_ERRORS, RedisStore, connect_redis
 from promptline.rules import request_id_from
 from promptline.streams import DONE, Context, StreamLife, read_frames, serve_stream, text_metadata
 from promptline.stubs import GenerateCall, LlmEngineClient
@@ -257,7 +256,7 @@ async def start_prompt(config: Config, address: str | None = None, *,
     try:
         async with asyncio.timeout(config.quota_policy.redis_timeout * 8):
             await store.connect()
-    except (RedisError, OSError, TimeoutError) as exc:  # it connects again on first use
+    except STORE_ERRORS as exc:  # it connects again on first use
         log.warning("Redis not reachable at start (%s)", type(exc).__name__)
     redis = store.client
     channel = insecure_channel(config.llm_engine_target, interceptors=client_interceptors())
