@@ -14,8 +14,11 @@ and the pytest summary says why). Then:
 - the Ingress keeps SSE unbuffered, its read/send timeouts exceed `edge.heartbeat` and
   `edge.request_timeout`, its body limit is not below `edge.max_body_bytes`;
 - the ConfigMap's config loads with the real loader (`promptline.config.load_config`), its
-  targets/listen/redis_url match the Services and container ports, its tenant keys are digests;
+  targets/listen/redis_url match the Services and container ports, its tenant keys are digests,
+  with `on_redis_error: local` its `quota_policy.replicas` is within the prompt HPA's bounds;
 - HPAs and PDBs cover every service; every referenced ConfigMap/Secret exists;
+- the external-Redis overlays are prod without the in-cluster Redis, the prompt pods get the
+  mode (and sentinels) as env and the URL from a Secret, and the config they see parses;
 - the Dockerfile generates the protobuf code and runs as the uid the pods require.
 
 Each check is a function returning a list of problems; `test_checks_catch_breakage` feeds each one
@@ -40,12 +43,16 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv
 
-from promptline.config import Config, load_config
+from promptline.config import Config, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 KUSTOMIZATIONS = {"base": K8S / "base", "local": K8S / "overlays" / "local",
-                  "prod": K8S / "overlays" / "prod"}
+                  "prod": K8S / "overlays" / "prod",
+                  "prod-redis-cluster": K8S / "overlays" / "prod-redis-cluster",
+                  "prod-redis-sentinel": K8S / "overlays" / "prod-redis-sentinel"}
+# The overlays that reuse prod with an external Redis instead of the in-cluster one: mode.
+EXTERNAL_REDIS = {"prod-redis-cluster": "cluster", "prod-redis-sentinel": "sentinel"}
 # Oldest Kubernetes we support: native gRPC probes are GA since 1.27, autoscaling/v2 since 1.23.
 K8S_VERSION = "1.30.0"
 APP_UID = 10001
@@ -53,7 +60,12 @@ APP_MODULES = {"services.edge_http": "edge_http", "services.prompt": "prompt",
                "services.llm_engine": "llm_engine"}
 GRPC_MODULES = {"services.prompt": "prompt.proto", "services.llm_engine": "llm_engine.proto"}
 # Secrets that an overlay expects to be created out of band (never rendered from git).
-OUT_OF_BAND_SECRETS = {"prod": {"promptline-provider-keys"}}
+OUT_OF_BAND_SECRETS = {"prod": {"promptline-provider-keys"},
+                       **{name: {"promptline-provider-keys", "promptline-redis"}
+                          for name in EXTERNAL_REDIS}}
+# Stand-ins for values of those Secrets that the config reads, to load it as a pod sees it.
+SECRET_SAMPLES = {("promptline-redis", "PROMPTLINE_REDIS_URL"):
+                  "rediss://:s3cret@node-0.redis.example.internal:6379/0"}
 SHELLS = {"sh", "bash", "/bin/sh", "/bin/bash", "ash", "/bin/ash", "dash"}
 DEV_KEY_DIGEST = hashlib.sha256(b"dev-key").hexdigest()
 
@@ -157,6 +169,19 @@ def _size_bytes(value: str | None) -> int | None:
         return None
     return int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[
         match.group(2).lower()]
+
+
+def container_env(container: Obj) -> dict[str, str]:
+    """The container's env as the process sees it: literal values, and Secret keys from
+    SECRET_SAMPLES."""
+    env = {}
+    for var in container.get("env", []):
+        ref = var.get("valueFrom", {}).get("secretKeyRef")
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif ref and (ref["name"], ref["key"]) in SECRET_SAMPLES:
+            env[var["name"]] = SECRET_SAMPLES[ref["name"], ref["key"]]
+    return env
 
 
 def mounted_config(objs: list[Obj], tmp: Path) -> tuple[Config | None, Obj | None, Problems]:
@@ -417,6 +442,16 @@ def check_config(objs: list[Obj], config: Config, raw: Obj, *, expect_redis: boo
                          s["spec"]["template"]["metadata"]["labels"]) for s in sts):
             problems.append(f"redis_url {config.redis_url}: no Service reaching a Redis "
                             "StatefulSet")
+    prompt = apps.get("services.prompt")
+    hpa = prompt and next((h["spec"] for h in _by_kind(objs, "HorizontalPodAutoscaler")
+                           if h["spec"]["scaleTargetRef"]["name"] == prompt[0]["metadata"]["name"]),
+                          None)
+    replicas = config.quota_policy.replicas
+    if config.quota_policy.on_redis_error == "local" and hpa and not (
+            hpa.get("minReplicas", 1) <= replicas <= hpa["maxReplicas"]):
+        problems.append(f"quota_policy.replicas {replicas}: each prompt replica enforces limit / "
+                        f"replicas while Redis is down, but the HPA runs "
+                        f"{hpa.get('minReplicas', 1)}-{hpa['maxReplicas']} of them")
     for i, tenant in enumerate(raw.get("tenants", [])):
         for j, key in enumerate(tenant.get("api_keys", [])):
             if not str(key).startswith("sha256:"):
@@ -480,6 +515,10 @@ def check_references(objs: list[Obj], out_of_band: set[str]) -> Problems:
                 for kind, field in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
                     if field in src:
                         wanted.append((kind, src[field]["name"]))
+            for var in c.get("env", []):
+                for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                    if field in var.get("valueFrom", {}):
+                        wanted.append((kind, var["valueFrom"][field]["name"]))
             for mount in c.get("volumeMounts", []):
                 if mount["name"] not in {v["name"] for v in spec.get("volumes", [])}:
                     problems.append(f"{where}: mounts unknown volume {mount['name']}")
@@ -612,8 +651,9 @@ def test_local_overlay(loaded: dict[str, tuple[Config, Obj]]) -> None:
     assert _by_kind(objs, "StatefulSet"), "the local overlay runs the in-cluster Redis"
 
 
-def test_prod_overlay(loaded: dict[str, tuple[Config, Obj]]) -> None:
-    objs = render("prod")
+@pytest.mark.parametrize("name", ["prod", *EXTERNAL_REDIS])
+def test_prod_overlay(name: str, loaded: dict[str, tuple[Config, Obj]]) -> None:
+    objs = render(name)
     hpas = _by_kind(objs, "HorizontalPodAutoscaler")
     assert hpas and all(h["spec"]["minReplicas"] >= 2 for h in hpas)
     ing = _by_kind(objs, "Ingress")[0]
@@ -622,11 +662,53 @@ def test_prod_overlay(loaded: dict[str, tuple[Config, Obj]]) -> None:
     assert not _by_kind(objs, "Secret")
     for c in (c for o in objs for c in _containers(o) if _module(c)):
         assert not c["image"].endswith((":dev", ":latest")), c["image"]
-    _, raw = loaded["prod"]
+    _, raw = loaded[name]
     digests = {str(k).removeprefix("sha256:").lower() for t in raw["tenants"]
                for k in t["api_keys"]}
     assert DEV_KEY_DIGEST not in digests, "the well-known dev-key must not open production"
     assert all(o["metadata"].get("namespace") == "promptline" for o in objs)
+
+
+@pytest.mark.parametrize("name", RENDERS)
+def test_config_as_each_pod_sees_it(name: str, loaded: dict[str, tuple[Config, Obj]]) -> None:
+    """The mounted config with each service container's env overrides loads for real."""
+    _, raw = loaded[name]
+    for _, container in app_deployments(render(name)).values():
+        parse_config(copy.deepcopy(raw), env=container_env(container))
+
+
+def _redis_objects(objs: list[Obj]) -> list[Obj]:
+    return [o for o in objs if o["metadata"].get("labels", {}).get(
+        "app.kubernetes.io/name") == "redis"]
+
+
+@pytest.mark.parametrize("name,mode", EXTERNAL_REDIS.items())
+def test_external_redis_overlays(name: str, mode: str,
+                                 loaded: dict[str, tuple[Config, Obj]]) -> None:
+    objs = render(name)
+    assert not _by_kind(objs, "StatefulSet") and not _redis_objects(objs), \
+        "an external Redis replaces the in-cluster one"
+    apps = app_deployments(objs)
+    prompt = apps["services.prompt"][1]
+    env = {var["name"]: var for var in prompt["env"]}
+    assert env["PROMPTLINE_REDIS_MODE"].get("value") == mode
+    # The URL (and its password) comes from the out-of-band Secret, never from git.
+    assert env["PROMPTLINE_REDIS_URL"].get("valueFrom") == {
+        "secretKeyRef": {"name": "promptline-redis", "key": "PROMPTLINE_REDIS_URL"}}
+    for module, (_, c) in apps.items():
+        if module != "services.prompt":  # the prompt service is the only Redis client
+            assert not [v for v in c.get("env", []) if "REDIS" in v["name"]], module
+    config = parse_config(copy.deepcopy(loaded[name][1]), env=container_env(prompt))
+    assert config.redis_mode == mode
+    assert config.redis_url == SECRET_SAMPLES["promptline-redis", "PROMPTLINE_REDIS_URL"]
+    if mode == "sentinel":
+        assert config.redis_sentinel.master and len(config.redis_sentinel.nodes) >= 3
+        assert all(n.endswith(":26379") for n in config.redis_sentinel.nodes)
+    # Everything else is prod's, unchanged (the same config, hence the same ConfigMap name).
+    prod = render("prod")
+    prod = [o for o in prod if o not in _redis_objects(prod)]
+    prompt["env"] = [v for v in prompt["env"] if not v["name"].startswith("PROMPTLINE_REDIS_")]
+    assert objs == prod
 
 
 def test_dockerfile() -> None:
@@ -693,7 +775,6 @@ def _with_config(objs: list[Obj], **edits: Any) -> tuple[Config, Obj]:
         for part in parents:
             node = node[part]
         node[leaf] = value
-    from promptline.config import parse_config
     return parse_config(copy.deepcopy(raw), env={}), raw
 
 
@@ -756,6 +837,13 @@ MUTATIONS: list[tuple[str, Callable[[list[Obj]], Problems]]] = [
                               and x["metadata"]["name"] == "llm-engine")])),
     ("references: missing ConfigMap", lambda o: check_references(
         [x for x in o if x["kind"] != "ConfigMap"], set())),
+    ("references: env from a missing Secret", lambda o: (
+        _edge_container(o)["env"].append(
+            {"name": "X", "valueFrom": {"secretKeyRef": {"name": "nowhere", "key": "x"}}}),
+        check_references(o, set()))[1]),
+    ("config: local quota share for too few replicas", lambda o: check_config(
+        o, *_with_config(o, quota_policy={"on_redis_error": "local", "replicas": 1}),
+        expect_redis=True)),
     ("references: redis Service not headless", lambda o: (
         _first(o, "Service", "redis")["spec"].pop("clusterIP"), check_references(o, set()))[1]),
 ]
