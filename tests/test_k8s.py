@@ -519,8 +519,9 @@ def check_references(objs: list[Obj], out_of_band: set[str]) -> Problems:
                 for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
                     if field in var.get("valueFrom", {}):
                         wanted.append((kind, var["valueFrom"][field]["name"]))
+            claims = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
             for mount in c.get("volumeMounts", []):
-                if mount["name"] not in {v["name"] for v in spec.get("volumes", [])}:
+                if mount["name"] not in {v["name"] for v in spec.get("volumes", [])} | claims:
                     problems.append(f"{where}: mounts unknown volume {mount['name']}")
         for kind, name in wanted:
             if _named(objs, kind, name) is None and not (kind == "Secret" and name in out_of_band):
