@@ -5,9 +5,28 @@ Kept apart from `grpc_server` so the client SDK imports no server code.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import grpc
+
+# A chat stream whose replica is unreachable, or dies before answering, is tried once more, on
+# another replica (round_robin picks the next one). gRPC commits a call at the first response
+# headers, which each hop sends with its first frame (the engine: with `start`, after the first
+# token), so nothing is retried once a frame went out: never mid-stream. Only the two chat
+# streams: a unary admin write may already have been done.
+RETRY_POLICY = {
+    "maxAttempts": 2,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "promptline.v1.LlmEngine", "method": "Generate"},
+             {"service": "promptline.v1.PromptService", "method": "StreamChat"}],
+    "retryPolicy": RETRY_POLICY,
+}]})
 
 CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -21,6 +40,11 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", SERVICE_CONFIG),
+    # A request up to this size can be retried (gRPC keeps it until the call commits); a larger
+    # one goes once. 256 KiB by default: a long prompt would never be retried.
+    ("grpc.per_rpc_retry_buffer_size", 4 * 1024 * 1024),
 ]
 
 
