@@ -290,13 +290,20 @@ RedisMode = Annotated[str, Choice.of("standalone", "cluster", "sentinel")]
 @dataclass(frozen=True, slots=True)
 class SentinelConfig:
     """Redis Sentinel (`redis_mode: sentinel`): the master is found through the sentinels, and
-    found again after a failover without a restart. Password, database and TLS come from
-    `redis_url` (`rediss://:password@host/0`; the host there is not used)."""
+    found again after a failover without a restart. The master's password, database and TLS
+    come from `redis_url` (`rediss://:password@host/0?ssl_ca_certs=...`; the host there is not
+    used)."""
 
     master: str = key("mymaster", env="PROMPTLINE_REDIS_SENTINEL_MASTER",
                       doc="the name the sentinels monitor the master under")
     nodes: tuple[Address, ...] = key((), env="PROMPTLINE_REDIS_SENTINEL_NODES",
                                      doc="the sentinels, `host:port` (env: comma-separated)")
+    password: str | None = key(
+        None, env="PROMPTLINE_REDIS_SENTINEL_PASSWORD", repr=False,
+        doc="the sentinels' own password (their `requirepass`), if they have one; the data "
+            "nodes' is in `redis_url`. Never logged")
+    tls: bool = key(False, doc="reach the sentinels over TLS, with `redis_url`'s `ssl_*` "
+                               "query arguments (CA, client certificate)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,10 +353,12 @@ class Config:
     tenants: tuple[TenantConfig, ...] = key(min_items=1, doc="who may call")
     models: tuple[ModelConfig, ...] = key(min_items=1, doc="what they may call")
     redis_url: RedisUrl | None = key(
-        None, env="PROMPTLINE_REDIS_URL",
+        None, env="PROMPTLINE_REDIS_URL", repr=False,  # it may hold the password
         doc="`redis://`, `rediss://` or `unix://`; required by the prompt service (null: `make "
             "run` starts a local Redis and passes it in), except with sentinel. Cluster: any one "
-            "node. Needs a restart")
+            "node. A password goes in it (`redis://:pass@host:6379/0`, percent-encoded), TLS "
+            "settings as query arguments (`ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, "
+            "`ssl_cert_reqs`, `ssl_check_hostname`), in every mode. Needs a restart")
     redis_mode: RedisMode = key("standalone", env="PROMPTLINE_REDIS_MODE",
                                 doc="`standalone`, `cluster` (nodes discovered from `redis_url`) "
                                     "or `sentinel` (`redis_sentinel`)")

@@ -32,7 +32,7 @@ Unknown keys are errors too: a typo must not silently leave a default in force.
   letter or a digit.
 - The running services reload the file on SIGHUP and whenever it changes (a ConfigMap update
   too); an invalid file is rejected with a log line and the running config kept. `listen`,
-  `targets` and `redis_url` need a restart.
+  `targets`, `redis_url`, `redis_mode` and `redis_sentinel` need a restart.
 
 ## Environment overrides
 

@@ -4,7 +4,7 @@
 so in-flight streams keep their settings. `reload()` runs on SIGHUP and when the watched file
 changes (a Kubernetes ConfigMap update swaps a symlink, so the file's identity is compared, not
 only its mtime). An invalid file is rejected with a log line and a metric, keeping the old config.
-Addresses and `redis_url` need a restart; a change to them is applied to nothing and logged.
+Addresses and the Redis keys need a restart; a change to them is applied to nothing and logged.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from promptline.metrics import CONFIG_RELOADS
 
 log = logging.getLogger("promptline.config")
 T = TypeVar("T")
-_RESTART_ONLY = ("listen", "targets", "redis_url")
+_RESTART_ONLY = ("listen", "targets", "redis_url", "redis_mode", "redis_sentinel")
 
 
 class LiveConfig:

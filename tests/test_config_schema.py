@@ -119,6 +119,7 @@ def test_env_overrides_come_from_the_declarations():
         "PROMPTLINE_REDIS_MODE": "redis_mode",
         "PROMPTLINE_REDIS_SENTINEL_MASTER": "redis_sentinel.master",
         "PROMPTLINE_REDIS_SENTINEL_NODES": "redis_sentinel.nodes",
+        "PROMPTLINE_REDIS_SENTINEL_PASSWORD": "redis_sentinel.password",
         "PROMPTLINE_EDGE_HTTP_ADDR": "listen.edge_http",
         "PROMPTLINE_PROMPT_ADDR": "listen.prompt",
         "PROMPTLINE_LLM_ENGINE_ADDR": "listen.llm_engine",

@@ -16,21 +16,19 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from types import FrameType
 from typing import Protocol
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from promptline.config import Config, ConfigError, load_config
+from promptline.config import ENV_OVERRIDES, Config, ConfigError, load_config
+from promptline.devtools.deployment import SERVICES, grpc_serving, http_ok
 from promptline.devtools.embedded_redis import EmbeddedRedis
 from promptline.devtools.redis_topologies import LocalRedisCluster, LocalRedisSentinel
 
-SERVICES = ("llm_engine", "prompt", "edge_http")  # start order; stop order is the reverse
 DEV_REDIS_ENV = "PROMPTLINE_DEV_REDIS"  # `make run REDIS=...`
 DEV_REDIS_KINDS = ("standalone", "cluster", "sentinel")
-_SENTINEL_VARS = ("PROMPTLINE_REDIS_SENTINEL_MASTER", "PROMPTLINE_REDIS_SENTINEL_NODES")
+# Every redis_sentinel.* variable, its password too: the local topologies have none.
+_SENTINEL_VARS = tuple(var for var, dotted in ENV_OVERRIDES.items()
+                       if dotted.startswith("redis_sentinel."))
 
 
 class _LocalRedis(Protocol):
@@ -153,25 +151,8 @@ def _stop_all(children: dict[str, subprocess.Popen[bytes]], grace: float) -> Non
 
 def _ready(edge_url: str, config: Config) -> bool:
     """Every hop answers: the engine's and prompt's gRPC health, then the edge's /readyz."""
-    for target in (config.llm_engine_target, config.prompt_target):
-        with grpc.insecure_channel(target) as channel:
-            try:
-                stub = health_pb2_grpc.HealthStub(channel)
-                # types-grpcio-health-checking declares HealthStub without its methods.
-                check = stub.Check  # type: ignore[attr-defined]
-                reply: health_pb2.HealthCheckResponse = check(health_pb2.HealthCheckRequest(),
-                                                              timeout=0.5)
-                status = reply.status
-            except grpc.RpcError:
-                return False
-            if status != health_pb2.HealthCheckResponse.SERVING:
-                return False
-    try:
-        with urllib.request.urlopen(edge_url + "/readyz", timeout=0.5) as resp:
-            status_code: int = resp.status  # urlopen is typed as returning Any
-            return status_code == 200
-    except OSError:
-        return False
+    return (all(grpc_serving(t) for t in (config.llm_engine_target, config.prompt_target))
+            and http_ok(edge_url + "/readyz"))
 
 
 def _say(message: str) -> None:

@@ -14,6 +14,12 @@ when the start failed. Both are context managers.
 
 `kill_master()` SIGKILLs the current master (of a slot range, for the cluster) and
 `wait_for_failover()` returns once its replica took over.
+
+Both can be secured, for the tests of secured deployments: `password` (`requirepass` and
+`masterauth` on every data node; the sentinels get `sentinel auth-pass`, and
+`sentinel_password` as their own `requirepass`) and `tls` (TLS only, every link included:
+replication, cluster bus, sentinel to node and to sentinel, with a CA made in the topology's temp
+dir; `client_certs`: clients must present a certificate). `url` then carries what a client needs.
 """
 
 from __future__ import annotations
@@ -34,7 +40,11 @@ from redis.exceptions import RedisError, ResponseError
 from promptline.devtools.embedded_redis import (
     EPHEMERAL_ARGS,
     PortInUseError,
+    TlsFiles,
+    client_kwargs,
     free_port,
+    make_tls_files,
+    redis_url,
     start_redis_server,
     stop_process,
 )
@@ -57,6 +67,7 @@ class _Node:
     port: int
     workdir: Path
     proc: subprocess.Popen[bytes]
+    auth: dict[str, Any]  # password and TLS arguments of a client of this node
 
     @property
     def address(self) -> str:
@@ -68,7 +79,7 @@ class _Node:
 
     def client(self, timeout: float = 1.0) -> redis.Redis:
         return redis.Redis(host=HOST, port=self.port, socket_timeout=timeout,
-                           socket_connect_timeout=timeout, decode_responses=True)
+                           socket_connect_timeout=timeout, decode_responses=True, **self.auth)
 
     def command(self, *args: str | int, timeout: float = 1.0) -> Any:
         """One command on a fresh connection, the reply unparsed (the command name is split so
@@ -87,15 +98,38 @@ class _Topology:
 
     prefix = "promptline-redis-"
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None, tls: bool = False,
+                 client_certs: bool = False) -> None:
         self._root = Path(tempfile.mkdtemp(prefix=self.prefix))
         self._nodes: list[_Node] = []
         self._used_ports: set[int] = set()
         self._stopped = False
+        self.password = password
+        self._tls = tls
+        self._client_certs = client_certs
+        self.tls_files: TlsFiles | None = None
+
+    def _make_tls_files(self) -> None:
+        if self._tls:
+            self.tls_files = make_tls_files(self._root / "tls")
+
+    def _listen_args(self, port: int) -> list[str]:
+        """Where a process listens: `port`, or TLS only on `port`."""
+        if self.tls_files is None:
+            return ["--port", str(port)]
+        return self.tls_files.server_args(port, client_certs=self._client_certs)
+
+    def _data_auth_args(self) -> list[str]:
+        """A data node's password, and the one it gives its master (a replica, or a master
+        after a failover)."""
+        if self.password is None:
+            return []
+        return ["--requirepass", self.password, "--masterauth", self.password]
 
     def _spawn(self, name: str, args_for: Callable[[int, Path], Sequence[str]],
-               bus: bool = False) -> _Node:
-        """Start one redis-server in its own dir under the root, retrying on a stolen port."""
+               bus: bool = False, password: str | None = None) -> _Node:
+        """Start one redis-server in its own dir under the root, retrying on a stolen port;
+        `password`: the one its clients give (if any)."""
         workdir = self._root / name
         workdir.mkdir()
         for attempt in range(_PORT_ATTEMPTS):
@@ -103,12 +137,13 @@ class _Topology:
                              also_free=CLUSTER_BUS_OFFSET if bus else None)
             self._used_ports.update((port, port + CLUSTER_BUS_OFFSET) if bus else (port,))
             try:
-                proc = start_redis_server(args_for(port, workdir), port, workdir)
+                proc = start_redis_server(args_for(port, workdir), port, workdir,
+                                          tls=self.tls_files)
             except PortInUseError:
                 if attempt == _PORT_ATTEMPTS - 1:
                     raise
                 continue
-            node = _Node(port, workdir, proc)
+            node = _Node(port, workdir, proc, client_kwargs(password, self.tls_files))
             self._nodes.append(node)
             return node
         raise AssertionError("unreachable")
@@ -217,8 +252,9 @@ class LocalRedisCluster(_Topology):
 
     prefix = "promptline-redis-cluster-"
 
-    def __init__(self, replicas_per_master: int = 1) -> None:
-        super().__init__()
+    def __init__(self, replicas_per_master: int = 1, *, password: str | None = None,
+                 tls: bool = False, client_certs: bool = False) -> None:
+        super().__init__(password, tls, client_certs)
         self.masters = len(SLOT_RANGES)
         self.replicas_per_master = replicas_per_master
         self._served: dict[str, list[int]] = {}  # killed master -> a slot of each of its ranges
@@ -226,7 +262,7 @@ class LocalRedisCluster(_Topology):
     @property
     def url(self) -> str:
         """One node (the first master); cluster mode has only db 0."""
-        return f"redis://{self._nodes[0].address}/0"
+        return redis_url(self._nodes[0].address, self.password, self.tls_files)
 
     @property
     def nodes(self) -> list[str]:
@@ -238,7 +274,10 @@ class LocalRedisCluster(_Topology):
         return self
 
     def _node_args(self, port: int, workdir: Path) -> list[str]:
-        return ["--port", str(port), *EPHEMERAL_ARGS, "--dir", str(workdir),
+        # With TLS the bus (port + 10000) and replication speak it too.
+        tls = ["--tls-cluster", "yes", "--tls-replication", "yes"] if self.tls_files else []
+        return [*self._listen_args(port), *tls, *self._data_auth_args(),
+                *EPHEMERAL_ARGS, "--dir", str(workdir),
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 # a replica may always take over, however long it was cut off: dev, not prod
@@ -251,8 +290,9 @@ class LocalRedisCluster(_Topology):
     def _form(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         total = self.masters * (1 + self.replicas_per_master)
+        self._make_tls_files()
         for index in range(total):
-            self._spawn(f"node-{index}", self._node_args, bus=True)
+            self._spawn(f"node-{index}", self._node_args, bus=True, password=self.password)
         masters = self._nodes[:self.masters]
         replicas = self._nodes[self.masters:]
         first = self._nodes[0]
@@ -416,8 +456,11 @@ class LocalRedisSentinel(_Topology):
     prefix = "promptline-redis-sentinel-"
 
     def __init__(self, sentinels: int = 3, quorum: int = 2,
-                 master_name: str = MASTER_NAME) -> None:
-        super().__init__()
+                 master_name: str = MASTER_NAME, *, password: str | None = None,
+                 sentinel_password: str | None = None, tls: bool = False,
+                 client_certs: bool = False) -> None:
+        super().__init__(password, tls, client_certs)
+        self.sentinel_password = sentinel_password
         self.master_name = master_name
         self.quorum = quorum
         self._sentinel_count = sentinels
@@ -453,8 +496,9 @@ class LocalRedisSentinel(_Topology):
 
     @property
     def url(self) -> str:
-        """The current master as a URL (for what wants one; clients should ask the sentinels)."""
-        return f"redis://{self.master_address}/0"
+        """The current master as a URL (for what wants one; clients should ask the sentinels).
+        Its password and TLS files are what sentinel mode reads from `redis_url`."""
+        return redis_url(self.master_address, self.password, self.tls_files)
 
     def start(self, timeout: float = 20.0) -> LocalRedisSentinel:
         self._start_guarded(lambda: self._form(timeout))
@@ -463,8 +507,9 @@ class LocalRedisSentinel(_Topology):
     def _data_args(self, replica_of: int | None) -> Callable[[int, Path], list[str]]:
         def args(port: int, workdir: Path) -> list[str]:
             extra = ["--replicaof", HOST, str(replica_of)] if replica_of else []
-            return ["--port", str(port), *EPHEMERAL_ARGS, "--dir", str(workdir),
-                    "--loglevel", "warning", *extra]
+            tls = ["--tls-replication", "yes"] if self.tls_files else []
+            return [*self._listen_args(port), *tls, *self._data_auth_args(), *EPHEMERAL_ARGS,
+                    "--dir", str(workdir), "--loglevel", "warning", *extra]
         return args
 
     def _sentinel_args(self, master_port: int, replica_port: int) -> Callable[
@@ -473,11 +518,14 @@ class LocalRedisSentinel(_Topology):
             conf = workdir / "sentinel.conf"  # sentinels rewrite their file: a private copy
             name = self.master_name
             conf.write_text("\n".join([
-                f"port {port}",
+                *self._sentinel_secure_lines(port),
                 f"bind {HOST}",
                 "protected-mode yes",
                 f"dir {workdir}",
                 f"sentinel monitor {name} {HOST} {master_port} {self.quorum}",
+                # after `monitor`, which it refers to
+                *([f"sentinel auth-pass {name} {self.password}"] if self.password is not None
+                  else []),
                 f"sentinel down-after-milliseconds {name} {DOWN_AFTER_MS}",
                 f"sentinel failover-timeout {name} {FAILOVER_TIMEOUT_MS}",
                 f"sentinel parallel-syncs {name} 1",
@@ -489,10 +537,24 @@ class LocalRedisSentinel(_Topology):
             return [str(conf), "--sentinel"]
         return args
 
+    def _sentinel_secure_lines(self, port: int) -> list[str]:
+        """A sentinel's listening, TLS and password lines. Its own `requirepass` is also what it
+        gives the other sentinels."""
+        lines = [f"port {port}"]
+        if (tls := self.tls_files) is not None:
+            lines = ["port 0", f"tls-port {port}", f"tls-cert-file {tls.cert}",
+                     f"tls-key-file {tls.key}", f"tls-ca-cert-file {tls.ca}",
+                     f"tls-auth-clients {'yes' if self._client_certs else 'no'}",
+                     "tls-replication yes"]  # to the master, replicas and other sentinels
+        if self.sentinel_password is not None:
+            lines.append(f"requirepass {self.sentinel_password}")
+        return lines
+
     def _form(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        master = self._spawn("master", self._data_args(None))
-        replica = self._spawn("replica", self._data_args(master.port))
+        self._make_tls_files()
+        master = self._spawn("master", self._data_args(None), password=self.password)
+        replica = self._spawn("replica", self._data_args(master.port), password=self.password)
         self._data = [master, replica]
 
         def replica_synced() -> bool | None:
@@ -504,7 +566,8 @@ class LocalRedisSentinel(_Topology):
         _wait_for("replica in sync", replica_synced, max(0.1, deadline - time.monotonic()))
         for index in range(self._sentinel_count):
             self._sentinels.append(self._spawn(
-                f"sentinel-{index}", self._sentinel_args(master.port, replica.port)))
+                f"sentinel-{index}", self._sentinel_args(master.port, replica.port),
+                password=self.sentinel_password))
         _wait_for("every sentinel knows the master, the replica and the other sentinels",
                   self._sentinels_agree, max(0.1, deadline - time.monotonic()))
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2
 
 from promptline.grpc_server import REDIS_HEALTH_NAME
 from promptline.metrics import REDIS_UP
-from promptline.redis_store import STORE_ERRORS, RedisStore
+from promptline.redis_store import STORE_ERRORS, RedisStore, store_call
 
 log = logging.getLogger("promptline.prompt")
 
@@ -55,7 +55,9 @@ class RedisWatch:
     async def _probe(self) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._store.client.ping()
+                # store_call: the cluster client's "cannot be connected" is no RedisError,
+                # and would end this probe (and a start) instead of reading as "down"
+                await store_call(self._store.client.ping())
             up = True
         except STORE_ERRORS:
             up = False
