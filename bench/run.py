@@ -51,10 +51,11 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench import baseline, procstat
+from bench import baseline
 from bench.client import OPENAI, SSE, StreamResult, request_body, run_stream
 from bench.report import evaluate_targets, markdown
 from bench.stats import ms, percentile
+from promptline.devtools import procstat
 from promptline.devtools.embedded_redis import EmbeddedRedis
 from promptline.devtools.fake_openai import model_name, reply_text
 from promptline.tokens import count_tokens

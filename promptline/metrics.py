@@ -8,11 +8,15 @@ resolved once per stream (`StreamTimer`), keeping per-token cost to one histogra
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # Minute-level budgets: buckets reach well past a minute for TTFT and duration.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -97,6 +101,30 @@ def track_gc_pauses(service: str) -> None:
 
     on_gc._promptline = True  # type: ignore[attr-defined]
     gc.callbacks.append(on_gc)
+
+
+class _EventLoopTasks(Collector):
+    """`promptline_asyncio_tasks`: tasks alive on the service's event loop, read at scrape time
+    (the scrape runs on that loop). Back to its baseline after a burst, or tasks leak."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("promptline_asyncio_tasks",
+                                "Asyncio tasks alive on this process's event loop.",
+                                value=len(asyncio.all_tasks(self._loop)))
+
+
+def track_event_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Expose `promptline_asyncio_tasks` for `loop` (once per process)."""
+    global _loop_tasks
+    if _loop_tasks is None:
+        _loop_tasks = _EventLoopTasks(loop)
+        REGISTRY.register(_loop_tasks)
+
+
+_loop_tasks: _EventLoopTasks | None = None
 
 
 class StreamTimer:

@@ -20,7 +20,7 @@ from typing import Protocol
 from promptline.config import Config, ConfigError, load_config
 from promptline.config_reload import LiveConfig
 from promptline.logs import setup_logging
-from promptline.metrics import track_gc_pauses
+from promptline.metrics import track_event_loop, track_gc_pauses
 from promptline.tracing import setup_tracing
 
 
@@ -90,6 +90,7 @@ async def _main(name: str, config: Config, start: Start) -> None:
     live.start()
     _freeze_start_up_objects()
     track_gc_pauses(name)
+    track_event_loop(loop)
     log.info("started", extra={"config": config.source})
     await stop_requested.wait()
     log.info("stopping: draining streams", extra={"grace_s": config.shutdown_grace})

@@ -172,8 +172,8 @@ def test_prompt_bytes_pads_the_user_message_and_the_report_says_so() -> None:
 def test_bench_children_get_a_session_of_their_own_unless_one_session(tmp_path: Path) -> None:
     import os
 
-    from bench import procstat
     from bench.run import parse_args
+    from promptline.devtools import procstat
 
     own = procstat.Child("own", ["sleep", "30"], env=dict(os.environ), cwd=str(tmp_path),
                          log_path=tmp_path / "own.log")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import aiohttp
 
 from promptline.devtools.fake_openai import FakeOpenAI
+from promptline.devtools.sse_client import collect, events, without_comments
 from tests.chain import running_chain
 from tests.conftest import make_config
 from tests.eventually import eventually
-from tests.sse_client import collect, events, without_comments
 
 AUTH = {"Authorization": "Bearer dev-key"}
 BODY = {"model": "sim", "messages": [{"role": "user", "content": "Hi"}]}

@@ -15,6 +15,7 @@ from aiohttp.http_writer import StreamWriter
 from aiohttp.test_utils import TestServer
 
 from promptline.channels import insecure_channel
+from promptline.devtools.sse_client import Event, SseStream, without_comments
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.grpc_server import RunningServer, start_grpc_server
 from promptline.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
@@ -22,7 +23,6 @@ from services.edge_http import sse
 from services.edge_http.app import PROMPT_SERVICE_NAME, EdgeServer, build_app, start_edge
 from services.edge_http.chat_request import parse_chat_request, read_body
 from tests.conftest import make_config
-from tests.sse_client import Event, SseStream, without_comments
 
 WAIT = 10.0  # generous bound for anything that should happen "promptly"
 AUTH = {"Authorization": "Bearer dev-key"}

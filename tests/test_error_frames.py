@@ -19,11 +19,11 @@ from grpc_status import rpc_status
 
 from promptline.devtools.embedded_redis import free_port
 from promptline.devtools.fake_openai import FakeOpenAI
+from promptline.devtools.sse_client import collect
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2, prompt_pb2
 from tests.chain import running_chain
 from tests.conftest import make_config
-from tests.sse_client import collect
 
 LONG_REPLY = ("Streaming replies arrive token by token, and every hop relays them at once. " * 4)
 FAST = {"ttft_ms": 0, "tokens_per_second": 0}

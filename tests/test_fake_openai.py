@@ -12,8 +12,8 @@ import openai
 import pytest
 
 from promptline.devtools.fake_openai import FakeOpenAI, model_name, reply_pieces, reply_text
+from promptline.devtools.sse_client import SseStream
 from promptline.tokens import count_tokens
-from tests.sse_client import SseStream
 
 API_KEY = "sk-test-0123456789abcdef"
 HI = [{"role": "user", "content": "Hi"}]

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from promptline.devtools.sse_client import collect, events
 from promptline.errors import ErrorCode, PromptlineError
 from promptline.tokens import count_messages
 from promptline.v1.common_pb2 import ChatMessage
@@ -16,7 +17,6 @@ from services.prompt.history import ConversationStore, Turn, conversation_key, e
 from tests.chain import running_chain
 from tests.conftest import make_config
 from tests.eventually import eventually
-from tests.sse_client import collect, events
 
 DEV = {"Authorization": "Bearer dev-key"}
 OTHER = {"Authorization": "Bearer other-key"}

@@ -9,10 +9,10 @@ import aiohttp
 from prometheus_client import REGISTRY
 
 from promptline.devtools.fake_openai import FakeOpenAI
+from promptline.devtools.sse_client import events
 from tests.chain import running_chain
 from tests.conftest import make_config
 from tests.eventually import eventually
-from tests.sse_client import events
 
 AUTH = {"Authorization": "Bearer dev-key"}
 LONG = "and the reply keeps going " * 40

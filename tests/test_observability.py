@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from promptline.config import load_config
 from promptline.config_reload import LiveConfig
+from promptline.devtools.sse_client import collect
 from promptline.logs import JsonFormatter
 from promptline.metrics import track_gc_pauses
 from promptline.tracing import setup_tracing, tracing_enabled
@@ -26,7 +27,6 @@ from services.edge_http.context import LIVE_CONFIG_KEY
 from tests.chain import running_chain
 from tests.conftest import BASE_CONFIG, make_config
 from tests.eventually import eventually
-from tests.sse_client import collect
 
 AUTH = {"Authorization": "Bearer dev-key"}
 BODY = {"model": "sim", "messages": [{"role": "user", "content": "Hi"}]}

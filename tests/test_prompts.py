@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from promptline import cli
+from promptline.devtools.sse_client import collect
 from promptline.errors import ErrorCode, PromptlineError
 from promptline.tokens import count_messages
 from promptline.v1 import common_pb2, prompt_admin_pb2, prompt_admin_pb2_grpc, prompt_pb2
@@ -23,7 +24,6 @@ from services.prompt.prompts import PromptDraft, PromptRegistry
 from services.prompt.templates import declared_variables, placeholders, render
 from tests.chain import running_chain
 from tests.conftest import make_config
-from tests.sse_client import collect
 
 DEV = {"Authorization": "Bearer dev-key"}  # tenant dev: admin
 OTHER = {"Authorization": "Bearer other-key"}  # tenant other: not admin

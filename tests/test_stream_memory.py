@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from promptline.devtools.sse_client import events
 from tests.chain import Chain, running_chain
 from tests.conftest import make_config
-from tests.sse_client import events
 
 AUTH = {"Authorization": "Bearer dev-key", "Content-Type": "application/json"}
 PROMPT_BYTES = 64 * 1024

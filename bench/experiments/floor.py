@@ -36,9 +36,9 @@ import aiohttp
 import grpc
 import yaml
 
-from bench import procstat
 from bench.run import API_KEY, ROOT, Load, Stack, sim_name
 from bench.stats import percentile
+from promptline.devtools import procstat
 from promptline.devtools.fake_openai import model_name
 from promptline.v1 import (
     common_pb2,

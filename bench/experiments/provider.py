@@ -31,8 +31,8 @@ from typing import Any
 
 import grpc
 
-from bench import procstat
 from bench.run import ROOT, Load, Stack
+from promptline.devtools import procstat
 from promptline.devtools.fake_openai import model_name
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 

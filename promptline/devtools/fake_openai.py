@@ -21,7 +21,7 @@ in order), e.g. `fake.push(fail_status=500)` then the following request succeeds
 
 Knobs: `reply`, `tokens`, `ttft`, `delay`, `fail_status`, `fail_code`, `fail_message`,
 `fail_body`, `retry_after`, `retry_after_ms`, `fail_after_chunks`, `stall_after_chunks`,
-`drop_after_chunks`, `truncate_after_chunks`, `models`.
+`drop_after_chunks`, `truncate_after_chunks`, `garbage_after_chunks`, `models`.
 
 Records: `requests` (RecordedRequest: body, authorization, headers, peer; kept unless
 `record=False`, as the standalone server runs), `request_count`, `active_streams`,
@@ -44,6 +44,8 @@ import contextlib
 import itertools
 import json
 import re
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,7 +61,7 @@ DONE = b"data: [DONE]\n\n"
 KNOBS = (
     "reply", "tokens", "ttft", "delay", "fail_status", "fail_code", "fail_message", "fail_body",
     "retry_after", "retry_after_ms", "fail_after_chunks", "stall_after_chunks",
-    "drop_after_chunks", "truncate_after_chunks",
+    "drop_after_chunks", "truncate_after_chunks", "garbage_after_chunks",
 )
 
 _WORDS = re.compile(r"\S+\s*|\s+")
@@ -184,6 +186,7 @@ class _Plan:
     stall_after_chunks: int | None
     drop_after_chunks: int | None
     truncate_after_chunks: int | None
+    garbage_after_chunks: int | None
     spec: Spec | None = None
     """The shape the model name asks for: it replaces reply, tokens, delay and ttft."""
 
@@ -258,9 +261,11 @@ class FakeOpenAI:
         self.stall_after_chunks: int | None = None
         """After N content chunks go silent until the client disconnects (or stop())."""
         self.drop_after_chunks: int | None = None
-        """After N content chunks abort the TCP connection."""
+        """After N content chunks reset the TCP connection (RST, not FIN)."""
         self.truncate_after_chunks: int | None = None
         """After N content chunks end the response cleanly, without finish_reason or [DONE]."""
+        self.garbage_after_chunks: int | None = None
+        """After N content chunks send a malformed SSE data line (not JSON), then go on."""
         self.models = models
         self.host = host
         self.record = record
@@ -504,6 +509,8 @@ class FakeOpenAI:
                     self._drop(request)
                     finished = True
                     return resp
+                if plan.garbage_after_chunks is not None and i == plan.garbage_after_chunks:
+                    await resp.write(b"data: {not json\n\n")
                 if plan.truncate_after_chunks is not None and i >= plan.truncate_after_chunks:
                     await resp.write_eof()
                     finished = True
@@ -538,6 +545,9 @@ class FakeOpenAI:
         self.drops += 1
         transport = request.transport
         if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:  # linger 0: close() sends RST, as a crashed peer's kernel does
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             transport.abort()
 
 

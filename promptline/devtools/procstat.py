@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from promptline.devtools.embedded_redis import free_port as free_port  # re-exported for the bench
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -30,7 +32,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def status_kib(pid: int, key: str) -> int:
-    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), in KiB; 0 once the process is gone."""
+    """A numeric field of /proc/<pid>/status (VmRSS, VmHWM in KiB; Threads); 0 once the process
+    is gone."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
@@ -39,6 +42,18 @@ def status_kib(pid: int, key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of `pid` (sockets included); 0 once it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def threads(pid: int) -> int:
+    return status_kib(pid, "Threads")  # a plain count, same format
 
 
 def process_tree(pid: int) -> list[int]:
@@ -67,12 +82,6 @@ def cpu_tree(pid: int) -> float:
 
 def rss_tree(pid: int) -> int:
     return sum(status_kib(p, "VmRSS") for p in process_tree(pid))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float) -> None:

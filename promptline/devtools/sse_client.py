@@ -1,4 +1,4 @@
-"""The tests' one SSE reader: `event:`/`id:`/`data:` blocks from an aiohttp response.
+"""One SSE reader (tests, drills): `event:`/`id:`/`data:` blocks from an aiohttp response.
 
     events = await collect(resp)                 # everything, until the server closes
     async for event in events(resp): ...         # as they arrive
