@@ -4,6 +4,7 @@ stopped and started again on the same port."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -14,7 +15,7 @@ from prometheus_client import REGISTRY
 from promptline.config import ModelConfig, QuotaPolicy, Quotas, TenantConfig
 from promptline.devtools.embedded_redis import EmbeddedRedis
 from promptline.errors import ErrorCode, PromptlineError
-from services.prompt.quotas import QuotaManager
+from services.prompt.quotas import STORE_RETRY_S, QuotaManager
 
 LOCAL = QuotaPolicy(on_redis_error="local", redis_timeout=0.2, replicas=2)
 
@@ -25,6 +26,30 @@ def gauge() -> float:
 
 def degraded_admissions() -> float:
     return REGISTRY.get_sample_value("promptline_quota_degraded_admissions_total") or 0
+
+
+async def test_a_hung_redis_costs_one_timeout_a_second_not_one_per_request() -> None:
+    team = TenantConfig(name="hung-team", key_digests=(b"h" * 32,), quotas=Quotas(qpm=100))
+    sim = ModelConfig(name="sim", provider="simulated")
+    with EmbeddedRedis() as server:
+        client = aioredis.from_url(server.url, socket_timeout=5, socket_connect_timeout=5)
+        manager = QuotaManager(client, LOCAL)
+        try:
+            assert not (await manager.admit(team, sim, 1, "up")).degraded
+            server.pause()  # SIGSTOP: connections open, nothing answers
+            waits = []
+            for i in range(10):
+                started = time.monotonic()
+                assert (await manager.admit(team, sim, 1, f"hung-{i}")).degraded
+                waits.append(time.monotonic() - started)
+            assert waits[0] >= LOCAL.redis_timeout * 0.9  # the failure is found out once...
+            assert max(waits[1:]) < 0.05  # ...then the store is skipped, not waited for
+            server.resume()
+            await asyncio.sleep(STORE_RETRY_S)
+            assert not (await manager.admit(team, sim, 1, "back")).degraded
+        finally:
+            server.resume()
+            await client.aclose()
 
 
 async def test_each_replica_enforces_its_share_until_redis_is_back(
@@ -57,6 +82,7 @@ async def test_each_replica_enforces_its_share_until_redis_is_back(
         assert sum("in memory until it is back" in w for w in warnings) == 1  # one per outage
 
         server = EmbeddedRedis(port=server.port).start()  # back, empty: the shared budget
+        await asyncio.sleep(STORE_RETRY_S)  # the store is tried again a second after a failure
         reservation = await manager.admit(team, sim, 1, "back")
         assert not reservation.degraded and gauge() == 0
         assert any("reachable again" in r.getMessage() for r in caplog.records)

@@ -87,6 +87,9 @@ from .local_quotas import LocalWindows
 log = logging.getLogger("promptline.quotas")
 
 WINDOW_MS = 60_000
+STORE_RETRY_S = 1.0
+"""After a store failure admissions skip the store this long, so a hung Redis costs one
+`redis_timeout` a second instead of one per request; the next call finds it back."""
 KEY_PREFIX = "{pl:quota:"
 
 # --- Lua -------------------------------------------------------------------------------------
@@ -295,7 +298,7 @@ class QuotaManager:
     TIME, one clock for every replica.
     """
 
-    __slots__ = ("_degraded", "_local", "_scripts", "clock", "policy", "redis")
+    __slots__ = ("_local", "_outage", "_retry_store_at", "_scripts", "clock", "policy", "redis")
 
     def __init__(self, redis: RedisClient, policy: QuotaPolicy, *,
                  clock: Callable[[], float] | None = None) -> None:
@@ -303,7 +306,10 @@ class QuotaManager:
         self.policy = policy
         self.clock = clock
         self._local = LocalWindows()
-        self._degraded = False
+        self._outage = False
+        """The store failed and has not answered since (one warning each way)."""
+        self._retry_store_at = 0.0
+        """Monotonic time before which admissions do not call the store (STORE_RETRY_S)."""
         self._scripts = {
             "admit": redis.register_script(_ADMIT_LUA),
             "settle": redis.register_script(_SETTLE_LUA),
@@ -328,6 +334,8 @@ class QuotaManager:
         # One script per slot (the tenant's keys, the model's keys), both at once.
         sides = [[c for c in checks if c.scope == scope] for scope in ("tenant", "model")]
         sides = [side for side in sides if side]
+        if time.monotonic() < self._retry_store_at:
+            return self._without_store(tenant, sides, reserve, request_id, None)
         now = self._now_arg()
         calls = [asyncio.ensure_future(self._admit_side(side, now)) for side in sides]
         try:
@@ -356,10 +364,8 @@ class QuotaManager:
             assert failure is not None
             if not isinstance(failure, STORE_ERRORS):
                 raise failure
-            if self.policy.on_redis_error == "local":
-                _record_store_error("admit", failure, request_id)
-                return self._admit_locally(tenant, sides, reserve, request_id, failure)
-            return self._admit_without_store(failure, request_id)
+            self._retry_store_at = time.monotonic() + STORE_RETRY_S
+            return self._without_store(tenant, sides, reserve, request_id, failure)
         per_check: dict[str, list[int]] = {}
         charged = []
         now_ms = 0
@@ -408,15 +414,33 @@ class QuotaManager:
     def _now_arg(self) -> int | str:
         return "" if self.clock is None else int(self.clock() * 1000)
 
-    def _admit_locally(self, tenant: TenantConfig, sides: list[list[_Check]], reserve: int,
-                       request_id: str, exc: BaseException) -> Reservation:
-        """Degraded mode: this replica's share of every limit, in memory, one window."""
-        if not self._degraded:
-            self._degraded = True
-            QUOTA_DEGRADED.set(1)
-            log.warning("quota store unavailable (%s): enforcing limit / %d in memory until it "
-                        "is back (local)", type(exc).__name__, self.policy.replicas,
+    def _without_store(self, tenant: TenantConfig, sides: list[list[_Check]], reserve: int,
+                       request_id: str, exc: BaseException | None) -> Reservation:
+        """The policy's answer while the store is down (`exc`: the failure just seen; None when
+        the call was skipped). One warning per outage, whatever the policy."""
+        if exc is not None:
+            _record_store_error("admit", exc, request_id)
+        if not self._outage:
+            self._outage = True
+            policy = self.policy.on_redis_error
+            effect = {"local": f"enforcing limit / {self.policy.replicas} in memory until it "
+                               "is back (local)",
+                      "fail_open": "admitting without quota check until it is back (fail_open)",
+                      }.get(policy, "rejecting requests until it is back (fail_closed)")
+            log.warning("quota store unavailable (%s): %s",
+                        type(exc).__name__ if exc else "skipped", effect,
                         extra={"request_id": request_id})
+            if policy == "local":
+                QUOTA_DEGRADED.set(1)
+        if self.policy.on_redis_error == "local":
+            return self._admit_locally(tenant, sides, reserve, request_id)
+        if not self.policy.fail_open:
+            raise _unavailable(request_id)
+        return Reservation(None, request_id, 0, None, degraded=True)
+
+    def _admit_locally(self, tenant: TenantConfig, sides: list[list[_Check]], reserve: int,
+                       request_id: str) -> Reservation:
+        """Degraded mode: this replica's share of every limit, in memory, one window."""
         checks = [c for side in sides for c in side]
         limits = [max(1, math.ceil(c.limit / self.policy.replicas)) for c in checks]
         now = int((self.clock or time.time)() * 1000)
@@ -435,8 +459,8 @@ class QuotaManager:
                            charged, _limits(tenant, per_check, now), degraded=True, local=True)
 
     def _store_is_back(self) -> None:
-        if self._degraded:
-            self._degraded = False
+        if self._outage:
+            self._outage = False
             self._local.clear()  # the shared budget counts again
             QUOTA_DEGRADED.set(0)
             log.warning("quota store reachable again: quotas are shared again")
@@ -465,16 +489,6 @@ class QuotaManager:
             for check in tpm:
                 undo.append(self._settle((check.key,), window, -check.cost, request_id))
         await asyncio.gather(*undo)
-
-    def _admit_without_store(self, exc: BaseException, request_id: str) -> Reservation:
-        _record_store_error("admit", exc, request_id)
-        if not self.policy.fail_open:
-            log.warning("quota store unavailable (%s): rejecting the request (fail_closed)",
-                        type(exc).__name__, extra={"request_id": request_id})
-            raise _unavailable(request_id) from None
-        log.warning("quota store unavailable (%s): admitting without quota check (fail_open)",
-                    type(exc).__name__, extra={"request_id": request_id})
-        return Reservation(None, request_id, 0, None, degraded=True)
 
     async def _settle(self, keys: tuple[str, ...], window: int, delta: int,
                       request_id: str) -> None:
