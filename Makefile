@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/promptline/v1/*.proto)
 GEN    := promptline/v1/.generated
 
-.PHONY: run test protos lint bench k8s-validate clean
+.PHONY: run test protos lint bench k8s-validate clean drills
 
 # REDIS=cluster (3 masters + 3 replicas) or REDIS=sentinel (master, replica, 3 sentinels): a local
 # topology on free ports instead of the single embedded Redis; REDIS=standalone forces that one.
@@ -15,6 +15,11 @@ run: $(STAMP) $(GEN)
 
 test: $(STAMP) $(GEN)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Fault drills on a real local deployment (~8 min; docs/drills.md): one row per drill, a report
+# in bench/results/drills-*/, exit 1 when one fails. DRILLS_ARGS="--only redis-kill --smoke".
+drills: $(STAMP) $(GEN)
+	$(PY) -m promptline.devtools.drills $(DRILLS_ARGS)
 
 protos: $(GEN)
 

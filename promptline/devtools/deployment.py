@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,8 @@ class Replica:
     metrics_port: int | None
     env: dict[str, str]
     log_path: Path
+    wrapper: tuple[str, ...] = ()
+    """Arguments to run the service module through, e.g. ("-m", "some.wrapper", "arg")."""
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -102,7 +104,8 @@ class Replica:
         /readyz); RuntimeError with its log's tail if it exits or does not come up."""
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{self.service}"], env=self.env,
+                [sys.executable, *(self.wrapper or ("-m",)), f"services.{self.service}"],
+                env=self.env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)  # a terminal's Ctrl-C reaches the owner only
         deadline = time.monotonic() + timeout
@@ -147,11 +150,12 @@ class Replica:
 class LocalDeployment:
     """`engines` llm_engine, `prompts` prompt and `edges` edge_http processes; each hop dials
     every replica of the next (`ipv4:a,b`, round-robin). `start()`, `replica(...)`, `stop()`;
-    also a context manager."""
+    also a context manager. `wrapper`: run each service module through another module (the
+    drills' planted faults)."""
 
     def __init__(self, config: Mapping[str, Any], *, engines: int = 1, prompts: int = 1,
                  edges: int = 1, env: Mapping[str, str] | None = None,
-                 root: Path | None = None) -> None:
+                 root: Path | None = None, wrapper: Sequence[str] = ()) -> None:
         self._workdir = Path(tempfile.mkdtemp(prefix="promptline-deployment-"))
         base_env = {k: v for k, v in (env if env is not None else os.environ).items()
                     if not k.startswith("PROMPTLINE_")}
@@ -170,7 +174,8 @@ class LocalDeployment:
         for service in SERVICES:
             self.replicas[service] = [
                 Replica(service, i, port(), port() if service in _METRICS_KEY else None, {},
-                        self._workdir / f"{service}-{i}.log") for i in range(counts[service])]
+                        self._workdir / f"{service}-{i}.log", tuple(wrapper))
+                for i in range(counts[service])]
         self.engine_target = self._target("llm_engine")
         self.prompt_target = self._target("prompt")
         raw = dict(config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -307,7 +308,24 @@ class EmbeddedRedis:
         """The redis-server's process id while it runs (benches read its CPU time)."""
         return self._proc.pid if self._proc is not None else None
 
+    def kill(self) -> None:
+        """SIGKILL (a crash: nothing kept); `start()` brings a fresh one up on the same port."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: a hung server, connections open and silent; `resume()` (SIGCONT) ends it."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        self.resume()  # a stopped process cannot act on SIGTERM
         stop_process(self._proc)
         self._proc = None
         self._dir.cleanup()

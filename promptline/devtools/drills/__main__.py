@@ -1,0 +1,3 @@
+from promptline.devtools.drills.runner import main
+
+raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""`make drills` in its smoke version: every drill passes on the real deployment, and each one
+fails when the fault it exists to catch is planted in a service (`drills/faults.py`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from promptline.devtools.drills.harness import Scale
+from promptline.devtools.drills.runner import catalog, run_drills
+
+SMOKE = Scale(smoke=True)
+
+# drill -> (planted fault, a words of the failure it must report)
+PLANTED = {
+    "redis-kill": ("redis-health-blind", "/readyz said redis"),
+    "redis-pause": ("redis-unbounded", "slowest request"),
+}
+
+
+@pytest.mark.parametrize("name", list(catalog()))
+async def test_the_drill_passes(name: str) -> None:
+    [result] = await run_drills([name], SMOKE)
+    assert result.passed, (result.failures, result.observed)
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+async def test_the_drill_catches_its_planted_fault(name: str) -> None:
+    planted, symptom = PLANTED[name]
+    [result] = await run_drills([name], SMOKE, fault=planted)
+    assert not result.passed, result.observed
+    assert any(symptom in failure for failure in result.failures), result.failures
+
+
+def test_every_drill_has_a_planted_fault() -> None:
+    assert set(PLANTED) == set(catalog())
