@@ -14,6 +14,10 @@ SMOKE = Scale(smoke=True)
 PLANTED = {
     "redis-kill": ("redis-health-blind", "/readyz said redis"),
     "redis-pause": ("redis-unbounded", "slowest request"),
+    "engine-kill": ("prompt-slow-reconnect", "first success"),
+    "prompt-kill": ("edge-slow-reconnect", "first success"),
+    "edge-kill": ("prompt-leaves-engine-calls", "chain not cancelled"),
+    "sigterm": ("engine-no-drain", "did not end with done"),
 }
 
 
