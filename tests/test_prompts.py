@@ -352,6 +352,11 @@ async def test_http_validation_of_admin_bodies(redis_client, redis_server):
                                                               "got string"
         async with http.get(f"{base}/v1/prompts/greeter/versions/abc", headers=DEV) as resp:
             assert resp.status == 400
+        # digits int() rejects, and more digits than int() parses: 400, not 500
+        for raw in ("\u00b2", "\u0663", "9" * 5000):
+            for path in (f"versions/{raw}", f"versions?limit={raw}"):
+                async with http.get(f"{base}/v1/prompts/greeter/{path}", headers=DEV) as resp:
+                    assert resp.status == 400, (path[:40], await resp.text())
         async with http.get(f"{base}/v1/prompts/greeter/versions") as resp:
             assert resp.status == 401
 

@@ -127,10 +127,11 @@ async def get_version(stub: PromptAdminClient, request: web.Request,
                       metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """GET /v1/prompts/{id}/versions/{n}."""
     raw = request.match_info["version"]
-    if not raw.isdigit() or not 1 <= int(raw) <= _UINT32_MAX:
+    number = _positive_uint32(raw)
+    if number is None:
         raise invalid(f"version must be a version number (1 or more), got {raw!r}")
     version = await stub.GetPromptVersion(prompt_admin_pb2.GetPromptVersionRequest(
-        prompt_id=request.match_info["prompt_id"], version=int(raw)),
+        prompt_id=request.match_info["prompt_id"], version=number),
         metadata=metadata, timeout=ADMIN_TIMEOUT)
     return web.json_response(version_json(version))
 
@@ -238,6 +239,16 @@ def _query_uint(request: web.Request, name: str) -> int:
     raw = request.query.get(name)
     if raw is None:
         return 0
-    if not raw.isdigit() or not 1 <= int(raw) <= _UINT32_MAX:
+    value = _positive_uint32(raw)
+    if value is None:
         raise invalid(f"query parameter {name} must be a positive integer, got {raw!r}")
-    return int(raw)
+    return value
+
+
+def _positive_uint32(raw: str) -> int | None:
+    """1..2^32-1 written in ASCII digits, else None. `isdigit()` alone admits '²' and other
+    digits `int()` rejects, and `int()` of 4,301 digits raises: both were a 500."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10:
+        return None
+    value = int(raw)
+    return value if 1 <= value <= _UINT32_MAX else None
