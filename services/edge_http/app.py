@@ -1,8 +1,10 @@
 """The HTTP edge: authenticates, validates, and relays a PromptService stream to the client as SSE.
 
 Routes: `POST /v1/chat/stream` (here), `POST /v1/chat/completions` and `GET /v1/models`
-(`openai_api.py`), the chat page `GET /` (`chat_page.py`), `/healthz`, `/readyz`. The streaming
-rules live in `relay.StreamRelay`, shared by both streaming endpoints.
+(`openai_api.py`), prompts and conversations (`prompts_api.py`), the chat page `GET /`
+(`chat_page.py`), `/healthz`, `/readyz`, `/metrics`, and `GET /openapi.json`, which describes them
+all (`openapi.py`). The streaming rules live in `relay.StreamRelay`, shared by both streaming
+endpoints.
 
 Response headers are held until the prompt service's `start` frame (the model's first chunk)
 arrives, capped at `edge.header_hold`; an error before that is a real HTTP status with a JSON
@@ -30,7 +32,7 @@ from promptline.grpc_server import REDIS_HEALTH_NAME
 from promptline.metrics_server import metrics_handler
 from promptline.tracing import client_interceptors, tracer
 from promptline.v1 import prompt_pb2, prompt_pb2_grpc
-from services.edge_http import chat_page, openai_api, prompts_api
+from services.edge_http import chat_page, openai_api, openapi, prompts_api
 from services.edge_http.chat_request import parse_chat_request, read_request_body
 from services.edge_http.context import (
     CHANNEL_KEY,
@@ -66,6 +68,7 @@ def build_app(config: Config, channel: grpc.aio.Channel, *,
     openai_api.add_routes(app)
     chat_page.add_routes(app)
     prompts_api.add_routes(app)
+    openapi.add_routes(app)
     return app
 
 

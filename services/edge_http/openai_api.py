@@ -50,7 +50,7 @@ log = logging.getLogger("promptline.edge_http")
 
 DONE_LINE = b"data: [DONE]\n\n"
 # Roles OpenAI clients send that map onto ours; tool calling is not supported.
-_ROLE_ALIASES = {"developer": "system"}
+ROLE_ALIASES = {"developer": "system"}
 _UNSUPPORTED_ROLES = frozenset({"tool", "function"})
 
 
@@ -137,7 +137,7 @@ def _messages(value: Any) -> Any:
         if isinstance(role, str):  # a list or an object is left for the native type check
             if role in _UNSUPPORTED_ROLES or item.get("tool_calls"):
                 raise invalid(f"messages[{i}]: tool calling is not supported")
-            role = _ROLE_ALIASES.get(role, role)
+            role = ROLE_ALIASES.get(role, role)
         content = item.get("content")
         if isinstance(content, list):
             content = _text_parts(content, f"messages[{i}].content")
