@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/promptline/v1/*.proto)
 GEN    := promptline/v1/.generated
 
-.PHONY: run test protos lint bench k8s-validate clean drills
+.PHONY: run test protos lint bench k8s-validate clean drills soak
 
 # REDIS=cluster (3 masters + 3 replicas) or REDIS=sentinel (master, replica, 3 sentinels): a local
 # topology on free ports instead of the single embedded Redis; REDIS=standalone forces that one.
@@ -20,6 +20,11 @@ test: $(STAMP) $(GEN)
 # in bench/results/drills-*/, exit 1 when one fails. DRILLS_ARGS="--only redis-kill --smoke".
 drills: $(STAMP) $(GEN)
 	$(PY) -m promptline.devtools.drills $(DRILLS_ARGS)
+
+# 15 minutes of mixed load; memory, fds, threads and asyncio tasks of each service sampled every
+# 10 s must grow less than 5 % after the warm-up. Table and plot in bench/results/soak-*/.
+soak: $(STAMP) $(GEN)
+	$(PY) -m promptline.devtools.drills.soak $(SOAK_ARGS)
 
 protos: $(GEN)
 

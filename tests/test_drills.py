@@ -3,10 +3,13 @@ fails when the fault it exists to catch is planted in a service (`drills/faults.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from promptline.devtools.drills.harness import Scale
+from promptline.devtools.drills.harness import Env, Scale
 from promptline.devtools.drills.runner import catalog, run_drills
+from promptline.devtools.drills.soak import soak
 
 SMOKE = Scale(smoke=True)
 
@@ -14,6 +17,8 @@ SMOKE = Scale(smoke=True)
 PLANTED = {
     "redis-kill": ("redis-health-blind", "/readyz said redis"),
     "redis-pause": ("redis-unbounded", "slowest request"),
+    "provider-errors": ("provider-429-as-error", "expected 429 UPSTREAM_RATE_LIMITED"),
+    "provider-stream-faults": ("provider-spin-after-error", "spins after the fault"),
     "engine-kill": ("prompt-slow-reconnect", "first success"),
     "prompt-kill": ("edge-slow-reconnect", "first success"),
     "edge-kill": ("prompt-leaves-engine-calls", "chain not cancelled"),
@@ -37,3 +42,15 @@ async def test_the_drill_catches_its_planted_fault(name: str) -> None:
 
 def test_every_drill_has_a_planted_fault() -> None:
     assert set(PLANTED) == set(catalog())
+
+
+@pytest.mark.parametrize("planted", [None, "edge-leaks-per-request"])
+async def test_a_short_soak_sees_no_growth_and_catches_a_leak(planted: str | None,
+                                                              tmp_path: Path) -> None:
+    async with Env(SMOKE, tmp_path, fault=planted) as env:
+        report = await soak(env, minutes=0.2, warmup=0.05, interval=2, log=lambda _: None)
+    assert report["requests"] > 100
+    if planted is None:
+        assert not report["failures"], (report["failures"], report["growth"])
+    else:
+        assert any("edge_http rss_kib grew" in f for f in report["failures"]), report["growth"]

@@ -24,7 +24,7 @@ def fault(name: str, service: str) -> Callable[[Callable[[], None]], Callable[[]
 
 def main(argv: list[str]) -> None:
     # Run as __main__, this file is not the module the drills register with: use that one.
-    from promptline.devtools.drills import faults
+    from promptline.devtools.drills import faults, soak  # noqa: F401  # soak's faults too
     from promptline.devtools.drills.runner import catalog
 
     catalog()  # imports every drill module, which registers its faults

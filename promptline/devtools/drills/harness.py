@@ -123,7 +123,7 @@ class Env:
 
         raw: dict[str, Any] = {
             "redis_url": self.redis.url,
-            "tenants": [{"name": TENANT, "api_keys": [API_KEY],
+            "tenants": [{"name": TENANT, "api_keys": [API_KEY], "admin": True,
                          "quotas": {"qpm": 100_000, "tpm": 100_000_000}}],
             "models": [
                 sim("sim"),
@@ -159,6 +159,10 @@ class Env:
 # --- callers -----------------------------------------------------------------------------------
 
 
+class StopReading(Exception):
+    """Raised by an `on_delta` callback: the caller leaves mid-stream."""
+
+
 @dataclass
 class Outcome:
     """What one caller of `POST /v1/chat/stream` saw."""
@@ -188,11 +192,13 @@ class Outcome:
 async def chat(http: aiohttp.ClientSession, base_url: str, model: str = "sim", *,
                text: str = "hi", max_tokens: int | None = None, key: str = API_KEY,
                within: float = 60.0, on_delta: Callable[[Outcome], Awaitable[None]] | None = None,
-               ) -> Outcome:
+               extra: dict[str, Any] | None = None) -> Outcome:
     """One chat stream, read to its end (or `within` seconds); never raises for what the
-    server did, so a drill can count outcomes."""
+    server did, so a drill can count outcomes. `extra`: more body fields (conversation_id,
+    prompt). An `on_delta` that raises `StopReading` leaves the stream (a disconnect)."""
     out = Outcome(started=time.monotonic())
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}]}
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}],
+                            **(extra or {})}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     last = out.started
@@ -226,6 +232,8 @@ async def chat(http: aiohttp.ClientSession, base_url: str, model: str = "sim", *
                     error = event.data.get("error", {})
                     out.terminal, out.stage = str(error.get("code")), str(error.get("stage"))
             out.terminal = out.terminal or "no terminal frame"
+    except StopReading:
+        out.terminal = "left"
     except (aiohttp.ClientError, ConnectionError, AssertionError):
         out.terminal = out.terminal or "connection error"
     except TimeoutError:
