@@ -36,7 +36,7 @@ from promptline.config_keys import (
 from promptline.config_keys import ConfigError as ConfigError
 from promptline.config_keys import parse_duration as parse_duration
 from promptline.config_keys import read as read_keys
-from promptline.rules import MODEL_NAME
+from promptline.rules import BOUNDARIES, MAX_COALESCE_MS, MAX_MIN_CHARS, MODEL_NAME
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "local.yaml"
 ENV_CONFIG_PATH = "PROMPTLINE_CONFIG"
@@ -123,6 +123,9 @@ ProxyUrl = Annotated[str, Text(r"(?:https?://.+)?", 'must be an http(s) URL, or 
 RedisUrl = Annotated[str, Text(r"(?:redis|rediss|unix)://.*",
                                "must start with redis://, rediss:// or unix://", "Redis URL")]
 Provider = Annotated[str, Choice.of("simulated", "openai")]
+Boundary = Annotated[str, Choice.of(*BOUNDARIES)]
+DEFAULT_COALESCE_MS = 50
+"""Chosen from measurements (docs/performance.md, "Chunk shaping")."""
 Regex = Annotated[str, _Regex(what="regular expression")]
 ApiKey = Annotated[bytes, _ApiKey()]
 
@@ -150,6 +153,22 @@ class Timeouts:
                                           "was sent to the provider; at most `total`")
     idle: Duration = key(30.0, doc="longest gap between two tokens")
     total: Duration = key(300.0, doc="longest whole stream")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamShaping:
+    """Chunk shaping (`services/llm_engine/shaping.py`), done once in the engine so every hop
+    carries fewer, larger frames. The first text is never held; after it, text is held at most
+    `coalesce_ms`, sent earlier once `min_chars` are held, cut after the last `boundary`; the
+    terminal frame flushes what is held. A request may override each field (`stream_options`
+    over HTTP, `stream_shape` over gRPC)."""
+
+    coalesce_ms: int = key(DEFAULT_COALESCE_MS, minimum=0, maximum=MAX_COALESCE_MS,
+                           doc="longest hold after the first text, in ms; 0: shaping off")
+    min_chars: int = key(0, minimum=0, maximum=MAX_MIN_CHARS,
+                         doc="send early once this many characters are held; 0: never early")
+    boundary: Boundary = key("none", doc="where an early frame is cut: `none`, `word` (after "
+                                         "whitespace) or `line` (after a newline)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +212,7 @@ class ModelConfig:
     context_window: int = key(8192, minimum=16, doc="context size in tokens (prompt + reply)")
     default_max_tokens: int = key(1024, name="max_tokens", minimum=1,
                                   doc="`max_tokens` of requests that send none")
+    stream: StreamShaping = section(StreamShaping)
 
 
 @dataclass(frozen=True, slots=True)

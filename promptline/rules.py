@@ -12,6 +12,7 @@ import re
 import uuid
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.v1 import common_pb2
 
 SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 """Request and conversation ids: safe in logs, Redis keys, headers and gRPC metadata."""
@@ -21,6 +22,10 @@ ROLES = ("system", "user", "assistant")
 MAX_TOKENS = 1_000_000
 """The most a request may ask for; the model's context window usually says less."""
 MAX_TEMPERATURE = 2.0
+MAX_COALESCE_MS = 1000
+"""Chunk shaping's longest hold: a second of held text is where streaming stops feeling live."""
+MAX_MIN_CHARS = 65536
+BOUNDARIES = ("none", "word", "line")
 
 
 def invalid(message: str) -> PromptlineError:
@@ -63,3 +68,15 @@ def check_temperature(value: float, path: str = "temperature") -> None:
 def check_version_or_label(version: int, label: str) -> None:
     if version and label:
         raise invalid("prompt takes either version or label, not both")
+
+
+def check_stream_shape(shape: common_pb2.StreamShape, path: str = "stream_options") -> None:
+    """A request's chunk shaping; a field not set keeps the model's."""
+    if shape.coalesce_ms > MAX_COALESCE_MS:
+        raise invalid(f"{path}.coalesce_ms must be between 0 and {MAX_COALESCE_MS}, "
+                      f"got {shape.coalesce_ms}")
+    if shape.min_chars > MAX_MIN_CHARS:
+        raise invalid(f"{path}.min_chars must be between 0 and {MAX_MIN_CHARS}, "
+                      f"got {shape.min_chars}")
+    if shape.boundary and shape.boundary not in BOUNDARIES:
+        raise invalid(f"{path}.boundary must be one of {', '.join(BOUNDARIES)}")

@@ -25,6 +25,8 @@ BASE_CONFIG: dict[str, Any] = {
             "simulated": {"ttft_ms": 5, "tokens_per_second": 2000,
                           "reply": "Hello from the simulated model, streaming token by token."},
             "timeouts": {"first_token": "10s", "idle": "10s", "total": "30s"},
+            # frame by frame, as most tests count frames; tests/test_shaping.py shapes
+            "stream": {"coalesce_ms": 0},
         },
     ],
     "moderation": {"blocked_terms": ["forbidden-word"]},

@@ -23,7 +23,8 @@ async def test_stream_through_prompt_and_engine(redis_server):
     # 200 tokens/s: a pace both hops keep up with, so tokens arrive as separate deltas
     config = make_config(redis_url=redis_server.url, models=[{
         "name": "paced", "provider": "simulated",
-        "simulated": {"ttft_ms": 0, "tokens_per_second": 200, "reply": "word " * 30}}])
+        "simulated": {"ttft_ms": 0, "tokens_per_second": 200, "reply": "word " * 30},
+        "stream": {"coalesce_ms": 0}}])
     async with running_chain(config, with_edge=False) as chain:
         call = chain.prompt_stub.StreamChat(chat("paced"), metadata=AUTH, timeout=10)
         frames = [f async for f in call]

@@ -18,7 +18,8 @@ async def test_sim_stream_reaches_http_client_in_order(redis_server):
     # 200 tokens/s: a pace every hop keeps up with, so tokens arrive as separate deltas
     config = make_config(redis_url=redis_server.url, models=[{
         "name": "paced", "provider": "simulated",
-        "simulated": {"ttft_ms": 5, "tokens_per_second": 200, "reply": "word " * 30}}])
+        "simulated": {"ttft_ms": 5, "tokens_per_second": 200, "reply": "word " * 30},
+        "stream": {"coalesce_ms": 0}}])
     async with running_chain(config) as chain, aiohttp.ClientSession() as http:
         async with http.post(f"{chain.base_url}/v1/chat/stream",
                              json={**BODY, "model": "paced"}, headers=AUTH) as resp:

@@ -186,6 +186,17 @@ def test_output_clean_reply_passes_complete_and_in_order() -> None:
             assert run.held_max <= hold
 
 
+def test_output_holds_back_only_what_could_begin_a_term() -> None:
+    flt = TermModerator(ModerationConfig(blocked_terms=(TERM, "Straße"))).output_filter()
+    assert flt.feed("a") == "a"  # a first token that starts no term goes out at once
+    assert flt.feed("nswer: FORBID") == "nswer: "  # the unfinished "forbid" waits
+    assert flt.feed("s it") == "FORBIDs it"  # ...and goes once it cannot be the term
+    assert flt.feed(" via die STRA") == " via die "
+    assert flt.feed("SS") == ""  # "strass": a proper prefix of "straße".casefold() still
+    with pytest.raises(PromptlineError):
+        flt.feed("E")
+
+
 def test_output_short_term_is_caught_in_the_first_delta() -> None:
     flt = TermModerator(ModerationConfig(blocked_terms=("bad", TERM))).output_filter()
     with pytest.raises(PromptlineError):
@@ -194,7 +205,7 @@ def test_output_short_term_is_caught_in_the_first_delta() -> None:
 
 def test_output_block_is_sticky() -> None:
     flt = TermModerator(TERMS).output_filter()
-    assert flt.feed("some safe text, ") == "som"  # 16 chars, 13 held back
+    assert flt.feed("some safe text, ") == "some safe text, "  # no term can start in it
     with pytest.raises(PromptlineError):
         flt.feed("forbidden-word")
     with pytest.raises(PromptlineError):

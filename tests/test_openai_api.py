@@ -37,7 +37,8 @@ MODELS = [
      "simulated": {"ttft_ms": 0, "tokens_per_second": 10, "reply": "tick " * 200}},
     # a pace every hop keeps up with, so tokens are not coalesced into fewer chunks
     {"name": "paced", "provider": "simulated",
-     "simulated": {"ttft_ms": 0, "tokens_per_second": 200, "reply": REPLY}},
+     "simulated": {"ttft_ms": 0, "tokens_per_second": 200, "reply": REPLY},
+     "stream": {"coalesce_ms": 0}},
 ]
 
 

@@ -119,7 +119,24 @@ def chat_request_from(data: dict[str, Any]) -> prompt_pb2.StreamChatRequest:
     prompt = data.get("prompt")
     if prompt is not None:
         request.prompt.CopyFrom(_prompt_ref(prompt))
+    shape = data.get("stream_options")
+    if shape is not None:
+        request.stream_shape.CopyFrom(stream_shape(shape))
     return request
+
+
+def stream_shape(value: Any, path: str = "stream_options") -> common_pb2.StreamShape:
+    """Chunk shaping asked for by the request: `coalesce_ms`, `min_chars`, `boundary` (each
+    optional); the ranges are the prompt service's (`rules.check_stream_shape`)."""
+    if not isinstance(value, dict):
+        raise invalid(f"{path} must be an object, got {json_kind(value)}")
+    shape = common_pb2.StreamShape()
+    for name in ("coalesce_ms", "min_chars"):
+        if value.get(name) is not None:
+            setattr(shape, name, _int(value[name], f"{path}.{name}", 0, _UINT32_MAX))
+    if value.get("boundary") is not None:
+        shape.boundary = string_field(value["boundary"], f"{path}.boundary")
+    return shape
 
 
 def _decode_json(body: bytes) -> Any:

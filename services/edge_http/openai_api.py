@@ -68,6 +68,10 @@ def completion_id(request_id: str) -> str:
 # --- request -------------------------------------------------------------------------------------
 
 
+SHAPING_OPTIONS = ("coalesce_ms", "min_chars", "boundary")
+"""`stream_options` fields beside OpenAI's `include_usage`: chunk shaping, as on /v1/chat/stream."""
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionOptions:
     """The parts of an OpenAI request that shape the response rather than the generation."""
@@ -106,6 +110,10 @@ def parse_completion_request(body: bytes) -> tuple[prompt_pb2.StreamChatRequest,
     for key in ("temperature", "conversation_id"):  # conversation_id: a Promptline extension
         if data.get(key) is not None:
             native[key] = data[key]
+    if stream_options is not None:  # chunk shaping rides along: a Promptline extension
+        shaping = {k: v for k, v in stream_options.items() if k in SHAPING_OPTIONS}
+        if shaping:
+            native["stream_options"] = shaping
     return chat_request_from(native), CompletionOptions(stream, include_usage)
 
 

@@ -104,12 +104,20 @@ class ChunkPump:
             return
         self._yielded_at = loop.time()
 
-    async def take(self) -> list[Chunk]:
-        """The chunks that arrived since the last call; [] once the stream ended cleanly."""
+    async def take(self, within: float | None = None) -> list[Chunk] | None:
+        """The chunks that arrived since the last call; [] once the stream ended cleanly; None
+        when `within` seconds passed with nothing new (chunk shaping's timer)."""
         # Called again by the writer: what it took last time has been sent.
         if self._text_taken:
             self._text_sent.set()
-        await self._ready.wait()
+        if within is None:
+            await self._ready.wait()
+        elif not self._ready.is_set():
+            try:
+                async with asyncio.timeout(within):
+                    await self._ready.wait()
+            except TimeoutError:
+                return None
         batch, self._pending = self._pending, []
         self._pending_chars = 0
         self._drained.set()

@@ -30,6 +30,7 @@ from promptline.metrics import (
     PROVIDER_REQUESTS,
 )
 from promptline.metrics_server import MetricsServer
+from promptline.rules import check_stream_shape
 from promptline.streams import Context, StreamLife, serve_stream
 from promptline.tokens import count_messages_off_loop, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
@@ -38,6 +39,7 @@ from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 from .providers.base import GenerationRequest, Provider, Usage
 from .providers.registry import build_provider
 from .pump import ChunkPump
+from .shaping import Shape, Shaper
 from .timeouts import StreamClock
 
 log = logging.getLogger("promptline.llm_engine")
@@ -126,6 +128,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         if not request.messages:
             raise PromptlineError(ErrorCode.INVALID_REQUEST, "messages must not be empty",
                                   stage=Stage.CONNECT)
+        if request.HasField("stream_shape"):
+            check_stream_shape(request.stream_shape, "stream_shape")
         clock = StreamClock.start(model.timeouts, context.time_remaining())
         route = [model, *(m for n in model.fallback if (m := config.model(n)))]
         last: PromptlineError | None = None
@@ -179,8 +183,19 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         outcome = "cancelled"
         first = True
         pump = ChunkPump(gen, clock)
+        shape = _shape(model, request)
+        shaper = Shaper(shape) if shape.active else None
+        loop = asyncio.get_running_loop()
         try:
-            while batch := await pump.take():
+            while True:
+                batch = await pump.take(shaper.wait(loop.time()) if shaper else None)
+                if batch is None:  # held text is due
+                    assert shaper is not None
+                    if out := shaper.due(loop.time()):
+                        yield _delta(*out)
+                    continue
+                if not batch:
+                    break
                 if first:
                     first = False
                     PROVIDER_FIRST_CHUNK.labels(model.name, provider.kind).observe(
@@ -204,8 +219,12 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                         span.set_attribute("llm.ttft_ms", round((now - called) * 1000, 1))
                     last = now
                     completion += tokens
-                    yield llm_engine_pb2.GenerateResponse(
-                        delta=common_pb2.Delta(text="".join(text), tokens=tokens))
+                    if shaper is None:
+                        yield _delta("".join(text), tokens)
+                    elif out := shaper.feed("".join(text), tokens, loop.time()):
+                        yield _delta(*out)
+            if shaper is not None and (out := shaper.flush()):
+                yield _delta(*out)
             if finish is None:
                 raise PromptlineError(ErrorCode.UPSTREAM_ERROR,
                                       "the model provider ended the stream without finishing")
@@ -213,6 +232,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         except PromptlineError as err:
             outcome = err.code.value
             span.set_status(StatusCode.ERROR, err.code.value)
+            if shaper is not None and (out := shaper.flush()):
+                yield _delta(*out)  # what the provider produced before it failed is delivered
             raise
         finally:
             await pump.aclose()
@@ -229,6 +250,17 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                                    completion_tokens=usage.completion_tokens,
                                    total_tokens=usage.total_tokens),
         ))
+
+
+def _delta(text: str, tokens: int) -> llm_engine_pb2.GenerateResponse:
+    return llm_engine_pb2.GenerateResponse(delta=common_pb2.Delta(text=text, tokens=tokens))
+
+
+def _shape(model: ModelConfig, request: llm_engine_pb2.GenerateRequest) -> Shape:
+    """The model's shaping with the request's overrides."""
+    stream = model.stream
+    return Shape(stream.coalesce_ms, stream.min_chars, stream.boundary).with_overrides(
+        request.stream_shape if request.HasField("stream_shape") else None)
 
 
 async def _backoff(attempt: int, err: PromptlineError, clock: StreamClock,

@@ -25,6 +25,7 @@ from promptline.rules import (
     check_conversation_id,
     check_max_tokens,
     check_role,
+    check_stream_shape,
     check_temperature,
     check_version_or_label,
     invalid,
@@ -159,6 +160,8 @@ def _validate(request: prompt_pb2.StreamChatRequest) -> None:
         check_max_tokens(request.max_tokens)
     if request.HasField("temperature"):
         check_temperature(request.temperature)
+    if request.HasField("stream_shape"):
+        check_stream_shape(request.stream_shape)
     check_version_or_label(request.prompt.version, request.prompt.label)
 
 

@@ -11,11 +11,14 @@ Blocked terms match as case-folded substrings (`str.casefold`, no Unicode normal
 substrings rather than whole words because a reply can glue a term to punctuation or markup, and
 a false positive is a cheaper mistake here than a leak.
 
-Hold-back rule: the output filter keeps back the last `L - 1` characters of the original text,
-where `L` is the length of the longest case-folded term. Case folding never maps a character to
-nothing (it may map one to up to three), so any unfinished occurrence of a term at the end of the
-text lies within those characters; no character of a term that is completed later has therefore
-been released. Each `feed()` scans only the held tail plus the new text, never the whole reply.
+Hold-back rule: the output filter keeps back the shortest tail of the text that holds every
+unfinished occurrence of a term: the characters from the first one whose case-folded form
+starts a proper prefix of a term that runs to the end of the text. Case folding never maps a
+character to nothing (it may map one to up to three), so such a prefix starts within the last
+`L - 1` characters (`L`: the longest folded term); only those are examined. No character of a
+term completed later has therefore been released, and text that cannot begin a term (most of it)
+goes out at once: the frames chunk shaping made reach the caller as they were cut. Each `feed()`
+scans only the held tail plus the new text, never the whole reply.
 """
 
 from __future__ import annotations
@@ -98,12 +101,26 @@ class BlockedTermFilter:
                 self._blocked = True
                 self._held = ""
                 raise self._error()
-        if len(window) <= self._hold:
-            self._held = window
-            return ""
-        cut = len(window) - self._hold
-        self._held = window[cut:]
-        return window[:cut]
+        keep = self._unfinished_tail(window)
+        if not keep:
+            self._held = ""
+            return window
+        self._held = window[-keep:]
+        return window[:-keep]
+
+    def _unfinished_tail(self, window: str) -> int:
+        """How many of the last characters of `window` could begin a term that later text
+        completes: the longest k whose k-th last character starts (its folded form holds the
+        start of) a proper term prefix that runs to the end."""
+        longest = 0
+        folded = ""
+        for k in range(1, min(self._hold, len(window)) + 1):
+            before = len(folded)
+            folded = window[-k:].casefold()
+            if any(folded[-size:] == term[:size] for term in self._terms
+                   for size in range(before + 1, min(len(folded), len(term) - 1) + 1)):
+                longest = k
+        return longest
 
     def flush(self) -> str:
         if self._blocked:

@@ -151,6 +151,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 messages=plan.messages,
                 max_tokens=plan.max_tokens,
                 temperature=plan.temperature,
+                stream_shape=(request.stream_shape if request.HasField("stream_shape")
+                              else None),
             ),
             timeout=context.time_remaining(),
         )
