@@ -30,7 +30,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptline.config import EdgeConfig, PromptsConfig
 from promptline.errors import WIRE, ErrorCode, Stage
-from promptline.rules import MAX_TEMPERATURE, MAX_TOKENS, MODEL_NAME, ROLES, SAFE_ID
+from promptline.rules import (
+    BOUNDARIES,
+    MAX_COALESCE_MS,
+    MAX_MIN_CHARS,
+    MAX_TEMPERATURE,
+    MAX_TOKENS,
+    MODEL_NAME,
+    ROLES,
+    SAFE_ID,
+)
 from services.edge_http import sse
 from services.edge_http.chat_request import DECODED_ENCODINGS
 from services.edge_http.http_errors import CHAT_COMPLETIONS_PATH, MODELS_PATH
@@ -117,6 +126,11 @@ _OPENAI_TYPES = sorted({wire.openai_type for wire in WIRE.values()})
 _TEMPERATURE = {"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE}
 _MAX_TOKENS = integer(1, MAX_TOKENS)
 _TOKENS = integer(0)
+_SHAPE_FIELDS: dict[str, Schema] = {
+    "coalesce_ms": nullable(integer(0, MAX_COALESCE_MS)),
+    "min_chars": nullable(integer(0, MAX_MIN_CHARS)),
+    "boundary": nullable(string(enum=list(BOUNDARIES))),
+}
 
 
 def _error_fields() -> dict[str, Schema]:
@@ -184,9 +198,15 @@ def _request_schemas() -> dict[str, Schema]:
             "temperature": nullable(_TEMPERATURE),
             "conversation_id": nullable(_SAFE_ID),
             "prompt": nullable(ref("PromptRef")),
+            "stream_options": nullable(ref("StreamShape")),
         }, "messages", anyOf=model_or_prompt,
             description="`model` is required unless `prompt` names a version with a default "
                         "model. Unknown fields are ignored."),
+        "StreamShape": obj(_SHAPE_FIELDS, description=(
+            "Chunk shaping of the reply, overriding the model's `stream` config field by field: "
+            "the first text is never held; after it, text is held at most `coalesce_ms` (0: "
+            "off), sent earlier once `min_chars` are held, cut after the last `boundary`; the "
+            "terminal frame flushes what is held.")),
         "TextPart": obj({"type": string(const="text"), "text": string()}, "type", "text"),
         "OpenAIMessage": obj({
             "role": string(enum=[*ROLES, *ROLE_ALIASES]),
@@ -203,7 +223,11 @@ def _request_schemas() -> dict[str, Schema]:
                                                                   "be equal."}),
             "temperature": nullable(_TEMPERATURE),
             "stream": nullable({"type": "boolean"}),
-            "stream_options": nullable(obj({"include_usage": nullable({"type": "boolean"})})),
+            "stream_options": nullable(obj({
+                "include_usage": nullable({"type": "boolean"}),
+                **_SHAPE_FIELDS,
+            }, description="`include_usage` is OpenAI's; the chunk-shaping fields are a "
+                           "Promptline extension (`StreamShape`).")),
             "n": nullable(integer(1, 1)),
             "conversation_id": nullable({**_SAFE_ID, "description": "A Promptline extension."}),
         }, "model", "messages",
