@@ -93,7 +93,8 @@ _FROM_GRPC_STATUS: dict[grpc.StatusCode, ErrorCode] = {
     S.PERMISSION_DENIED: ErrorCode.PERMISSION_DENIED,
     S.INVALID_ARGUMENT: ErrorCode.INVALID_REQUEST,
     S.NOT_FOUND: ErrorCode.NOT_FOUND,
-    S.RESOURCE_EXHAUSTED: ErrorCode.UPSTREAM_RATE_LIMITED,
+    # RESOURCE_EXHAUSTED is absent on purpose: every Promptline rejection carries its details,
+    # so a bare one is the transport's own limit (a message or trailer too large): INTERNAL.
     S.DEADLINE_EXCEEDED: ErrorCode.DEADLINE_EXCEEDED,
     S.UNAVAILABLE: ErrorCode.UNAVAILABLE,
     S.CANCELLED: ErrorCode.CANCELLED,
@@ -196,7 +197,7 @@ class PromptlineError(Exception):
             },
         )
         status = status_pb2.Status(
-            code=getattr(code_pb2, self.grpc_status.name), message=self.message
+            code=getattr(code_pb2, self.grpc_status.name), message=_status_message(self.message)
         )
         status.details.add().Pack(info)
         if self.retry_after_ms:
@@ -234,9 +235,8 @@ class PromptlineError(Exception):
                 return built
         code_enum = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         code = _FROM_GRPC_STATUS.get(code_enum, ErrorCode.INTERNAL)
-        details = err.details() if hasattr(err, "details") else ""
-        # Transport-level texts can carry addresses and stack fragments: keep them out of messages.
-        message = _SAFE_MESSAGES.get(code) or (details or code.value.lower())
+        # Transport-level texts can carry addresses and stack fragments: never in a message.
+        message = _SAFE_MESSAGES.get(code) or code.value.lower().replace("_", " ")
         return cls(code, message, stage=stage)
 
     @classmethod
@@ -299,6 +299,19 @@ class PromptlineError(Exception):
         if not self.retry_after_ms:
             return {}
         return {"Retry-After": str(max(1, -(-self.retry_after_ms // 1000)))}
+
+
+# A status travels in the trailers (grpc-message percent-encoded, the details in base64), which
+# gRPC caps at 8 KiB (16 KiB hard): a message echoing a long input (a 10 kB model name) would
+# replace the status with a bare RESOURCE_EXHAUSTED. The error frame keeps the whole message.
+STATUS_MESSAGE_BYTES = 1024
+
+
+def _status_message(text: str) -> str:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= STATUS_MESSAGE_BYTES:
+        return text
+    return raw[:STATUS_MESSAGE_BYTES].decode("utf-8", "ignore") + "..."
 
 
 def _holds(any_pb: any_pb2.Any, message_type: type[message.Message]) -> bool:

@@ -21,7 +21,7 @@ from promptline.devtools.embedded_redis import free_port
 from promptline.devtools.fake_openai import FakeOpenAI
 from promptline.devtools.sse_client import collect
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.v1 import common_pb2, prompt_pb2
+from promptline.v1 import common_pb2, llm_engine_pb2, prompt_pb2
 from tests.chain import running_chain
 from tests.conftest import make_config
 
@@ -347,3 +347,36 @@ async def test_two_prompt_replicas_share_one_budget(redis_client, redis_server, 
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 30)
     assert outcomes == ["done"] * 4 + ["QPM_EXCEEDED"] * 4
+
+
+async def test_a_long_echoed_input_keeps_its_typed_status_end_to_end(redis_server) -> None:
+    """An error message echoing a 9,000-character model name: the status (capped message, full
+    details) still fits gRPC's trailers, so the caller gets NOT_FOUND, not the transport's bare
+    RESOURCE_EXHAUSTED; and a bare status never puts the transport's text in a message."""
+    async with running_chain(make_config(redis_url=redis_server.url), with_edge=False) as chain:
+        call = chain.engine_stub.Generate(llm_engine_pb2.GenerateRequest(
+            model="x" * 9000, messages=[common_pb2.ChatMessage(role="user", content="hi")]),
+            timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in call:
+                pass
+        err = PromptlineError.from_rpc_error(info.value)
+        assert err.code is ErrorCode.NOT_FOUND and info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+class _BareStatus(grpc.RpcError):
+    """What a transport-level failure looks like to a caller: a code and gRPC's own text."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "received metadata size exceeds limit (10.0.0.7:50052)"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+def test_a_bare_transport_status_is_internal_with_a_safe_message() -> None:
+    err = PromptlineError.from_rpc_error(_BareStatus())
+    assert err.code is ErrorCode.INTERNAL and err.message == "internal error"

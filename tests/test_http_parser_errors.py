@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from promptline.devtools.http_fuzz import PARSER_CASES  # shared with the fuzz drill
 from promptline.metrics import ERRORS
 from tests.chain import Chain, running_chain
 from tests.conftest import make_config
@@ -70,22 +71,6 @@ def edge_errors(code: str) -> float:
     return sum(sample.value for metric in ERRORS.collect() for sample in metric.samples
                if sample.name.endswith("_total") and sample.labels["service"] == "edge_http"
                and sample.labels["code"] == code)
-
-
-PARSER_CASES = {
-    "bad method token": b"GE\x01T / HTTP/1.1\r\nHost: x\r\n\r\n",
-    "invalid header bytes": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad\x00: 1\r\n\r\n",
-    "header name with a space": b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n",
-    "duplicated Content-Length": (b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\n"
-                                  b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}"),
-    "request line over the limit": b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-    "header over the limit": b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
-    "too many headers": (b"GET / HTTP/1.1\r\nHost: x\r\n"
-                         + b"".join(b"X-H%d: 1\r\n" % i for i in range(200)) + b"\r\n"),
-    "not HTTP at all": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n",
-    "bad chunk size": (b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
-                       b"\r\nAuthorization: Bearer dev-key\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
-}
 
 
 @pytest.mark.parametrize("case", sorted(PARSER_CASES))

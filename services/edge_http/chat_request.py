@@ -233,9 +233,20 @@ def _int(value: Any, path: str, minimum: int, maximum: int) -> int:
 
 
 def _temperature(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    number = number_field(value, "temperature")
+    if not math.isfinite(number):
         raise invalid(f"temperature must be a number, got {json_kind(value)}")
-    return float(value)
+    return number
+
+
+def number_field(value: Any, path: str) -> float:
+    """A JSON number as a float, or INVALID_REQUEST (an integer past a float's range too)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(f"{path} must be a number, got {json_kind(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer literal of more than 308 digits
+        raise invalid(f"{path} is out of range") from None
 
 
 def json_kind(value: Any) -> str:

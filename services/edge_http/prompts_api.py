@@ -29,6 +29,7 @@ from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 from services.edge_http.chat_request import (
     decode_json_object,
     json_kind,
+    number_field,
     read_request_body,
     string_field,
 )
@@ -97,9 +98,7 @@ async def create_version(stub: PromptAdminClient, request: web.Request,
         pb.max_tokens = _uint(parameters["max_tokens"], "parameters.max_tokens")
     temperature = parameters.get("temperature")
     if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-            raise invalid(f"parameters.temperature must be a number, got {json_kind(temperature)}")
-        pb.temperature = float(temperature)
+        pb.temperature = number_field(temperature, "parameters.temperature")
     version = await stub.CreatePromptVersion(pb, metadata=metadata, timeout=ADMIN_TIMEOUT)
     return web.json_response(version_json(version), status=201)
 
