@@ -217,7 +217,7 @@ def _leak() -> None:
         kept.append(bytes(64 * 1024))
         return await original(request)
 
-    app.chat_stream = leaky  # type: ignore[assignment]
+    app.chat_stream = leaky
 
 
 def main(argv: list[str] | None = None) -> int:
