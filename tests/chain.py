@@ -44,6 +44,12 @@ class Chain:
                                          {"service": "llm_engine"}) or 0
 
     @property
+    def edge_streams(self) -> float:
+        """HTTP streams in flight at the edge."""
+        return REGISTRY.get_sample_value("promptline_active_streams",
+                                         {"service": "edge_http"}) or 0
+
+    @property
     def base_url(self) -> str:
         assert self.edge is not None, "started without the edge"
         return f"http://127.0.0.1:{self.edge.port}"

@@ -124,3 +124,33 @@ async def test_a_stopped_reader_pushes_back_to_the_provider(redis_server: Any,
             writer.close()
     finally:
         tracemalloc.stop()
+
+
+async def test_a_large_write_to_a_stopped_reader_is_bounded_by_the_idle_rule(
+        redis_server: Any) -> None:
+    """One 7 MB delta written into an empty socket buffer fills it and then waits for the
+    client: that wait is bounded by the model's idle rule too (it once was not, and the stream
+    stayed open as long as the client held the connection)."""
+    from promptline.devtools.fake_openai import FakeOpenAI
+
+    async with FakeOpenAI(models=("big",)) as upstream:
+        upstream.push(reply="y" * 7_000_000, tokens=1)  # one 7 MB delta: one write
+        config = make_config(redis_url=redis_server.url, models=[{
+            "name": "big", "provider": "openai", "base_url": upstream.base_url,
+            "context_window": 1_000_000, "stream": {"coalesce_ms": 0},
+            "timeouts": {"first_token": "10s", "idle": "1s", "total": "60s"}}])
+        async with running_chain(config) as chain:
+            reader, writer = await asyncio.open_connection("127.0.0.1", chain.edge.port)
+            body = json.dumps({"model": "big", "max_tokens": 100,
+                               "messages": [{"role": "user", "content": "hi"}]}).encode()
+            writer.write(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\n"
+                         b"Authorization: Bearer dev-key\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            try:  # ...and never read a byte of the answer
+                await eventually(lambda: upstream.completed == 1, within=10,
+                                 what="the provider's whole reply sent")
+                await eventually(lambda: chain.edge_streams == 0, within=10,
+                                 what="the edge's stream ended by the idle rule")
+            finally:
+                writer.transport.abort()

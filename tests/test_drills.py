@@ -19,10 +19,14 @@ PLANTED = {
     "redis-pause": ("redis-unbounded", "slowest request"),
     "provider-errors": ("provider-429-as-error", "expected 429 UPSTREAM_RATE_LIMITED"),
     "provider-stream-faults": ("provider-spin-after-error", "spins after the fault"),
+    "slow-reader": ("pump-unbounded", "RSS grew"),
+    "disconnect-storm": ("provider-ignores-cancel", "provider connections still open"),
+    "capacity": ("engine-stream-leak", "KiB per open stream"),
     "engine-kill": ("prompt-slow-reconnect", "first success"),
     "prompt-kill": ("edge-slow-reconnect", "first success"),
     "edge-kill": ("prompt-leaves-engine-calls", "chain not cancelled"),
     "sigterm": ("engine-no-drain", "did not end with done"),
+    "fuzz": ("edge-500-on-temperature", "HTTP 5xx"),
 }
 
 

@@ -34,6 +34,9 @@ log = logging.getLogger("promptline.edge_http")
 # next read, small enough that a slow client pushes back through gRPC flow control instead of
 # having the edge buffer a whole reply in memory.
 FRAME_QUEUE_SIZE = 8
+MAX_MERGED_CHARS = 32 * 1024
+"""Deltas that queued up for a slow client are merged up to this much text: an SSE line stays
+well within what clients read in one line (aiohttp: 512 KiB)."""
 
 
 class _Marker(enum.Enum):
@@ -207,7 +210,8 @@ class StreamRelay:
         if frame.WhichOneof("frame") != "delta" or queue.empty():
             return frame
         texts, tokens = [frame.delta.text], frame.delta.tokens
-        while not queue.empty():
+        size = len(texts[0])
+        while not queue.empty() and size < MAX_MERGED_CHARS:
             following = queue.get_nowait()
             if following is _HEARTBEAT:
                 continue  # text is about to be written: no heartbeat needed
@@ -215,6 +219,7 @@ class StreamRelay:
                 self._stash = following  # kept for the next call, in order
                 break
             texts.append(following.delta.text)
+            size += len(following.delta.text)
             tokens += following.delta.tokens
         return prompt_pb2.StreamChatResponse(
             delta=common_pb2.Delta(text="".join(texts), tokens=tokens))
@@ -268,11 +273,13 @@ class StreamRelay:
         assert response is not None
         write = response.write_eof(data) if last else response.write(data)
         transport = self._request.transport
-        if transport is None or not transport.get_write_buffer_size():
-            await write
+        if transport is None or (transport.get_write_buffer_size() + len(data)
+                                 <= transport.get_write_buffer_limits()[1]):
+            await write  # it fits under the high-water mark: it cannot wait for the client
             return
-        # The client is behind, so this write may wait for it (the socket pushes back, gRPC flow
-        # control carries that down to the provider), but not longer than the idle rule allows.
+        # The client may be behind, so this write may wait for it (the socket pushes back, gRPC
+        # flow control carries that down to the provider), but not longer than the idle rule
+        # allows. A large write into an empty buffer waits too: it is checked the same way.
         try:
             async with asyncio.timeout(self._stall_limit):
                 await write
