@@ -140,7 +140,7 @@ async def test_a_large_write_to_a_stopped_reader_is_bounded_by_the_idle_rule(
             "context_window": 1_000_000, "stream": {"coalesce_ms": 0},
             "timeouts": {"first_token": "10s", "idle": "1s", "total": "60s"}}])
         async with running_chain(config) as chain:
-            reader, writer = await asyncio.open_connection("127.0.0.1", chain.edge.port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", chain.edge.port)
             body = json.dumps({"model": "big", "max_tokens": 100,
                                "messages": [{"role": "user", "content": "hi"}]}).encode()
             writer.write(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\n"
