@@ -165,9 +165,11 @@ async def serve_stream(life: StreamLife, frames: AsyncGenerator[F, None], contex
     other exception becomes INTERNAL with a safe message; a cancel propagates. `after_error` runs
     after the error frame went out, so the caller never waits on it.
     """
+    last: F | None = None
     try:
         async with aclosing(frames) as stream:
             async for frame in stream:
+                last = frame
                 yield frame
         life.outcome = DONE
     except PromptlineError as err:
@@ -176,8 +178,12 @@ async def serve_stream(life: StreamLife, frames: AsyncGenerator[F, None], contex
         if after_error is not None:
             await after_error(err)
     except asyncio.CancelledError:
-        life.outcome = CANCELLED
-        life.log.info("stream cancelled by caller", extra={"request_id": life.request_id})
+        # A caller that got `done` may cancel while this hop still settles up: still done.
+        if last is None or last.WhichOneof("frame") != "done":
+            life.outcome = CANCELLED
+            life.log.info("stream cancelled by caller", extra={"request_id": life.request_id})
+        else:
+            life.outcome = DONE
         raise
     except Exception:
         life.log.exception("unexpected error in stream", extra={"request_id": life.request_id})

@@ -259,3 +259,27 @@ def test_gc_pauses_are_timed_once_per_collection():
     assert count() == before + 1
     assert REGISTRY.get_sample_value("promptline_gc_pause_seconds_sum",
                                      {"service": "test", "generation": "2"}) > 0
+
+
+async def test_a_stream_the_caller_got_done_for_counts_as_done_on_every_hop(redis_server):
+    """The edge cancels its call once it has written `done`, possibly while the prompt service
+    still settles the quota: that stream still counts (and logs) as done, not cancelled."""
+    config = make_config({"tenants": [{"name": "dev", "api_keys": ["dev-key"],
+                                       "quotas": {"qpm": 1000}}]}, redis_url=redis_server.url)
+
+    def outcomes() -> dict[str, float]:
+        return {f"{s} {o}": sample("promptline_stream_duration_seconds_count", service=s,
+                                   model="sim", outcome=o)
+                for s in ("prompt", "llm_engine") for o in ("done", "cancelled")}
+
+    async with running_chain(config) as chain:
+        before = outcomes()
+        for _ in range(5):
+            status, _, events = await post(chain.base_url)
+            assert status == 200 and events[-1].event == "done"
+        await eventually(lambda: sum(outcomes().values()) - sum(before.values()) >= 10,
+                         what="every hop's stream ended")
+        after = outcomes()
+    for hop in ("prompt", "llm_engine"):
+        assert after[f"{hop} done"] - before[f"{hop} done"] == 5, (before, after)
+        assert after[f"{hop} cancelled"] == before[f"{hop} cancelled"], (before, after)
