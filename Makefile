@@ -59,6 +59,9 @@ clean:
 # Measurements (not part of `make test`); reports in bench/results/.
 .PHONY: bench-baseline bench-compare bench-floor bench-provider bench-ab bench-quotas
 LITELLM_VENV := .venv-litellm
+PORTKEY_DIR  := bench/portkey
+PORTKEY_START := $(PORTKEY_DIR)/node_modules/@portkey-ai/gateway/build/start-server.js
+BENCH_REF    ?=
 BASELINE     := bench/baseline.json
 
 # The load generator (bench/run.py, ~45 s), compared with the committed $(BASELINE): fails when
@@ -83,13 +86,24 @@ bench-provider: $(STAMP) $(GEN)
 bench-ab: $(STAMP) $(GEN)
 	$(PY) -m bench.ab $(BENCH_ARGS)
 
-# The full loads (`bench.run` without --quick), plus the LiteLLM proxy in its own venv, pointed
-# at the same upstream.
-bench-compare: $(STAMP) $(GEN)
+# The full loads (`bench.run` without --quick) with chunk shaping at its default and off, plus
+# the LiteLLM proxy (in its own venv) and the Portkey gateway (npm, pinned in bench/portkey/,
+# run with node on 127.0.0.1), pointed at the same upstream; our figures as ratios to each
+# peer's. BENCH_REF=<commit> also runs that commit's services (e.g. the one before chunk
+# shaping) in the same run, the reference of "without shaping, no regression".
+bench-compare: $(STAMP) $(GEN) $(PORTKEY_START)
 	@test -x $(LITELLM_VENV)/bin/litellm || { $(PYTHON) -m venv $(LITELLM_VENV) && \
 	  $(LITELLM_VENV)/bin/pip install --quiet --disable-pip-version-check 'litellm[proxy]'; } || \
 	  { echo "bench-compare: could not install litellm[proxy] into $(LITELLM_VENV)" >&2; exit 1; }
-	$(PY) -m bench.run --litellm $(LITELLM_VENV)/bin/litellm $(BENCH_ARGS)
+	$(PY) -m bench.run --litellm $(LITELLM_VENV)/bin/litellm --portkey $(PORTKEY_DIR) --unshaped \
+	  $(if $(BENCH_REF),--ref $(BENCH_REF)) $(BENCH_ARGS)
+
+# The Portkey gateway as bench/portkey/package-lock.json pins it (its postinstall only runs
+# patch-package, which has no patches to apply in the published package).
+$(PORTKEY_START): $(PORTKEY_DIR)/package-lock.json
+	npm ci --prefix $(PORTKEY_DIR) --ignore-scripts --no-audit --no-fund || \
+	  { echo "bench-compare: could not install the Portkey gateway (npm ci)" >&2; exit 1; }
+	touch $@
 
 # Quota admissions per second on one Redis and on a 3-master cluster (bench/experiments/).
 bench-quotas: $(STAMP) $(GEN)

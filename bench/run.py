@@ -3,7 +3,8 @@ direct to the upstream.
 
     python -m bench.run --quick --baseline bench/baseline.json   # `make bench`, ~45 s
     python -m bench.run                 # the issue's loads, ~2-4 minutes
-    python -m bench.run --litellm .venv-litellm/bin/litellm   # + LiteLLM proxy (bench-compare)
+    python -m bench.run --litellm .venv-litellm/bin/litellm --portkey bench/portkey --unshaped
+                                        # `make bench-compare`: + LiteLLM and Portkey, ratios
 
 With `--baseline`, the run's figures are compared with that file (bench/baseline.py says how)
 and the run fails when one is worse beyond the tolerance; `--update-baseline` makes this run the
@@ -20,8 +21,17 @@ services for the same cores.
 Scenarios, each run with every load: `direct` (the upstream alone, the baseline), `sse-sim`
 (POST /v1/chat/stream, simulated provider), `sse-up` (POST /v1/chat/stream, the upstream),
 `openai-up` (POST /v1/chat/completions at the edge, the upstream; skipped if the edge answers
-404) and, with --litellm, `litellm` (the LiteLLM proxy's /v1/chat/completions, same upstream).
-The chain is restarted for each scenario so memory figures start from a fresh idle process.
+404); with --unshaped, `sse-up-noshape` and `openai-up-noshape` (the same with `stream:
+{coalesce_ms: 0}` on the bench models: chunk shaping off; the others keep the config's default);
+with --ref, `sse-up-ref` and `openai-up-ref` (the same two paths served by another commit's
+services, e.g. the one before chunk shaping, in the same run); the peers, same upstream, same
+client, same loads: with --litellm, `litellm` (the LiteLLM proxy), with --portkey, `portkey`
+(the Portkey gateway under node, bench/portkey/). The chain is restarted for each scenario so
+memory figures start from a fresh idle process.
+
+The bench tenant is a realistic one (qpm/tpm quotas high enough never to reject, so every
+request makes its quota round trips to Redis, and one blocked moderation term that neither the
+prompt nor the reply contains); `--plain-tenant` drops both, as the bench did before issue 20.
 
 Everything is bounded: per-stream and per-load timeouts, and a watchdog that kills every child
 and exits after --hard-timeout seconds whatever happens.
@@ -36,6 +46,7 @@ import datetime as dt
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +64,7 @@ import yaml
 
 from bench import baseline
 from bench.client import OPENAI, SSE, StreamResult, request_body, run_stream
-from bench.report import evaluate_targets, markdown
+from bench.report import evaluate_peer_targets, evaluate_targets, markdown, peer_ratios
 from bench.stats import ms, percentile
 from promptline.devtools import procstat
 from promptline.devtools.embedded_redis import EmbeddedRedis
@@ -64,6 +75,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("llm_engine", "prompt", "edge_http")  # start order
 UPSTREAM_MODULE = "promptline.devtools.fake_openai"
 API_KEY = "bench-key"
+TENANT_QUOTAS = {"qpm": 10_000_000, "tpm": 10_000_000_000}
+"""The realistic tenant's quotas: far above anything a bench run sends, so never a rejection."""
+BLOCKED_TERM = "project nightingale"
+"""The realistic tenant's one blocked moderation term (in neither the prompt nor the reply)."""
+PORTKEY_DIR = ROOT / "bench" / "portkey"
+PORTKEY_START = Path("node_modules", "@portkey-ai", "gateway", "build", "start-server.js")
+PORTKEY_LOOPBACK = PORTKEY_DIR / "loopback.mjs"
+TREE_RSS = frozenset({"litellm"})
+"""Targets whose memory is their whole process tree (LiteLLM may fork workers); the others are
+one process each (our services, node), read from /proc/<pid>/status."""
 SAMPLE_INTERVAL = 0.1
 STREAM_TIMEOUT = 60.0
 
@@ -101,6 +122,10 @@ class Scenario:
     provider: str
     """"sim" or "up": which model family the requests name."""
     chain: bool = True
+    coalesce_ms: int | None = None
+    """`models[].stream.coalesce_ms` of the bench models; None: the config's default."""
+    ref: bool = False
+    """Served by the --ref checkout's services instead of this one's."""
 
 
 SCENARIOS = (
@@ -109,7 +134,32 @@ SCENARIOS = (
     Scenario("sse-up", "edge /v1/chat/stream -> upstream", SSE, "up"),
     Scenario("openai-up", "edge /v1/chat/completions -> upstream", OPENAI, "up"),
 )
+UNSHAPED = (
+    Scenario("sse-up-noshape", "edge /v1/chat/stream -> upstream, coalesce_ms 0", SSE, "up",
+             coalesce_ms=0),
+    Scenario("openai-up-noshape", "edge /v1/chat/completions -> upstream, coalesce_ms 0", OPENAI,
+             "up", coalesce_ms=0),
+)
+REFERENCE = (
+    Scenario("sse-up-ref", "--ref checkout: edge /v1/chat/stream -> upstream", SSE, "up",
+             ref=True),
+    Scenario("openai-up-ref", "--ref checkout: edge /v1/chat/completions -> upstream", OPENAI,
+             "up", ref=True),
+)
 LITELLM = Scenario("litellm", "LiteLLM proxy -> upstream", OPENAI, "up", chain=False)
+PORTKEY = Scenario("portkey", "Portkey gateway (node) -> upstream", OPENAI, "up", chain=False)
+PEERS = (LITELLM, PORTKEY)
+
+
+def chain_scenarios(unshaped: bool, ref: bool) -> list[Scenario]:
+    """The scenarios of a run, in order: each unshaped and reference variant next to its
+    default-shaped scenario, so the ones compared run close together in time."""
+    out = []
+    for sc in SCENARIOS:
+        out.append(sc)
+        out += [v for v in UNSHAPED if unshaped and v.key == f"{sc.key}-noshape"]
+        out += [v for v in REFERENCE if ref and v.key == f"{sc.key}-ref"]
+    return out
 
 
 def sim_name(tokens: int, delay_ms: int) -> str:
@@ -156,6 +206,12 @@ class Stack:
         self.litellm: procstat.Child | None = None
         self.litellm_port = 0
         self.litellm_key = ""
+        self.portkey: procstat.Child | None = None
+        self.portkey_port = 0
+        self.ref_root: Path | None = None
+        """The --ref checkout whose services serve the `-ref` scenarios."""
+        self.plain_tenant = False
+        """No quotas and no moderation term (`--plain-tenant`)."""
         self.env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
         for var in list(self.env):  # the generated config is the whole truth
             if var.startswith("PROMPTLINE_"):
@@ -164,7 +220,7 @@ class Stack:
 
     def children(self) -> list[procstat.Child]:
         out = [*self.services.values()]
-        for extra in (self.upstream, self.litellm):
+        for extra in (self.upstream, self.litellm, self.portkey):
             if extra is not None:
                 out.append(extra)
         return out
@@ -184,8 +240,10 @@ class Stack:
         proc = getattr(self.redis, "_proc", None)
         return proc.pid if proc is not None else None
 
-    def config(self, ports: dict[str, int]) -> dict[str, Any]:
+    def config(self, ports: dict[str, int], coalesce_ms: int | None = None) -> dict[str, Any]:
+        """The services' config; `coalesce_ms` (not None) is set on every bench model."""
         timeouts = {"first_token": "60s", "idle": "30s", "total": "5m"}
+        shaping = {} if coalesce_ms is None else {"stream": {"coalesce_ms": coalesce_ms}}
         models: list[dict[str, Any]] = []
         seen: set[str] = set()
         for load in self.loads:
@@ -197,30 +255,38 @@ class Stack:
             models.append({"name": sim, "provider": "simulated", "timeouts": timeouts,
                            "context_window": 65536, "max_tokens": load.tokens,
                            "simulated": {"ttft_ms": 0, "tokens_per_second": tps,
-                                         "reply": reply_text(load.tokens)}})
+                                         "reply": reply_text(load.tokens)}, **shaping})
             models.append({"name": up, "provider": "openai", "timeouts": timeouts,
                            "base_url": f"http://127.0.0.1:{self.upstream_port}/v1",
-                           "context_window": 65536, "max_tokens": load.tokens})
+                           "context_window": 65536, "max_tokens": load.tokens, **shaping})
+        tenant: dict[str, Any] = {"name": "bench", "api_keys": [API_KEY]}
+        extra: dict[str, Any] = {}
+        if not self.plain_tenant:
+            tenant["quotas"] = dict(TENANT_QUOTAS)
+            extra["moderation"] = {"blocked_terms": [BLOCKED_TERM]}
         return {
             "redis_url": self.redis.url if self.redis else None,
             "listen": {name: f"127.0.0.1:{port}" for name, port in ports.items()},
-            "tenants": [{"name": "bench", "api_keys": [API_KEY]}],  # no quotas
+            "tenants": [tenant],
+            **extra,
             "models": models,
             "retries": {"max_attempts": 1},
             "shutdown_grace": "1s",
             "log_level": "INFO",
         }
 
-    def start_chain(self, tag: str, services: tuple[str, ...] = SERVICES) -> None:
-        """Start `services` (in SERVICES' order) with a generated config; RuntimeError naming
-        the one that did not come up."""
+    def start_chain(self, tag: str, services: tuple[str, ...] = SERVICES,
+                    coalesce_ms: int | None = None, root: Path | None = None) -> None:
+        """Start `services` (in SERVICES' order) with a generated config, from `root` (default:
+        the stack's checkout); RuntimeError naming the one that did not come up."""
+        root = root or self.root
         ports = {name: procstat.free_port() for name in SERVICES}
-        config = self.config(ports)
+        config = self.config(ports, coalesce_ms)
         # Checkouts that serve /metrics on their own ports get free ones too, so a bench never
         # collides with a `make run`, a test or the other side of `bench-ab` on the defaults
         # (older configs reject the keys).
         source = ""
-        for path in (self.root / "promptline").glob("**/*.py"):
+        for path in (root / "promptline").glob("**/*.py"):
             with contextlib.suppress(OSError):
                 source += path.read_text()
         for key in ("prompt_metrics", "llm_engine_metrics"):
@@ -232,11 +298,11 @@ class Stack:
                 self.metrics_urls[name] = f"http://{config['listen'][key]}/metrics"
         cfg_path = self.workdir / f"config-{tag}.yaml"
         cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        env = {**self.env, "PROMPTLINE_CONFIG": str(cfg_path)}
+        env = {**self.env, "PROMPTLINE_CONFIG": str(cfg_path), "PYTHONPATH": str(root)}
         self.ports = {name: ports[name] for name in services}
         for name in (n for n in SERVICES if n in services):
             child = procstat.Child(name, [sys.executable, "-m", f"services.{name}"], env=env,
-                                   cwd=str(self.root),
+                                   cwd=str(root),
                                    log_path=self.workdir / f"{tag}-{name}.log",
                                    own_session=self.own_sessions)
             self.services[name] = child
@@ -312,10 +378,60 @@ class Stack:
             self.litellm.stop(grace=5)
             self.litellm = None
 
+    def start_portkey(self, where: str) -> None:
+        """The Portkey gateway's own start script under node, on a free port of 127.0.0.1.
+
+        `where` is bench/portkey (where `npm ci` installed it) or the start script itself. The
+        gateway has no option for its bind address (it listens on every interface), so
+        bench/portkey/loopback.mjs is preloaded (`node --import`) to bind 127.0.0.1. It routes
+        by headers (run_scenario): provider `openai`, custom host = the bench upstream."""
+        path = Path(where).resolve()
+        script = path / PORTKEY_START if path.is_dir() else path
+        if not script.is_file():
+            raise RuntimeError(f"no Portkey gateway at {script} (npm ci --prefix bench/portkey)")
+        node = shutil.which("node")
+        if node is None:
+            raise RuntimeError("node is not on PATH")
+        self.portkey_port = procstat.free_port()
+        env = {k: v for k, v in self.env.items() if not k.startswith("PYTHON")}
+        env["NODE_ENV"] = "production"
+        self.portkey = procstat.Child(
+            "portkey", [node, "--import", PORTKEY_LOOPBACK.as_uri(), str(script),
+                        f"--port={self.portkey_port}", "--headless"],
+            env=env, cwd=str(self.workdir), log_path=self.workdir / "portkey.log",
+            own_session=self.own_sessions)
+        try:
+            procstat.wait_port(self.portkey_port, self.portkey.proc, "portkey", 60)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n--- portkey log ---\n{self.portkey.tail()}") from None
+        deadline = time.monotonic() + 30
+        while not _http_ok(f"http://127.0.0.1:{self.portkey_port}/"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("portkey did not answer GET / within 30s")
+            time.sleep(0.2)
+
+    def stop_portkey(self) -> None:
+        if self.portkey is not None:
+            self.portkey.stop(grace=5)
+            self.portkey = None
+
+    def start_peer(self, key: str, where: str) -> None:
+        if key == "litellm":
+            self.start_litellm(where)
+        else:
+            self.start_portkey(where)
+
+    def stop_peer(self, key: str) -> None:
+        if key == "litellm":
+            self.stop_litellm()
+        else:
+            self.stop_portkey()
+
     def close(self) -> None:
         with self._lock:
             self.stop_chain()
             self.stop_litellm()
+            self.stop_portkey()
             if self.upstream is not None:
                 self.upstream.stop(grace=3)
                 self.upstream = None
@@ -334,11 +450,14 @@ class Stack:
                 os.kill(pid, signal.SIGKILL)
 
 
-def _git_commit(root: Path) -> str | None:
-    """HEAD of `root` (+ "-dirty" when it has local changes), or None outside git."""
+def _git_commit(root: Path, rev: str = "HEAD") -> str | None:
+    """`rev` (HEAD: + "-dirty" when `root` has local changes) of `root`, or None outside
+    git."""
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", rev],
                               capture_output=True, text=True, timeout=5, check=True).stdout
+        if rev != "HEAD":
+            return head.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
                                 "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout
@@ -392,8 +511,7 @@ class Sampler:
     def sample(self) -> None:
         total = 0
         for name, pid in self.pids.items():
-            rss = procstat.rss_tree(pid) if name == "litellm" else procstat.status_kib(pid,
-                                                                                       "VmRSS")
+            rss = _rss(name, pid)
             self.peak_rss[name] = max(self.peak_rss[name], rss)
             total += rss
         self.peak_sum = max(self.peak_sum, total)
@@ -412,6 +530,10 @@ class Sampler:
         if self._task is not None:
             self._task.cancel()
         self.sample()
+
+
+def _rss(name: str, pid: int) -> int:
+    return procstat.rss_tree(pid) if name in TREE_RSS else procstat.status_kib(pid, "VmRSS")
 
 
 def _cpu(pids: dict[str, int]) -> dict[str, float]:
@@ -529,7 +651,7 @@ async def run_load(session: aiohttp.ClientSession, target: Target, load: Load,
     own_after, cpu_after = _own_cpu(), _cpu(all_pids)
     gc_after = await _gc_pauses(session, target.metrics_urls)
     hwm = {name: procstat.status_kib(pid, "VmHWM") for name, pid in target.pids.items()
-           if name != "litellm"}
+           if name not in TREE_RSS}
     for _ in range(100):  # the upstream's counters settle just after [DONE]; at most 5 s
         up_after = await _upstream_stats(session, upstream_port)
         if not up_after["active_streams"]:
@@ -632,6 +754,15 @@ async def run_scenario(session: aiohttp.ClientSession, stack: Stack, sc: Scenari
         target = Target(sc, f"http://127.0.0.1:{stack.litellm_port}/v1/chat/completions",
                         {"Authorization": f"Bearer {stack.litellm_key}"},
                         pids={"litellm": stack.litellm.pid}, other_pids=other)
+    elif sc.key == "portkey":
+        assert stack.portkey is not None
+        # Portkey's header routing: an OpenAI-compatible provider at a custom host (loopback
+        # is on its default list of trusted custom hosts); Authorization goes to the upstream.
+        target = Target(sc, f"http://127.0.0.1:{stack.portkey_port}/v1/chat/completions",
+                        {"Authorization": "Bearer bench-upstream-key",
+                         "x-portkey-provider": "openai",
+                         "x-portkey-custom-host": f"http://127.0.0.1:{stack.upstream_port}/v1"},
+                        pids={"portkey": stack.portkey.pid}, other_pids=other)
     else:
         path = "/v1/chat/stream" if sc.kind == SSE else "/v1/chat/completions"
         pids = {name: child.pid for name, child in stack.services.items()}
@@ -646,7 +777,7 @@ async def run_scenario(session: aiohttp.ClientSession, stack: Stack, sc: Scenari
         if dead:
             problem += f"; {', '.join(dead)} exited (logs in {stack.workdir})"
     if problem:
-        if sc.key == "openai-up" and problem == "http_404":
+        if sc.kind == OPENAI and sc.chain and problem == "http_404":
             msg = ("skipped: the edge answers 404 to POST /v1/chat/completions "
                    "(the OpenAI-compatible endpoint is not there yet)")
         else:
@@ -654,9 +785,7 @@ async def run_scenario(session: aiohttp.ClientSession, stack: Stack, sc: Scenari
         say(f"  {sc.key}: {msg}")
         return {"scenario": sc.key, "label": sc.label, "skipped": msg, "loads": {}}
     await asyncio.sleep(0.5)
-    target.idle_rss = {name: (procstat.rss_tree(pid) if name == "litellm"
-                              else procstat.status_kib(pid, "VmRSS"))
-                       for name, pid in target.pids.items()}
+    target.idle_rss = {name: _rss(name, pid) for name, pid in target.pids.items()}
     out: dict[str, Any] = {"scenario": sc.key, "label": sc.label, "skipped": None,
                            "idle_rss_kib": target.idle_rss, "loads": {}}
     for load in loads:
@@ -701,11 +830,13 @@ async def run_all(args: argparse.Namespace, stack: Stack, loads: list[Load],
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     report: dict[str, Any] = {"scenarios": []}
     wanted = set(args.scenarios.split(",")) if args.scenarios else None
+    scenarios = chain_scenarios(args.unshaped or bool(wanted and wanted & {
+        u.key for u in UNSHAPED}), stack.ref_root is not None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        for sc in SCENARIOS:
+        for sc in scenarios:
             if wanted and sc.key not in wanted:
                 continue
-            if sc.key == "openai-up" and args.skip_openai_endpoint:
+            if sc.kind == OPENAI and sc.chain and args.skip_openai_endpoint:
                 report["scenarios"].append({"scenario": sc.key, "label": sc.label,
                                             "skipped": "skipped: --skip-openai-endpoint",
                                             "loads": {}})
@@ -713,7 +844,8 @@ async def run_all(args: argparse.Namespace, stack: Stack, loads: list[Load],
             say(f"scenario {sc.key}: {sc.label}")
             if sc.chain:
                 try:
-                    stack.start_chain(sc.key)
+                    stack.start_chain(sc.key, coalesce_ms=sc.coalesce_ms,
+                                      root=stack.ref_root if sc.ref else None)
                 except RuntimeError as exc:
                     stack.stop_chain()
                     say(f"  {sc.key}: the chain did not start: {exc}")
@@ -726,22 +858,78 @@ async def run_all(args: argparse.Namespace, stack: Stack, loads: list[Load],
             finally:
                 if sc.chain:
                     stack.stop_chain()
-        if args.litellm:
-            say(f"scenario litellm: {LITELLM.label}")
+        for peer in PEERS:
+            where = getattr(args, peer.key)
+            if not where:
+                continue
+            say(f"scenario {peer.key}: {peer.label}")
             try:
-                await asyncio.to_thread(stack.start_litellm, args.litellm)
+                await asyncio.to_thread(stack.start_peer, peer.key, where)
             except (RuntimeError, OSError) as exc:
-                say(f"  litellm: could not start: {exc}")
-                report["scenarios"].append({"scenario": "litellm", "label": LITELLM.label,
+                stack.stop_peer(peer.key)
+                say(f"  {peer.key}: could not start: {exc}")
+                report["scenarios"].append({"scenario": peer.key, "label": peer.label,
                                             "skipped": f"could not start: {exc}"[:2000],
                                             "loads": {}})
-            else:
-                try:
-                    report["scenarios"].append(
-                        await run_scenario(session, stack, LITELLM, loads, say))
-                finally:
-                    stack.stop_litellm()
+                continue
+            try:
+                report["scenarios"].append(await run_scenario(session, stack, peer, loads, say))
+            finally:
+                stack.stop_peer(peer.key)
     return report
+
+
+def peer_versions(args: argparse.Namespace) -> dict[str, str]:
+    """What the peers were: LiteLLM's version (from its venv), Portkey's and node's."""
+    out: dict[str, str] = {}
+    if args.litellm:
+        python = Path(args.litellm).parent / "python"
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out["litellm"] = subprocess.run(
+                [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+    if args.portkey:
+        path = Path(args.portkey).resolve()
+        script = path / PORTKEY_START if path.is_dir() else path
+        version = "?"
+        with contextlib.suppress(OSError, ValueError):
+            version = json.loads((script.parent.parent / "package.json").read_text())["version"]
+        node = "?"
+        with contextlib.suppress(OSError, subprocess.SubprocessError, TypeError):
+            node = subprocess.run([shutil.which("node") or "node", "--version"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+        out["portkey"] = f"@portkey-ai/gateway {version}, node {node}"
+    return out
+
+
+def export_ref(ref: str, into: Path) -> Path:
+    """The checkout that serves the `-ref` scenarios: `ref` itself when it is a directory
+    (its generated gRPC code made when missing), else the commit `ref` of this repository
+    exported (git archive) under `into`, its gRPC code generated with this venv's protoc."""
+    path = Path(ref)
+    if not path.is_dir():
+        path = into / f"ref-{ref.replace('/', '_')}"
+        path.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref],
+                                 capture_output=True, timeout=120)
+        if archive.returncode:
+            raise RuntimeError(f"--ref {ref}: git archive failed: "
+                               f"{archive.stderr.decode(errors='replace').strip()}")
+        subprocess.run(["tar", "-x", "-C", str(path)], input=archive.stdout, check=True,
+                       timeout=120)
+    path = path.resolve()
+    if not (path / "services").is_dir() or not (path / "promptline").is_dir():
+        raise RuntimeError(f"--ref {ref}: {path} is not a Promptline checkout")
+    if not (path / "promptline" / "v1" / "__init__.py").exists():
+        protos = sorted(str(p.relative_to(path)) for p in (path / "protos").glob(
+            "promptline/v1/*.proto"))
+        done = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", "protos",
+                               "--python_out=.", "--grpc_python_out=.", "--pyi_out=.", *protos],
+                              cwd=path, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"--ref {ref}: protoc failed: {done.stderr.strip()}")
+        (path / "promptline" / "v1" / "__init__.py").touch()
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -765,13 +953,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="do not drive the edge's POST /v1/chat/completions")
     parser.add_argument("--litellm", default="",
                         help="path of a `litellm` executable: also drive the LiteLLM proxy")
+    parser.add_argument("--portkey", default="",
+                        help="bench/portkey (where `npm ci --prefix bench/portkey` installed "
+                             "the Portkey gateway) or its build/start-server.js: also drive "
+                             "the Portkey gateway under node")
+    parser.add_argument("--unshaped", action="store_true",
+                        help="also run sse-up and openai-up with chunk shaping off "
+                             "(`stream: {coalesce_ms: 0}` on the bench models)")
+    parser.add_argument("--ref", default="",
+                        help="a commit of this repository (exported with git archive) or "
+                             "another checkout's directory: also run sse-up and openai-up on "
+                             "its services, in the same run (`-ref` scenarios), as the "
+                             "reference of the 'without shaping, no regression' target")
+    parser.add_argument("--plain-tenant", action="store_true",
+                        help="the bench tenant without quotas and without a moderation term "
+                             "(the bench before issue 20)")
     parser.add_argument("--out", default="",
                         help="output path without extension (default: bench/results/<timestamp>)")
     parser.add_argument("--root", default=str(ROOT),
                         help="checkout whose services to run, e.g. a `git worktree` of the "
                              "commit before a change (default: this one)")
-    parser.add_argument("--hard-timeout", type=float, default=600.0,
-                        help="kill everything and exit after this many seconds (default: 600)")
+    parser.add_argument("--hard-timeout", type=float, default=0.0,
+                        help="kill everything and exit after this many seconds (default: 600, "
+                             "plus 300 per peer and per extra variant)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.add_argument("--baseline", default="",
                         help="compare the figures with this baseline file and fail when one is "
@@ -783,6 +987,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.update_baseline and not args.baseline:
         parser.error("--update-baseline needs --baseline")
+    if not args.hard_timeout:
+        extras = sum(map(bool, (args.litellm, args.portkey, args.unshaped, args.ref)))
+        args.hard_timeout = 600.0 + 300.0 * extras
     return args
 
 
@@ -823,6 +1030,14 @@ def main(argv: list[str] | None = None) -> int:
     out_base.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="promptline-bench-"))
     stack = Stack(workdir, loads, Path(args.root).resolve(), own_sessions=not args.one_session)
+    stack.plain_tenant = args.plain_tenant
+    if args.ref:
+        try:
+            stack.ref_root = export_ref(args.ref, workdir)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
+        print(f"reference checkout (--ref {args.ref}): {stack.ref_root}", flush=True)
 
     def watchdog() -> None:
         print(f"bench: hard timeout ({args.hard_timeout:g}s) reached: killing everything",
@@ -857,6 +1072,14 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "root": str(Path(args.root).resolve()),
         "commit": _git_commit(Path(args.root)),
+        "ref": ({"arg": args.ref, "root": str(stack.ref_root),
+                 "commit": (_git_commit(stack.ref_root) if Path(args.ref).is_dir()
+                            else _git_commit(ROOT, args.ref))}
+                if stack.ref_root else None),
+        "tenant": ("plain: no quotas, no moderation" if args.plain_tenant else
+                   f"realistic: quotas qpm={TENANT_QUOTAS['qpm']} tpm={TENANT_QUOTAS['tpm']}, "
+                   f"blocked term {BLOCKED_TERM!r}"),
+        "peers": peer_versions(args),
         "quick": args.quick,
         "one_session": args.one_session,
         "loads": [asdict(load) for load in loads],
@@ -874,6 +1097,8 @@ def main(argv: list[str] | None = None) -> int:
     })
     add_comparisons(report)
     report["targets"] = evaluate_targets(report)
+    report["peer_ratios"] = peer_ratios(report)
+    report["peer_targets"] = evaluate_peer_targets(report, args.tolerance)
     table = markdown(report)
     out_base.with_suffix(".json").write_text(json.dumps(report, indent=2))
     out_base.with_suffix(".md").write_text(table)

@@ -1,7 +1,8 @@
 """`make bench`'s own pieces: a tiny run of the load generator (it starts, measures sane numbers
 and stops), the baseline it is compared with, and the helpers of its figures.
 
-One small load (C=2, 20 tokens, 6 streams) direct and through the chain; the real loads are
+One small load (C=2, 20 tokens, 6 streams) direct and through the chain, plus the pure logic of
+the bench config and of the peer comparison (no peer needed); the real loads are
 `make bench`, which is not part of `make test` (nor are the one-time bench/experiments/).
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bench import baseline
 
@@ -187,3 +189,126 @@ def test_bench_children_get_a_session_of_their_own_unless_one_session(tmp_path: 
         own.stop(grace=1)
         shared.stop(grace=1)
     assert parse_args(["--one-session"]).one_session and not parse_args([]).one_session
+
+
+def _load_figures(concurrency: int, *, ttft: float = 10.0, added: float = 8.0,
+                  duration: float = 1.05, gap: float = 50.0, cpu: float = 100.0,
+                  kib: float = 40.0, errors: int = 0) -> dict[str, Any]:
+    """The figures of one load that the peer comparison reads (a made-up run)."""
+    return {
+        "load": {"concurrency": concurrency}, "ttft_ms": {"p50": ttft},
+        "added_ttft_ms_vs_direct": {"p50": added}, "duration_ms": {"p50": duration * 1000},
+        "duration_p50_vs_direct": duration, "max_gap_ms": {"p99": gap},
+        "cpu_ms_per_1k_upstream_tokens": {"sum": cpu}, "kib_per_open_stream": {"sum": kib},
+        "rss_peak_sampled_kib": {"p": 1024 * 100}, "error_count": errors, "incomplete": 0,
+        "delivered_tokens": 400 - 200 * errors, "streams": 2, "expected_tokens_per_stream": 200,
+        "all_tokens_delivered": errors == 0,
+    }
+
+
+def _peer_report(**ours: dict[str, Any]) -> dict[str, Any]:
+    def scenario(key: str, c1: dict[str, Any], c50: dict[str, Any], c200: dict[str, Any]
+                 ) -> dict[str, Any]:
+        return {"scenario": key, "label": key, "skipped": None,
+                "loads": {"c1": c1, "c50": c50, "c200": c200}}
+
+    base = {"c1": _load_figures(1), "c50": _load_figures(50), "c200": _load_figures(200)}
+    return {"scenarios": [
+        scenario("openai-up", **{**base, **ours}),
+        scenario("openai-up-noshape", **base),
+        scenario("openai-up-ref", **base),
+        scenario("litellm", _load_figures(1, added=20.0), _load_figures(50, cpu=500.0),
+                 _load_figures(200, cpu=600.0, kib=300.0, duration=1.5)),
+        scenario("portkey", _load_figures(1, added=30.0), _load_figures(50, cpu=80.0),
+                 _load_figures(200, cpu=200.0, kib=500.0, duration=1.02)),
+        {"scenario": "sse-up", "label": "sse-up", "skipped": "chain did not start", "loads": {}},
+    ]}
+
+
+def test_peer_ratios_and_issue_20_targets() -> None:
+    from bench.report import evaluate_peer_targets, peer_ratios, peer_tables, ratio, target_lines
+
+    assert ratio(50.0, 200.0) == 0.25 and ratio(1.0, None) is None and ratio(1.0, 0.0) is None
+    report = _peer_report()
+    rows = peer_ratios(report)
+    index = {(r["scenario"], r["load"], r["figure"]): r for r in rows}
+    cpu = index["openai-up", "c50", "cpu_per_1k"]
+    assert cpu["value"] == 100.0 and cpu["peers"] == {"litellm": 500.0, "portkey": 80.0}
+    assert cpu["ratios"] == {"litellm": 0.2, "portkey": 1.25}
+    # One stream's TTFT, memory and gaps under concurrency only; no skipped scenario's rows.
+    assert ("openai-up", "c1", "added_ttft_p50") in index
+    assert ("openai-up", "c200", "added_ttft_p50") not in index
+    assert ("openai-up", "c1", "kib_per_stream") not in index
+    assert not any(r["scenario"].startswith("sse-up") for r in rows)
+    assert {r["scenario"] for r in rows} == {"openai-up", "openai-up-noshape", "openai-up-ref"}
+
+    targets = {(t["target"], t["scenario"]): t for t in evaluate_peer_targets(report)}
+    status = {key[0]: t["pass"] for key, t in targets.items() if key[1] == "openai-up"}
+    assert status == {
+        "C=200 CPU per 1k tokens (3 services)": True,         # 100 <= 200
+        "C=200 stream duration p50 / direct": False,          # 1.05 > 1.02
+        "C=200 zero errors, every token in order": True,
+        "C=1 added TTFT p50 <= 0.5 x the better peer's": True,  # 8 <= 0.5 x 20 (LiteLLM)
+        "C=50 unpaced CPU per 1k tokens (3 services)": False,   # 100 > 80
+        "C=200 memory per open stream (3 services)": True,
+        "C=50 memory per open stream (3 services)": True,
+    }
+    assert "vs LiteLLM 20.00 ms (0.40x)" in targets[
+        "C=1 added TTFT p50 <= 0.5 x the better peer's", "openai-up"]["measured"]
+    same = targets["without shaping (coalesce_ms 0): no regression beyond noise",
+                   "openai-up-noshape"]
+    assert same["pass"] is True and same["measured"].startswith("0 of ")
+
+    # Slower unshaped than the reference beyond the tolerance: named, and failed.
+    worse = _peer_report()
+    worse["scenarios"][1]["loads"]["c200"] = _load_figures(200, cpu=300.0)
+    [row] = [t for t in evaluate_peer_targets(worse) if t["scenario"] == "openai-up-noshape"]
+    assert row["pass"] is False
+    assert "c200/cpu_ms_per_1k_upstream_tokens.sum 300.00 vs 100.00" in row["measured"]
+    # Errors at C=200 fail that target; without a reference the regression one is n/a.
+    broken = _peer_report(c200=_load_figures(200, errors=1))
+    broken["scenarios"] = [s for s in broken["scenarios"] if s["scenario"] != "openai-up-ref"]
+    targets = {(t["target"], t["scenario"]): t for t in evaluate_peer_targets(broken)}
+    assert targets["C=200 zero errors, every token in order", "openai-up"]["pass"] is False
+    assert targets["without shaping (coalesce_ms 0): no regression beyond noise",
+                   "openai-up-noshape"]["pass"] is None
+    # No peer and no reference: nothing to compare, and the tables say nothing about peers.
+    alone = {"scenarios": _peer_report()["scenarios"][:2]}
+    assert peer_ratios(alone) == [] and evaluate_peer_targets(alone) == []
+
+    report["peer_ratios"] = rows
+    text = "\n".join(peer_tables(report) + target_lines("T", evaluate_peer_targets(report)))
+    assert "## Against the peers" in text and "### `openai-up`" in text
+    assert "| c50 | CPU ms / 1k tokens | 100.00 | 100.00 | 100.00 | 500.00 | 80.00 | " \
+           "0.20x | 1.25x | 0.20x | 1.25x | 0.20x | 1.25x |" in text
+    assert "| C=50 unpaced CPU per 1k tokens (3 services) | openai-up | 100.00 ms vs 80.00 ms " \
+           "(1.25x) | <= Portkey's | **FAIL** |" in text
+
+
+def test_the_bench_config_has_the_realistic_tenant_and_the_shaping_variant(
+        tmp_path: Path) -> None:
+    from bench.run import LOADS, TENANT_QUOTAS, Stack, chain_scenarios
+    from promptline.config import load_config
+
+    stack = Stack(tmp_path, [LOADS["c1"], LOADS["c200"]])
+    stack.upstream_port = 9
+    ports = {"edge_http": 1, "prompt": 2, "llm_engine": 3}
+    default, off = stack.config(ports), stack.config(ports, coalesce_ms=0)
+    assert default["tenants"][0]["quotas"] == TENANT_QUOTAS
+    assert len(default["moderation"]["blocked_terms"]) == 1
+    assert all("stream" not in m for m in default["models"])  # the config's default shaping
+    assert all(m["stream"] == {"coalesce_ms": 0} for m in off["models"])
+    for cfg in (default, off):  # what the services will load
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        config = load_config(str(path))
+        assert config.tenants[0].quotas.qpm == TENANT_QUOTAS["qpm"]
+    assert {m.stream.coalesce_ms for m in config.models} == {0}
+    stack.plain_tenant = True
+    plain = stack.config(ports)
+    assert "quotas" not in plain["tenants"][0] and "moderation" not in plain
+    keys = [s.key for s in chain_scenarios(unshaped=True, ref=True)]
+    assert keys == ["direct", "sse-sim", "sse-up", "sse-up-noshape", "sse-up-ref", "openai-up",
+                    "openai-up-noshape", "openai-up-ref"]
+    assert [s.key for s in chain_scenarios(unshaped=False, ref=False)] == [
+        "direct", "sse-sim", "sse-up", "openai-up"]
