@@ -135,6 +135,15 @@ class Replica:
             self.proc.kill()
             self.proc.wait()
 
+    def wait(self, timeout: float) -> int | None:
+        """Its exit status once it exits by itself (SIGKILLed after `timeout`)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
     def terminate(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (the service drains), then SIGKILL after `timeout`; its exit status."""
         stop_process(self.proc, timeout)

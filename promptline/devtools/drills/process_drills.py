@@ -183,7 +183,7 @@ async def sigterm(env: Env) -> Result:
         outcomes = await asyncio.gather(*tasks)
         codes: dict[str, Any] = {}
         for replica in deployment.all():
-            codes[replica.name] = await asyncio.to_thread(replica.terminate, grace + 5)
+            codes[replica.name] = await asyncio.to_thread(replica.wait, grace + 5)
         ended = max(o.ended for o in outcomes) - signalled
     result.observed = {"outcomes": tally(outcomes), "last_stream_ended_ms": ms(ended),
                        "new_connection": refused, "exit_codes": codes}
