@@ -215,3 +215,21 @@ async def test_a_bad_shape_over_grpc_is_invalid_request(chain: Any) -> None:
                                stream_shape=common_pb2.StreamShape(boundary="sentence"))
     err = PromptlineError.from_pb(frames[-1].error)
     assert err.code is ErrorCode.INVALID_REQUEST and "boundary" in err.message
+
+
+async def test_the_engine_reads_the_provider_once_per_hold(redis_server: Any) -> None:
+    """Shaping at the source: after the first text, an OpenAI-compatible provider's socket is
+    read once per `coalesce_ms`, each read a frame (60 tokens 20 ms apart, a 200 ms hold: ~7
+    frames, not 60), every token in order."""
+    from promptline.devtools.fake_openai import FakeOpenAI, model_name, reply_text
+
+    async with FakeOpenAI() as upstream:
+        config = make_config(redis_url=redis_server.url, models=[{
+            "name": "up", "provider": "openai", "base_url": upstream.base_url,
+            "upstream_model": model_name(60, 20), "stream": {"coalesce_ms": 200}}])
+        async with running_chain(config, with_edge=False) as chain:
+            frames = await grpc_frames(chain, "up")
+    parts = deltas(frames)
+    assert "".join(d.text for d in parts) == reply_text(60)
+    assert sum(d.tokens for d in parts) == 60
+    assert len(parts) <= 1 + 1.2 / 0.2 + 2, [d.text for d in parts]

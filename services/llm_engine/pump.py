@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 
-from .providers.base import Chunk
+from .providers.base import Chunk, ReadPacer
 from .timeouts import StreamClock, Watchdog
 
 MAX_HOLD = 0.002
@@ -39,8 +39,10 @@ MAX_PENDING_CHUNKS = 4096
 class ChunkPump:
     """One provider stream, read ahead by a task; `take()` returns what accumulated."""
 
-    def __init__(self, chunks: AsyncGenerator[Chunk, None], clock: StreamClock) -> None:
+    def __init__(self, chunks: AsyncGenerator[Chunk, None], clock: StreamClock,
+                 pace: ReadPacer | None = None) -> None:
         self._chunks = chunks
+        self._pace = pace
         self._pending: list[Chunk] = []
         self._pending_chars = 0
         self._ready = asyncio.Event()
@@ -83,14 +85,18 @@ class ChunkPump:
 
         Reading buffered chunks never suspends, so without this the reader would keep the loop
         until the socket drained. It waits for the writer when the buffer is full (backpressure);
-        once, after the first text, for FIRST_TEXT_LEAD (that token's head start through the
-        hops behind); and otherwise hands over when the writer waits, after every chunk until
-        the first text went out, then at least every MAX_HOLD.
+        never within a paced burst (chunk shaping: the burst is one frame, and the writer runs
+        when the provider waits for its next read); once, after the first text, for
+        FIRST_TEXT_LEAD (that token's head start through the hops behind); and otherwise hands
+        over when the writer waits, after every chunk until the first text went out, then at
+        least every MAX_HOLD.
         """
         loop = asyncio.get_running_loop()
         if self._pending_chars >= MAX_PENDING_CHARS or len(self._pending) >= MAX_PENDING_CHUNKS:
             self._drained.clear()
             await self._drained.wait()
+        elif self._pace is not None and self._pace.active:
+            return  # a paced burst is read whole: the writer runs when the provider waits
         elif chunk.text and not self._lead_given and not self._text_sent.is_set():
             self._lead_given = True
             with contextlib.suppress(TimeoutError):
@@ -123,6 +129,9 @@ class ChunkPump:
         self._drained.set()
         if not self._text_taken:
             self._text_taken = any(chunk.text for chunk in batch)
+            if self._text_taken and self._pace is not None:
+                # the first text is out: the rest is read at the pace
+                self._pace.start(asyncio.get_running_loop().time())
         if not self._ended:
             self._ready.clear()
         if not batch and self._error is not None:

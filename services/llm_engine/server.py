@@ -36,7 +36,7 @@ from promptline.tokens import count_messages_off_loop, count_tokens, get_tokeniz
 from promptline.tracing import server_interceptors, tracer
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 
-from .providers.base import GenerationRequest, Provider, Usage
+from .providers.base import GenerationRequest, Provider, ReadPacer, Usage
 from .providers.registry import build_provider
 from .pump import ChunkPump
 from .shaping import Shape, Shaper
@@ -164,12 +164,15 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         """One provider call: provider chunks -> frames, bounded by the stream's clock."""
         rid = life.request_id
         provider = self._providers.get(model)
+        shape = _shape(model, request)
+        pace = ReadPacer(shape.coalesce_ms / 1000) if shape.active else None
         gen = provider.stream(GenerationRequest(
             request_id=rid,
             model=model.upstream_model or model.name,
             messages=request.messages,  # not copies: see ChatPlan.without_messages
             max_tokens=request.max_tokens or model.default_max_tokens,
             temperature=request.temperature if request.HasField("temperature") else None,
+            pace=pace,
         ))
         # Not made current: a span attached across the generator's yields would be detached in
         # another context when the caller cancels.
@@ -182,9 +185,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         usage: Usage | None = None
         outcome = "cancelled"
         first = True
-        pump = ChunkPump(gen, clock)
-        shape = _shape(model, request)
-        shaper = Shaper(shape) if shape.active else None
+        pump = ChunkPump(gen, clock, pace)
+        shaper = Shaper(shape, paced=True) if shape.active else None
         loop = asyncio.get_running_loop()
         try:
             while True:

@@ -13,6 +13,11 @@ shaped frames. The rules (`models[].stream`, overridable per request):
   the provider produced before it failed is delivered, then the error frame;
 - held text never exceeds MAX_HELD_CHARS.
 
+The hold happens at the source where it can (`ReadPacer`): once the first text went out, the
+provider's socket is read once per `coalesce_ms`, and each read is a frame; text waits in the
+socket buffer, so the engine wakes once per frame instead of once per token. The shaper then holds
+only for `min_chars` and boundaries.
+
 Token counts travel with the text: a frame carries the tokens of every chunk it completes, so
 the counts of all frames add up to the provider's.
 """
@@ -54,10 +59,12 @@ class Shape:
 class Shaper:
     """Holds the text of one stream between frames; all times are the event loop's clock."""
 
-    __slots__ = ("_chars", "_deadline", "_held", "_hold_s", "_min_chars", "_sent_first",
+    __slots__ = ("_chars", "_deadline", "_held", "_hold_s", "_min_chars", "_paced", "_sent_first",
                  "_stops")
 
-    def __init__(self, shape: Shape) -> None:
+    def __init__(self, shape: Shape, *, paced: bool = False) -> None:
+        self._paced = paced
+        """The provider is read at the hold's pace (`ReadPacer`): text waited in its socket."""
         self._hold_s = shape.coalesce_ms / 1000
         self._min_chars = shape.min_chars
         self._stops = _CUT.get(shape.boundary, ())
@@ -75,7 +82,8 @@ class Shaper:
         self._chars += len(text)
         if self._deadline is None:
             self._deadline = now + self._hold_s
-        if now >= self._deadline or self._chars >= MAX_HELD_CHARS:
+        if (now >= self._deadline or self._chars >= MAX_HELD_CHARS
+                or (self._paced and not self._min_chars)):  # it already waited at the source
             return self.flush()
         if self._min_chars and self._chars >= self._min_chars:
             return self._cut()

@@ -15,6 +15,34 @@ from typing import Protocol
 from promptline.v1 import common_pb2
 
 
+class ReadPacer:
+    """Chunk shaping at the source (`shaping.py`): once the first text went out (`active`), the
+    provider is read at most once per `interval` seconds, so what arrived meanwhile is parsed in
+    one go: one wake-up per frame instead of one per token, and text waits in the socket buffer,
+    never longer than `interval`, instead of in ours."""
+
+    __slots__ = ("_next", "active", "interval")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.active = False
+        self._next = 0.0
+
+    def start(self, now: float) -> None:
+        """The first text went out: the next read waits a whole interval."""
+        self.active = True
+        self._next = now + self.interval
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait before the next read (0: read now)."""
+        return max(0.0, self._next - now) if self.active else 0.0
+
+    def read(self, now: float) -> None:
+        """A read starts now: the next one waits an interval."""
+        if self.active:
+            self._next = now + self.interval
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """What a provider is asked to generate."""
@@ -26,6 +54,8 @@ class GenerationRequest:
     """The engine request's own messages, as received (not copies)."""
     max_tokens: int
     temperature: float | None = None
+    pace: ReadPacer | None = None
+    """Read the upstream at this pace once the first text went out (None: as it comes)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ consumer `aclose()`, cancellation), so a stopped client stops the paid generatio
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator
@@ -22,7 +23,7 @@ import aiohttp
 
 from promptline.config import ModelConfig
 from promptline.errors import PromptlineError
-from services.llm_engine.providers.base import Chunk, GenerationRequest, Usage
+from services.llm_engine.providers.base import Chunk, GenerationRequest, ReadPacer, Usage
 from services.llm_engine.providers.openai_errors import (
     CAUGHT,
     TRUNCATED,
@@ -121,7 +122,7 @@ class OpenAIProvider:
         if response.status >= 300:
             err = await _status_error(response)
             raise self._failed(err, request, f"HTTP {response.status}") from None
-        events = _sse_data(response.content)
+        events = _sse_data(response.content, request.pace)
         try:
             finish_reason: str | None = None
             usage: Usage | None = None
@@ -171,15 +172,25 @@ async def _status_error(response: aiohttp.ClientResponse) -> PromptlineError:
     return status_error(response.status, response.headers, body)
 
 
-async def _sse_data(body: aiohttp.StreamReader) -> AsyncGenerator[bytes, None]:
+async def _sse_data(body: aiohttp.StreamReader, pace: ReadPacer | None = None
+                    ) -> AsyncGenerator[bytes, None]:
     """The `data` of each server-sent event (multi-line data joined, comments skipped).
 
     Reads whatever bytes have arrived and splits them here, rather than `readline()` per line:
-    one wake-up for every event already buffered, and no 128 KiB line limit of its own.
+    one wake-up for every event already buffered, and no 128 KiB line limit of its own. With
+    `pace`, reads are spaced by its interval once the first text went out.
     """
     data: list[bytes] = []
     buffer = bytearray()
-    async for block in body.iter_any():
+    loop = asyncio.get_running_loop()
+    while True:
+        if pace is not None:
+            if wait := pace.wait(loop.time()):
+                await asyncio.sleep(wait)
+            pace.read(loop.time())
+        block = await body.readany()
+        if not block:
+            break
         if not buffer and block.endswith(b"\n"):  # the usual case: whole events, no copy
             lines = block[:-1].split(b"\n")
         else:

@@ -64,7 +64,11 @@ class SimulatedProvider:
             if interval and sent:
                 delay = started + sent * interval - loop.time()
                 if delay > 0:
+                    if request.pace is not None:  # tokens due by then go out in one burst
+                        delay = max(delay, request.pace.wait(loop.time()))
                     await asyncio.sleep(delay)
+                    if request.pace is not None:
+                        request.pace.read(loop.time())
             yield Chunk(text=piece, tokens=1)
             sent += 1
         # Counted at the end, as a real model reports usage: a long prompt costs no time to the
