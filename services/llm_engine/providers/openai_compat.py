@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import aiohttp
@@ -122,31 +122,47 @@ class OpenAIProvider:
         if response.status >= 300:
             err = await _status_error(response)
             raise self._failed(err, request, f"HTTP {response.status}") from None
-        events = _sse_data(response.content, request.pace)
+        events = _sse_blocks(response.content, request.pace)
         try:
             finish_reason: str | None = None
             usage: Usage | None = None
             try:
-                async for data in events:
-                    if data.startswith(b"[DONE]"):
+                async for block in events:
+                    # One chunk per block read: what arrived together goes on together.
+                    texts: list[str] = []
+                    done = False
+                    failure: BaseException | None = None
+                    try:
+                        for payload in _payloads(block):
+                            if payload is None:  # [DONE]
+                                done = True
+                                break
+                            if not isinstance(payload, dict):
+                                continue
+                            if payload.get("error"):
+                                failure = self._failed(stream_error(payload["error"]), request,
+                                                       "error event")
+                                break
+                            text, finish = _choice_zero(payload.get("choices"))
+                            finish_reason = finish or finish_reason
+                            if reported := payload.get("usage"):
+                                usage = Usage(
+                                    prompt_tokens=reported.get("prompt_tokens") or 0,
+                                    completion_tokens=reported.get("completion_tokens") or 0)
+                            if text:
+                                texts.append(text)
+                    except CAUGHT as exc:  # a broken event: what came before it still counts
+                        failure = exc
+                    if texts:
+                        yield Chunk(text="".join(texts))
+                    if failure is not None:
+                        raise failure from None
+                    if done:
                         # Read on to the end of the body: only a fully read response gives its
                         # connection back to the pool (else a new TCP connection per request,
                         # measured at ~1 ms of TTFT).
                         await response.content.read()
                         break
-                    chunk = json.loads(data)
-                    if not isinstance(chunk, dict):
-                        continue
-                    if chunk.get("error"):
-                        raise self._failed(stream_error(chunk["error"]), request,
-                                           "error event") from None
-                    text, finish = _choice_zero(chunk.get("choices"))
-                    finish_reason = finish or finish_reason
-                    if reported := chunk.get("usage"):
-                        usage = Usage(prompt_tokens=reported.get("prompt_tokens") or 0,
-                                      completion_tokens=reported.get("completion_tokens") or 0)
-                    if text:
-                        yield Chunk(text=text)
             except CAUGHT as exc:  # JSON and UTF-8 errors included
                 raise self._failed(exception_error(exc, in_stream=True), request,
                                    type(exc).__name__) from None
@@ -172,9 +188,10 @@ async def _status_error(response: aiohttp.ClientResponse) -> PromptlineError:
     return status_error(response.status, response.headers, body)
 
 
-async def _sse_data(body: aiohttp.StreamReader, pace: ReadPacer | None = None
-                    ) -> AsyncGenerator[bytes, None]:
-    """The `data` of each server-sent event (multi-line data joined, comments skipped).
+async def _sse_blocks(body: aiohttp.StreamReader, pace: ReadPacer | None = None
+                      ) -> AsyncGenerator[list[bytes], None]:
+    """The `data` of the server-sent events in each read (multi-line data joined, comments
+    skipped), one list per read that completed at least one event.
 
     Reads whatever bytes have arrived and splits them here, rather than `readline()` per line:
     one wake-up for every event already buffered, and no 128 KiB line limit of its own. With
@@ -184,13 +201,19 @@ async def _sse_data(body: aiohttp.StreamReader, pace: ReadPacer | None = None
     buffer = bytearray()
     loop = asyncio.get_running_loop()
     while True:
-        if pace is not None:
-            if wait := pace.wait(loop.time()):
+        block = b""
+        if pace is not None and (wait := pace.wait(loop.time())):
+            # What already arrived is read at once (a burst, the end of the reply): only an
+            # empty buffer is waited on, until the pace allows the next read.
+            block = body.read_nowait()
+            if not block:
                 await asyncio.sleep(wait)
-            pace.read(loop.time())
-        block = await body.readany()
         if not block:
-            break
+            if pace is not None:
+                pace.read(loop.time())
+            block = await body.readany()
+            if not block:
+                break
         if not buffer and block.endswith(b"\n"):  # the usual case: whole events, no copy
             lines = block[:-1].split(b"\n")
         else:
@@ -198,21 +221,44 @@ async def _sse_data(body: aiohttp.StreamReader, pace: ReadPacer | None = None
             end = buffer.rfind(b"\n")
             lines = bytes(buffer[:end]).split(b"\n") if end >= 0 else []
             del buffer[:end + 1]
+        events: list[bytes] = []
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line:
                 if data:
-                    yield b"\n".join(data)
+                    events.append(b"\n".join(data))
                     data.clear()
             elif line.startswith(b"data:"):
                 data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+        if events:
+            yield events
         if len(buffer) > MAX_LINE_BYTES:
             raise MalformedStreamError("an event-stream line exceeds the size limit")
-    if buffer.startswith(b"data:"):
-        data.append(bytes(buffer[6:] if buffer.startswith(b"data: ") else buffer[5:]))
-    if data:
-        yield b"\n".join(data)
+
+
+_DONE = b"[DONE]"
+
+
+def _payloads(events: list[bytes]) -> Iterator[Any]:
+    """The events' JSON payloads, in order, then None for `[DONE]` (nothing after it).
+
+    One `json.loads` for the whole read, as an array; only a read with a broken event is
+    parsed event by event, so the events before the broken one still count."""
+    done = next((i for i, event in enumerate(events) if event.startswith(_DONE)), None)
+    if done is not None:
+        events = events[:done]
+    try:
+        parsed = json.loads(b"[" + b",".join(events) + b"]") if events else []
+    except ValueError:
+        parsed = None
+    if parsed is not None and len(parsed) == len(events):
+        yield from parsed
+    else:  # broken, or an event of several values: raises at that event
+        for event in events:
+            yield json.loads(event)
+    if done is not None:
+        yield None
 
 
 def _choice_zero(choices: Any) -> tuple[str, str | None]:
