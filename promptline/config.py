@@ -124,7 +124,7 @@ RedisUrl = Annotated[str, Text(r"(?:redis|rediss|unix)://.*",
                                "must start with redis://, rediss:// or unix://", "Redis URL")]
 Provider = Annotated[str, Choice.of("simulated", "openai")]
 Boundary = Annotated[str, Choice.of(*BOUNDARIES)]
-DEFAULT_COALESCE_MS = 50
+DEFAULT_COALESCE_MS = 100
 """Chosen from measurements (docs/performance.md, "Chunk shaping")."""
 Regex = Annotated[str, _Regex(what="regular expression")]
 ApiKey = Annotated[bytes, _ApiKey()]
