@@ -13,13 +13,14 @@ from promptline.devtools.drills.soak import soak
 
 SMOKE = Scale(smoke=True)
 
-# drill -> (planted fault, a words of the failure it must report)
+# drill -> (planted fault, words of the failure it must report, or a tuple of alternatives)
 PLANTED = {
     "redis-kill": ("redis-health-blind", "/readyz said redis"),
     "redis-pause": ("redis-unbounded", "slowest request"),
     "provider-errors": ("provider-429-as-error", "expected 429 UPSTREAM_RATE_LIMITED"),
     "provider-stream-faults": ("provider-spin-after-error", "spins after the fault"),
-    "slow-reader": ("pump-unbounded", "RSS grew"),
+    # the engine reading on shows as memory or as a provider never pushed back, by timing
+    "slow-reader": ("pump-unbounded", ("RSS grew", "never pushed back")),
     "disconnect-storm": ("provider-ignores-cancel", "provider connections still open"),
     "capacity": ("engine-stream-leak", "KiB per open stream"),
     "engine-kill": ("prompt-slow-reconnect", "first success"),
@@ -39,9 +40,10 @@ async def test_the_drill_passes(name: str) -> None:
 @pytest.mark.parametrize("name", list(PLANTED))
 async def test_the_drill_catches_its_planted_fault(name: str) -> None:
     planted, symptom = PLANTED[name]
+    symptoms = (symptom,) if isinstance(symptom, str) else symptom
     [result] = await run_drills([name], SMOKE, fault=planted)
     assert not result.passed, result.observed
-    assert any(symptom in failure for failure in result.failures), result.failures
+    assert any(s in failure for failure in result.failures for s in symptoms), result.failures
 
 
 def test_every_drill_has_a_planted_fault() -> None:
