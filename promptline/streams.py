@@ -200,15 +200,18 @@ async def serve_stream(life: StreamLife, frames: AsyncGenerator[F, None], contex
 END_OF_STREAM_WAIT = 1.0
 
 
-async def read_frames(call: FrameCall[F]) -> AsyncGenerator[F, None]:
+async def read_frames(call: FrameCall[F], *, end_first: bool = True
+                      ) -> AsyncGenerator[F, None]:
     """Yield the frames of a server-streaming call up to and including `done`.
 
     An `error` frame, a non-OK status or a stream that ends without a terminal frame raises
     `PromptlineError`; the downstream error's code, stage and details are kept unchanged.
-    After the terminal frame one more read, bounded by END_OF_STREAM_WAIT, takes the end of the
-    stream, so the RPC (and the client span of its tracing interceptor) ends cleanly; whatever
-    comes instead is not read. Use with `contextlib.aclosing` so `finally` runs as soon as the
-    consumer stops.
+    On a terminal frame one more read, bounded by END_OF_STREAM_WAIT, takes the end of the stream,
+    so the RPC (and the client span of its tracing interceptor) ends cleanly; whatever comes
+    instead is not read. With `end_first` that read comes before `done` is passed on, so a
+    consumer that stops (or is cancelled) at `done` cannot leave the call unfinished; without it
+    `done` is passed on first, for a caller whose downstream still works after `done`. Use with
+    `contextlib.aclosing` so `finally` runs as soon as the consumer stops.
     """
     delivered = False
     frames = call.__aiter__()
@@ -226,10 +229,14 @@ async def read_frames(call: FrameCall[F]) -> AsyncGenerator[F, None]:
             if kind == "error":
                 await _end_of_stream(frames)
                 raise PromptlineError.from_pb(frame.error)
-            yield frame
             if kind == "done":
-                await _end_of_stream(frames)
+                if end_first:
+                    await _end_of_stream(frames)
+                yield frame
+                if not end_first:
+                    await _end_of_stream(frames)
                 return
+            yield frame
             if kind == "delta":
                 delivered = True
     except grpc.aio.AioRpcError as exc:

@@ -260,7 +260,8 @@ async def _complete(request: web.Request, call: ChatCall, caller: Caller, model:
     texts: list[str] = []
     done: common_pb2.Done | None = None
     try:
-        async with contextlib.aclosing(read_frames(call)) as frames:
+        async with contextlib.aclosing(
+                read_frames(call, end_first=False)) as frames:  # done before the quota settles
             async for frame in frames:
                 kind = frame.WhichOneof("frame")
                 if kind == "start":
@@ -299,10 +300,13 @@ async def _complete(request: web.Request, call: ChatCall, caller: Caller, model:
 
 @authenticated
 async def list_models(request: web.Request, caller: Caller) -> web.Response:
-    """GET /v1/models: the configured models this caller's tenant may use, in OpenAI's shape."""
+    """GET /v1/models: the configured models and routes this caller's tenant may use, in OpenAI's
+    shape (a route is a name a client may send as `model`, so pickers list it too)."""
+    config = caller.config
     models = [
-        {"id": m.name, "object": "model", "created": 0, "owned_by": "promptline"}
-        for m in caller.config.models if caller.tenant.may_use(m.name)
+        {"id": name, "object": "model", "created": 0, "owned_by": "promptline"}
+        for name in (*(m.name for m in config.models), *(r.name for r in config.routes))
+        if caller.tenant.may_use(name)
     ]
     return web.json_response({"object": "list", "data": models},
                              headers={"X-Request-Id": caller.request_id})

@@ -377,7 +377,8 @@ def _unwrap(item: Frame | PromptlineError) -> Frame:
 async def _read_into(call: ChatCall, queue: asyncio.Queue[Queued], request_id: str) -> None:
     """Reader task: frames into `queue`, ending with the terminal frame or a PromptlineError."""
     try:
-        async with contextlib.aclosing(read_frames(call)) as frames:
+        async with contextlib.aclosing(
+                read_frames(call, end_first=False)) as frames:  # done before the quota settles
             async for frame in frames:
                 await queue.put(frame)
     except PromptlineError as err:
