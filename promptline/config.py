@@ -367,11 +367,45 @@ class ConversationsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteRule:
+    """One rule of a route: it holds when all its conditions do. A rule without conditions is
+    the route's default: the last rule, and only the last, has none."""
+
+    model: Name = key(doc="the model, or another route, this rule picks")
+    max_prompt_tokens: int | None = key(
+        None, minimum=1, doc="holds for prompts of at most this many tokens (the whole assembled "
+                             "prompt, history included, before any is trimmed); null: any size")
+    tenants: tuple[Name, ...] | None = key(
+        None, min_items=1, empty="list at least one tenant, or leave the key out",
+        doc="holds for these tenants only; null: every tenant")
+
+    @property
+    def is_default(self) -> bool:
+        return self.max_prompt_tokens is None and self.tenants is None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """A virtual model (docs/routes.md): a name a request (or a prompt version's default) sends
+    as `model`, which the prompt service resolves per request, before anything model-specific,
+    to a configured model: the first of `rules` that holds picks a model or another route. A
+    tenant's `models` may list a route; that grants whatever the route picks. Changes apply to
+    streams that start after a reload."""
+
+    name: Name = key(doc="the name clients send as `model`; not a model's name")
+    rules: tuple[RouteRule, ...] = key(
+        min_items=1, empty="a route needs at least one rule",
+        doc="tried in order; the first that holds decides")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration of one deployment."""
 
     tenants: tuple[TenantConfig, ...] = key(min_items=1, doc="who may call")
     models: tuple[ModelConfig, ...] = key(min_items=1, doc="what they may call")
+    routes: tuple[RouteConfig, ...] = key(
+        (), doc="virtual model names, each resolved per request to a model")
     redis_url: RedisUrl | None = key(
         None, env="PROMPTLINE_REDIS_URL", repr=False,  # it may hold the password
         doc="`redis://`, `rediss://` or `unix://`; required by the prompt service (null: `make "
@@ -463,10 +497,12 @@ def _check_rules(config: Config) -> None:
     _unique([t.name for t in config.tenants], "tenants", "tenant name")
     _unique([m.name for m in config.models], "models", "model name")
     names = {m.name for m in config.models}
+    _check_routes(config, names)
+    routes = {r.name for r in config.routes}
     for i, tenant in enumerate(config.tenants):
         for j, allowed in enumerate(tenant.models or ()):
-            if allowed not in names:
-                raise ConfigError(f"tenants[{i}].models[{j}]: unknown model {allowed!r}")
+            if allowed not in names and allowed not in routes:
+                raise ConfigError(f"tenants[{i}].models[{j}]: unknown model or route {allowed!r}")
     for i, model in enumerate(config.models):
         path = f"models[{i}]"
         for j, fb in enumerate(model.fallback):
@@ -482,6 +518,65 @@ def _check_rules(config: Config) -> None:
                               "'openai'")
         if model.timeouts.first_token > model.timeouts.total:
             raise ConfigError(f"{path}.timeouts.first_token: must not exceed timeouts.total")
+
+
+def _check_routes(config: Config, models: set[str]) -> None:
+    """A route is a new name; its rules name known models, routes and tenants; it ends with its
+    one default rule (so every request finds a model); no route leads back to itself."""
+    _unique([r.name for r in config.routes], "routes", "route name")
+    routes = {r.name for r in config.routes}
+    tenants = {t.name for t in config.tenants}
+    for i, route in enumerate(config.routes):
+        path = f"routes[{i}]"
+        if route.name in models:
+            raise ConfigError(f"{path}.name: clashes with model {route.name!r}")
+        last = len(route.rules) - 1
+        for j, rule in enumerate(route.rules):
+            where = f"{path}.rules[{j}]"
+            if rule.model not in models and rule.model not in routes:
+                raise ConfigError(f"{where}.model: unknown model or route {rule.model!r}")
+            for k, tenant in enumerate(rule.tenants or ()):
+                if tenant not in tenants:
+                    raise ConfigError(f"{where}.tenants[{k}]: unknown tenant {tenant!r}")
+            if rule.is_default and j < last:
+                raise ConfigError(f"{path}.rules[{j + 1}]: never used: rules[{j}] has no "
+                                  "condition, so it holds for every request")
+        if not route.rules[last].is_default:
+            raise ConfigError(f"{path}.rules[{last}]: the last rule must have no condition (the "
+                              "route's default), so that every request finds a model")
+    if cycle := _route_cycle(config.routes):
+        (i, j), names = cycle
+        raise ConfigError(f"routes[{i}].rules[{j}].model: cycle {' -> '.join(names)}")
+
+
+def _route_cycle(routes: tuple[RouteConfig, ...]
+                 ) -> tuple[tuple[int, int], list[str]] | None:
+    """The first cycle of routes naming routes, in file order: the key of its first step
+    (route index, rule index) and the names along it (`[a, b, a]`); None without one."""
+    index = {r.name: i for i, r in enumerate(routes)}
+    cleared: set[str] = set()  # leads to models only
+    trail: list[tuple[str, int]] = []  # (route, rule taken) from the start of the walk
+
+    def walk(name: str) -> tuple[tuple[int, int], list[str]] | None:
+        names = [n for n, _ in trail]
+        if name in names:
+            at = names.index(name)
+            return (index[name], trail[at][1]), [*names[at:], name]
+        if name in cleared or name not in index:
+            return None
+        for j, rule in enumerate(routes[index[name]].rules):
+            trail.append((name, j))
+            found = walk(rule.model)
+            trail.pop()
+            if found:
+                return found
+        cleared.add(name)
+        return None
+
+    for route in routes:
+        if found := walk(route.name):
+            return found
+    return None
 
 
 def _with_environment(model: ModelConfig, env: Mapping[str, str]) -> ModelConfig:

@@ -1,9 +1,10 @@
 """Turn a StreamChatRequest into what the engine needs: model, messages, token budget.
 
 Stages, cheapest first: validate the request (no I/O) -> resolve and render the managed prompt
-(one or two Redis reads) -> load the conversation history (one Redis read) -> fit everything to
-the model's context window (`context_fit`). Validation here protects gRPC callers that do not come
-through the edge; every rejection is a typed error at stage `connect`, naming the field.
+(one or two Redis reads) -> load the conversation history (one Redis read) -> resolve a route to
+its model (`routes`) -> fit everything to the model's context window (`context_fit`). Validation
+here protects gRPC callers that do not come through the edge; every rejection is a typed error at
+stage `connect`, naming the field.
 
 Messages sent to the model, in order: the rendered prompt (a system message), then
 - without a conversation: the request's messages, unchanged and in order;
@@ -12,6 +13,7 @@ Messages sent to the model, in order: the rendered prompt (a system message), th
   A request that re-sends the stored history before its new message is recognised
   (`split_resent_history`), so a client-kept transcript is neither doubled nor stored twice.
 A prompt version's default model, max_tokens and temperature apply when the request sets none.
+The model (the request's or the prompt's) may be a route; the plan holds the model it resolved to.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from promptline.config import Config, ModelConfig, TenantConfig
+from promptline.config import Config, ModelConfig, RouteConfig, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.rules import (
     check_conversation_id,
@@ -30,11 +32,13 @@ from promptline.rules import (
     check_version_or_label,
     invalid,
 )
+from promptline.tokens import TOKENS_PER_REPLY
 from promptline.v1 import common_pb2, prompt_pb2
 
 from .context_fit import MessageTokenCounts, count_now, fit_messages
 from .history import ConversationStore
 from .prompts import PromptRegistry, PromptVersion
+from .routes import counted_once, find_route, resolve
 from .templates import render
 
 MAX_MESSAGES = 1000
@@ -54,6 +58,8 @@ class ChatPlan:
     conversation_id: str = ""
     new_turns: tuple[common_pb2.ChatMessage, ...] = ()
     """The request's user/assistant messages, stored with the reply; only with a conversation."""
+    route: str = ""
+    """The route the request (or its prompt) named, resolved to `model`; "" for a model."""
 
     def without_messages(self) -> ChatPlan:
         """This plan once the engine request is built from it.
@@ -74,8 +80,8 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
                     conversations: ConversationStore | None = None,
                     token_counts: MessageTokenCounts | None = None) -> ChatPlan:
     """Validate, render, load history and fit; raises PromptlineError at stage `connect`."""
-    # A named model is checked before any Redis read; otherwise the prompt's default applies.
-    model = _model(config, tenant, request.model) if request.model else None
+    # A named model or route is checked before any Redis read; else the prompt's default applies.
+    named = _named(config, tenant, request.model) if request.model else None
     _validate(request)
     prompt = None
     if request.prompt.id:
@@ -84,8 +90,8 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
                                   stage=Stage.CONNECT)
         prompt = await prompts.get(tenant.name, request.prompt.id, request.prompt.version,
                                    request.prompt.label)
-    if model is None:
-        model = _model(config, tenant, prompt.model if prompt else "")
+    if named is None:
+        named = _named(config, tenant, prompt.model if prompt else "")
     system: list[common_pb2.ChatMessage] = []
     if prompt is not None:
         system.append(common_pb2.ChatMessage(role="system", content=render(
@@ -109,6 +115,16 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
     requested = request.max_tokens or (prompt.max_tokens if prompt and prompt.max_tokens else 0)
     count = (count_now if token_counts is None
              else await token_counts.prepared(tenant.name, [*system, *history, *new]))
+    route = ""
+    if isinstance(named, RouteConfig):
+        route = named.name
+        # A size rule sees the whole assembled prompt (before any history is trimmed: that
+        # depends on the model it picks), counted as the fit counts, each message once for both.
+        count = counted_once(count)
+        model = resolve(config, named, tenant.name, lambda: TOKENS_PER_REPLY + sum(
+            count(m) for m in (*system, *history, *new)))
+    else:
+        model = named
     fitted = fit_messages(system, history, new, window=model.context_window,
                           reserve=requested or 1,
                           history_reserve=requested or model.default_max_tokens,
@@ -126,6 +142,7 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
         prompt=prompt,
         conversation_id=request.conversation_id,
         new_turns=tuple(new) if request.conversation_id else (),
+        route=route,
     )
 
 
@@ -165,18 +182,20 @@ def _validate(request: prompt_pb2.StreamChatRequest) -> None:
     check_version_or_label(request.prompt.version, request.prompt.label)
 
 
-def _model(config: Config, tenant: TenantConfig, name: str) -> ModelConfig:
+def _named(config: Config, tenant: TenantConfig, name: str) -> ModelConfig | RouteConfig:
+    """The model or route `name` names. Permission is on this name: a route allowed grants
+    whatever it resolves to (docs/routes.md)."""
     if not name:
         raise invalid("model is required (unless the prompt names a default model)")
-    model = config.model(name)
-    if model is None:
+    named = config.model(name) or find_route(config, name)
+    if named is None:
         raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown model {name!r}",
                               stage=Stage.CONNECT)
-    if not tenant.may_use(model.name):
+    if not tenant.may_use(named.name):
         raise PromptlineError(ErrorCode.PERMISSION_DENIED,
-                              f"this API key may not use model {model.name!r}",
+                              f"this API key may not use model {named.name!r}",
                               stage=Stage.CONNECT)
-    return model
+    return named
 
 
 

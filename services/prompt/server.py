@@ -112,6 +112,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                            else session.completion_tokens)
         if session.plan is not None:
             life.fields["model"] = session.plan.model.name
+            if session.plan.route:
+                life.fields["route"] = session.plan.route
         if not session.finished:
             task = asyncio.create_task(session.finish(outcome))
             self.background.add(task)
