@@ -123,6 +123,7 @@ ProxyUrl = Annotated[str, Text(r"(?:https?://.+)?", 'must be an http(s) URL, or 
 RedisUrl = Annotated[str, Text(r"(?:redis|rediss|unix)://.*",
                                "must start with redis://, rediss:// or unix://", "Redis URL")]
 Provider = Annotated[str, Choice.of("simulated", "openai")]
+Routing = Annotated[str, Choice.of("weighted", "least_busy", "lowest_latency")]
 Boundary = Annotated[str, Choice.of(*BOUNDARIES)]
 DEFAULT_COALESCE_MS = 100
 """Chosen from measurements (docs/performance.md, "Chunk shaping")."""
@@ -187,6 +188,63 @@ class SimulatedSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """The circuit breaker of each deployment of the model's pool (docs/provider-pools.md),
+    shared by every engine replica through Redis. A deployment that fails `failures` times
+    within `window` (connect errors, 5xx, 429, first-token and idle timeouts) is ejected for
+    `cooldown`, doubled on each repeat ejection up to `max_cooldown`; then a single live request
+    probes it, and its first token brings the deployment back. While the healthy share of the
+    pool is below `panic_threshold`, and always when no deployment is healthy, every deployment
+    is used."""
+
+    failures: int = key(5, minimum=1, doc="failures within `window` that eject a deployment")
+    window: Duration = key(30.0, doc="how far back failures are counted")
+    cooldown: Duration = key(10.0, doc="the first ejection's length; doubled on each repeat")
+    max_cooldown: Duration = key(300.0, doc="the longest ejection; a deployment healthy this "
+                                            "long after a recovery starts again at `cooldown`")
+    panic_threshold: float = key(0.0, minimum=0, maximum=1,
+                                 doc="healthy share of the pool below which every deployment "
+                                     "is used; 0: only when none is healthy")
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    """One deployment of a model's pool: an endpoint serving the model, with its own key,
+    weight and limits. A key left null takes the model's (`base_url`, `api_key_env`,
+    `upstream_model`, `proxy`); a `simulated` mapping is laid over the model's, key by key. A
+    model without `deployments` is a pool of one, named after the model, made of its own keys."""
+
+    name: Name = key(doc="unique within the model; named in `start`, `done`, logs and metrics")
+    base_url: HttpUrl | None = key(None, doc="the OpenAI-compatible endpoint (openai only); "
+                                             "null: the model's")
+    api_key: str | None = field(default=None, repr=False)
+    """Resolved from `api_key_env` (this deployment's, else the model's) at load; never logged."""
+    api_key_env: str | None = key(None, doc="env variable holding this deployment's provider "
+                                            "key, read at start; null: the model's")
+    upstream_model: str | None = key(None, doc="model name sent to this deployment; null: the "
+                                               "model's `upstream_model`, else its `name`")
+    proxy: ProxyUrl | None = key(None, repr=False,
+                                 doc='HTTP(S) proxy for `base_url`; null: the model\'s; "": none. '
+                                     "Never logged")
+    weight: float = key(1.0, minimum=0, doc="share of the traffic under `routing: weighted`, "
+                                            "and of the load under `least_busy`; above 0")
+    max_concurrency: int | None = key(None, minimum=1,
+                                      doc="most streams at once on each engine replica; null: "
+                                          "no limit")
+    rpm: int | None = key(None, minimum=1, doc="the provider's requests-per-minute limit, over "
+                                               "every replica (Redis); null: none")
+    tpm: int | None = key(None, minimum=1, doc="the provider's tokens-per-minute limit, over "
+                                               "every replica, counted from usage; null: none")
+    simulated: SimulatedSettings | None = key(
+        None, doc="this deployment's knobs (provider `simulated`), over the model's")
+
+    @property
+    def limited(self) -> bool:
+        """It has a limit to keep (the pool then checks room before each call)."""
+        return bool(self.max_concurrency or self.rpm or self.tpm)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """One routable model. `provider: simulated` is built in; `provider: openai` is any
     OpenAI-compatible server (OpenAI, vLLM, Ollama, ...) at `base_url`, with the key read at start
@@ -213,6 +271,22 @@ class ModelConfig:
     default_max_tokens: int = key(1024, name="max_tokens", minimum=1,
                                   doc="`max_tokens` of requests that send none")
     stream: StreamShaping = section(StreamShaping)
+    deployments: tuple[DeploymentConfig, ...] = key(
+        (), doc="the model's pool (docs/provider-pools.md); empty: a pool of one, named after "
+                "the model, made of the keys above")
+    routing: Routing = key("weighted", doc="how a request picks a deployment: `weighted` (by "
+                                           "`weight`), `least_busy` (fewest streams in flight on "
+                                           "this replica, per weight) or `lowest_latency` "
+                                           "(lowest decaying average of first-token time)")
+    health: HealthConfig = section(HealthConfig)
+
+    @property
+    def pool(self) -> tuple[DeploymentConfig, ...]:
+        """The deployments (resolved at load); without any, the one the model's keys make."""
+        return self.deployments or (DeploymentConfig(
+            name=self.name, base_url=self.base_url, api_key=self.api_key,
+            api_key_env=self.api_key_env, upstream_model=self.upstream_model, proxy=self.proxy,
+            simulated=self.simulated if self.provider == "simulated" else None),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +510,29 @@ class Config:
             if model.name == name:
                 return model
         return None
+
+    def idle_timeout(self, name: str) -> float:
+        """The idle timeout a request naming `name` (a model or a route) may meet: a route's is
+        the longest of the models it can pick; an unknown name gets the default."""
+        model = self.model(name)
+        if model is not None:
+            return model.timeouts.idle
+        route = next((r for r in self.routes if r.name == name), None)
+        if route is None:
+            return Timeouts().idle
+        seen = {name}
+        todo = [rule.model for rule in route.rules]
+        longest = 0.0
+        while todo:
+            target = todo.pop()
+            if target in seen:
+                continue
+            seen.add(target)
+            if (found := self.model(target)) is not None:
+                longest = max(longest, found.timeouts.idle)
+            else:
+                todo += [rule.model for r in self.routes if r.name == target for rule in r.rules]
+        return longest or Timeouts().idle
 
     @property
     def prompt_target(self) -> str:

@@ -372,3 +372,15 @@ def test_the_schema_agrees_with_the_loader() -> None:
         assert list(validator.iter_errors(raw)), bad
         with pytest.raises(ConfigError):
             parse_config(raw, env={})
+
+
+def test_a_routes_idle_timeout_is_the_longest_of_its_models() -> None:
+    """What the edge bounds a stalled client's write with, for a request naming a route."""
+    config = make_config({"routes": [
+        {"name": "inner", "rules": [{"model": "slow"}]},
+        {"name": "outer", "rules": [{"max_prompt_tokens": 10, "model": "sim"},
+                                    {"model": "inner"}]}]}, models=[
+        {"name": "slow", "provider": "simulated", "timeouts": {"idle": "45s"}}])
+    assert config.idle_timeout("sim") == 10.0
+    assert config.idle_timeout("outer") == 45.0 and config.idle_timeout("inner") == 45.0
+    assert config.idle_timeout("nothing") == 30.0  # the default

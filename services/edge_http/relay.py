@@ -20,7 +20,7 @@ from typing import Any, Final, Protocol
 import grpc
 from aiohttp import web
 
-from promptline.config import Config, Timeouts
+from promptline.config import Config
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.streams import CANCELLED, DONE, StreamLife, read_frames
 from promptline.stubs import ChatCall
@@ -127,8 +127,7 @@ class StreamRelay:
         self._model = model
         self._encoder = encoder
         self._heartbeat = config.edge.heartbeat
-        model_config = config.model(model)
-        self._stall_limit = (model_config.timeouts if model_config else Timeouts()).idle
+        self._stall_limit = config.idle_timeout(model)  # a route: its models' longest
         """Longest a write may wait for a client that stopped reading: the model's idle rule."""
         self._response: web.StreamResponse | None = None
         self._call: ChatCall | None = None
