@@ -212,6 +212,8 @@ class Stack:
         """The --ref checkout whose services serve the `-ref` scenarios."""
         self.plain_tenant = False
         """No quotas and no moderation term (`--plain-tenant`)."""
+        self.pool = 0
+        """Deployments of each upstream model, all at the bench upstream (`--pool`); 0: none."""
         self.env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
         for var in list(self.env):  # the generated config is the whole truth
             if var.startswith("PROMPTLINE_"):
@@ -256,9 +258,13 @@ class Stack:
                            "context_window": 65536, "max_tokens": load.tokens,
                            "simulated": {"ttft_ms": 0, "tokens_per_second": tps,
                                          "reply": reply_text(load.tokens)}, **shaping})
+            upstream = f"http://127.0.0.1:{self.upstream_port}/v1"
+            pool = ({"deployments": [{"name": f"d{i}", "base_url": upstream}
+                                     for i in range(self.pool)]} if self.pool
+                    else {"base_url": upstream})
             models.append({"name": up, "provider": "openai", "timeouts": timeouts,
-                           "base_url": f"http://127.0.0.1:{self.upstream_port}/v1",
-                           "context_window": 65536, "max_tokens": load.tokens, **shaping})
+                           "context_window": 65536, "max_tokens": load.tokens, **pool,
+                           **shaping})
         tenant: dict[str, Any] = {"name": "bench", "api_keys": [API_KEY]}
         extra: dict[str, Any] = {}
         if not self.plain_tenant:
@@ -968,6 +974,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plain-tenant", action="store_true",
                         help="the bench tenant without quotas and without a moderation term "
                              "(the bench before issue 20)")
+    parser.add_argument("--pool", type=int, default=0,
+                        help="serve each upstream model by a pool of this many deployments, all "
+                             "at the bench upstream (docs/provider-pools.md); 0: a plain model")
     parser.add_argument("--out", default="",
                         help="output path without extension (default: bench/results/<timestamp>)")
     parser.add_argument("--root", default=str(ROOT),
@@ -1031,6 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="promptline-bench-"))
     stack = Stack(workdir, loads, Path(args.root).resolve(), own_sessions=not args.one_session)
     stack.plain_tenant = args.plain_tenant
+    stack.pool = args.pool
     if args.ref:
         try:
             stack.ref_root = export_ref(args.ref, workdir)
@@ -1081,6 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"blocked term {BLOCKED_TERM!r}"),
         "peers": peer_versions(args),
         "quick": args.quick,
+        "pool": args.pool,
         "one_session": args.one_session,
         "loads": [asdict(load) for load in loads],
         "run_seconds": round(time.monotonic() - started, 1),

@@ -72,6 +72,8 @@ class Started:
     prompt_id: str = ""
     prompt_version: int = 0
     prompt_tokens: int = 0
+    deployment: str = ""
+    """The deployment of the model's pool that serves the request."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,8 @@ class Finished:
     usage: Usage
     model: str = ""
     """The model that produced the reply (may be a fallback)."""
+    deployment: str = ""
+    """The deployment of that model's pool that produced it."""
 
 
 ChatEvent = Started | TextDelta | Finished
@@ -199,11 +203,11 @@ def _event(frame: prompt_pb2.StreamChatResponse) -> ChatEvent | None:
     if kind == "start":
         s = frame.start
         return Started(s.request_id, s.model, s.conversation_id, s.prompt_id, s.prompt_version,
-                       s.prompt_tokens)
+                       s.prompt_tokens, s.deployment)
     if kind == "done":
         d = frame.done
         usage = Usage(d.usage.prompt_tokens, d.usage.completion_tokens, d.usage.total_tokens)
-        return Finished(d.finish_reason, usage, d.model)
+        return Finished(d.finish_reason, usage, d.model, d.deployment)
     return None  # a frame kind newer than this client: skipped
 
 

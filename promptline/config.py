@@ -248,8 +248,9 @@ class DeploymentConfig:
 class ModelConfig:
     """One routable model. `provider: simulated` is built in; `provider: openai` is any
     OpenAI-compatible server (OpenAI, vLLM, Ollama, ...) at `base_url`, with the key read at start
-    from the environment variable `api_key_env`. Retries and `fallback` models are tried only
-    before the first token reached the client, never mid-stream."""
+    from the environment variable `api_key_env`, or at each of its `deployments`, a pool balanced
+    by `routing` with a breaker per deployment (docs/provider-pools.md). Retries and `fallback`
+    models are tried only before the first token reached the client, never mid-stream."""
 
     name: Name = key(doc="the name clients send as `model`")
     provider: Provider = key(doc="`simulated` (built in) or `openai` (OpenAI-compatible)")
@@ -575,7 +576,7 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
                  source: str = "<memory>") -> Config:
     """Validate an already-parsed mapping (what tests and `load_config` use)."""
     env = os.environ if env is None else env
-    config = read_keys(Config, _with_env_overrides(raw, env))
+    config = read_keys(Config, _with_inherited_knobs(_with_env_overrides(raw, env)))
     _check_rules(config)
     return replace(config, models=tuple(_with_environment(m, env) for m in config.models),
                    # a blank term would block every text
@@ -608,13 +609,14 @@ def _check_rules(config: Config) -> None:
             if fb == model.name:
                 raise ConfigError(f"{path}.fallback[{j}]: a model cannot fall back to itself")
         if model.provider == "openai":
-            if not model.base_url:
+            if not model.base_url and not model.deployments:
                 raise ConfigError(f"{path}.base_url: an openai model needs an http(s) base_url")
         elif model.base_url or model.api_key_env or model.proxy is not None:
             raise ConfigError(f"{path}: base_url/api_key_env/proxy apply only to provider "
                               "'openai'")
         if model.timeouts.first_token > model.timeouts.total:
             raise ConfigError(f"{path}.timeouts.first_token: must not exceed timeouts.total")
+        _check_pool(model, path)
 
 
 def _check_routes(config: Config, models: set[str]) -> None:
@@ -676,14 +678,78 @@ def _route_cycle(routes: tuple[RouteConfig, ...]
     return None
 
 
+def _check_pool(model: ModelConfig, path: str) -> None:
+    """A model's deployments: unique names, weights above 0, keys that fit its provider."""
+    seen: set[str] = set()
+    for j, deployment in enumerate(model.deployments):
+        where = f"{path}.deployments[{j}]"
+        if deployment.name in seen:
+            raise ConfigError(f"{where}.name: duplicate deployment name {deployment.name!r}")
+        seen.add(deployment.name)
+        if deployment.weight <= 0:
+            raise ConfigError(f"{where}.weight: must be greater than 0, got {deployment.weight:g}")
+        if model.provider == "openai":
+            if not (deployment.base_url or model.base_url):
+                raise ConfigError(f"{where}.base_url: an openai deployment needs an http(s) "
+                                  "base_url (its own or the model's)")
+            if deployment.simulated is not None:
+                raise ConfigError(f"{where}.simulated: applies only to provider 'simulated'")
+        elif (deployment.base_url or deployment.api_key_env
+              or deployment.proxy is not None):
+            raise ConfigError(f"{where}: base_url/api_key_env/proxy apply only to provider "
+                              "'openai'")
+    if model.health.cooldown > model.health.max_cooldown:
+        raise ConfigError(f"{path}.health.max_cooldown: must be at least health.cooldown")
+
+
 def _with_environment(model: ModelConfig, env: Mapping[str, str]) -> ModelConfig:
     """The provider key from `api_key_env`, and the proxy from the standard variables unless the
-    file names one ("" for none): both read once, at load (per request it measured ~0.9 ms)."""
+    file names one ("" for none): both read once, at load (per request it measured ~0.9 ms).
+    The same for each deployment, after it took the model's keys where it has none."""
     proxy = model.proxy
     if proxy is None and model.base_url:
         proxy = env_proxy(model.base_url, env)
     api_key = env.get(model.api_key_env) if model.api_key_env else None
-    return replace(model, api_key=api_key or None, proxy=proxy or None)
+    deployments = tuple(_deployment_with_environment(model, d, env) for d in model.deployments)
+    return replace(model, api_key=api_key or None, proxy=proxy or None, deployments=deployments)
+
+
+def _deployment_with_environment(model: ModelConfig, deployment: DeploymentConfig,
+                                 env: Mapping[str, str]) -> DeploymentConfig:
+    """`deployment` with the model's keys where it has none, its key and proxy read (`model`
+    as read from the file: a null proxy there still means the standard variables)."""
+    base_url = deployment.base_url or model.base_url
+    key_env = deployment.api_key_env or model.api_key_env
+    proxy = deployment.proxy if deployment.proxy is not None else model.proxy
+    if proxy is None and base_url:
+        proxy = env_proxy(base_url, env)
+    simulated = None
+    if model.provider == "simulated":
+        simulated = deployment.simulated or model.simulated
+    return replace(deployment, base_url=base_url, api_key_env=key_env,
+                   api_key=(env.get(key_env) if key_env else None) or None, proxy=proxy or None,
+                   upstream_model=deployment.upstream_model or model.upstream_model,
+                   simulated=simulated)
+
+
+def _with_inherited_knobs(raw: Any) -> Any:
+    """`raw` with each deployment's `simulated` mapping laid over its model's, key by key (a
+    null there keeps the model's value); the caller's mappings stay untouched. Anything not
+    shaped as expected is left for the key reader to report."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("models"), list | tuple):
+        return raw
+    models: list[Any] = []
+    for model in raw["models"]:
+        base = model.get("simulated") if isinstance(model, Mapping) else None
+        pool = model.get("deployments") if isinstance(model, Mapping) else None
+        if isinstance(base, Mapping) and isinstance(pool, list | tuple):
+            model = {**model, "deployments": [
+                {**d, "simulated": {**base, **{k: v for k, v in d["simulated"].items()
+                                               if v is not None}}}
+                if isinstance(d, Mapping) and isinstance(d.get("simulated"), Mapping) else d
+                for d in pool]}
+        models.append(model)
+    return {**raw, "models": models}
 
 
 def _with_env_overrides(raw: Any, env: Mapping[str, str]) -> Any:

@@ -51,7 +51,9 @@ and point the editor at it; with the YAML language server (VS Code's YAML extens
 Helix, ...) a first line `# yaml-language-server: $schema=./promptline.schema.json` is enough.
 The schema checks each key on its own; the rules that involve several keys (unique names, a
 `fallback` or a tenant's `models` entry names a configured model, `first_token` at most `total`,
-`base_url` for `openai` models only and required there) are checked by the loader at start-up.
+`base_url` for `openai` models only and required there (a model's or each deployment's), a
+deployment's `weight` above 0, `max_cooldown` at least `cooldown`) are checked by the loader at
+start-up.
 
 """
 

@@ -59,6 +59,15 @@ PROVIDER_FIRST_CHUNK = Histogram(
     "promptline_provider_first_chunk_seconds",
     "Provider latency: from the call to its first chunk.",
     ["model", "provider"], buckets=_LATENCY_BUCKETS)
+DEPLOYMENT_HEALTHY = Gauge(
+    "promptline_deployment_healthy",
+    "1 while a deployment of a model's pool is in service as this llm_engine replica sees the "
+    "shared breaker, 0 while it is ejected or being probed.",
+    ["model", "deployment"])
+DEPLOYMENT_REQUESTS = Counter(
+    "promptline_deployment_requests_total",
+    "Provider calls by model, deployment and outcome (ok, an error code, or cancelled).",
+    ["model", "deployment", "outcome"])
 REDIS_UP = Gauge(
     "promptline_redis_up",
     "1 while this prompt-service replica reaches Redis (a PING every second), else 0.")

@@ -50,11 +50,13 @@ async def test_stream_chat_yields_typed_events(chain: Chain) -> None:
     assert isinstance(events[0], Started)
     assert events[0].request_id == "client-test-1" and events[0].model == "sim"
     assert events[0].prompt_tokens > 0
+    assert events[0].deployment == "sim"  # a model without deployments is a pool of one
     deltas = [e for e in events[1:-1]]
     assert deltas and all(isinstance(e, TextDelta) for e in deltas)
     assert "".join(e.text for e in deltas) == REPLY
     done = events[-1]
     assert isinstance(done, Finished) and done.finish_reason == "stop" and done.model == "sim"
+    assert done.deployment == "sim"
     assert done.usage.completion_tokens >= len(deltas)
     assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
 

@@ -17,8 +17,9 @@ and the pytest summary says why). Then:
   targets/listen/redis_url match the Services and container ports, its tenant keys are digests,
   with `on_redis_error: local` its `quota_policy.replicas` is within the prompt HPA's bounds;
 - HPAs and PDBs cover every service; every referenced ConfigMap/Secret exists;
-- the external-Redis overlays are prod without the in-cluster Redis, the prompt pods get the
-  mode (and sentinels) as env and the URL from a Secret, and the config they see parses;
+- the external-Redis overlays are prod without the in-cluster Redis, the prompt and llm-engine
+  pods (and no other) get the mode (and sentinels) as env and the URL from a Secret, and the
+  config they see parses, the same for both;
 - the Dockerfile generates the protobuf code and runs as the uid the pods require.
 
 Each check is a function returning a list of problems; `test_checks_catch_breakage` feeds each one
@@ -53,6 +54,8 @@ KUSTOMIZATIONS = {"base": K8S / "base", "local": K8S / "overlays" / "local",
                   "prod-redis-sentinel": K8S / "overlays" / "prod-redis-sentinel"}
 # The overlays that reuse prod with an external Redis instead of the in-cluster one: mode.
 EXTERNAL_REDIS = {"prod-redis-cluster": "cluster", "prod-redis-sentinel": "sentinel"}
+# The services that reach Redis: quotas, prompts, conversations; the provider pools' state.
+REDIS_CLIENTS = ("services.prompt", "services.llm_engine")
 # Oldest Kubernetes we support: native gRPC probes are GA since 1.27, autoscaling/v2 since 1.23.
 K8S_VERSION = "1.30.0"
 APP_UID = 10001
@@ -690,16 +693,21 @@ def test_external_redis_overlays(name: str, mode: str,
     assert not _by_kind(objs, "StatefulSet") and not _redis_objects(objs), \
         "an external Redis replaces the in-cluster one"
     apps = app_deployments(objs)
-    prompt = apps["services.prompt"][1]
-    env = {var["name"]: var for var in prompt["env"]}
-    assert env["PROMPTLINE_REDIS_MODE"].get("value") == mode
-    # The URL (and its password) comes from the out-of-band Secret, never from git.
-    assert env["PROMPTLINE_REDIS_URL"].get("valueFrom") == {
-        "secretKeyRef": {"name": "promptline-redis", "key": "PROMPTLINE_REDIS_URL"}}
+    # The Redis clients: the prompt service, and the engine (the provider pools' shared state).
+    clients = [apps[module][1] for module in REDIS_CLIENTS]
+    for container in clients:
+        env = {var["name"]: var for var in container["env"]}
+        assert env["PROMPTLINE_REDIS_MODE"].get("value") == mode
+        # The URL (and its password) comes from the out-of-band Secret, never from git.
+        assert env["PROMPTLINE_REDIS_URL"].get("valueFrom") == {
+            "secretKeyRef": {"name": "promptline-redis", "key": "PROMPTLINE_REDIS_URL"}}
     for module, (_, c) in apps.items():
-        if module != "services.prompt":  # the prompt service is the only Redis client
+        if module not in REDIS_CLIENTS:
             assert not [v for v in c.get("env", []) if "REDIS" in v["name"]], module
-    config = parse_config(copy.deepcopy(loaded[name][1]), env=container_env(prompt))
+    configs = [parse_config(copy.deepcopy(loaded[name][1]), env=container_env(c))
+               for c in clients]
+    assert configs[0] == configs[1], "the prompt and engine pods must reach the same Redis"
+    config = configs[0]
     assert config.redis_mode == mode
     assert config.redis_url == SECRET_SAMPLES["promptline-redis", "PROMPTLINE_REDIS_URL"]
     if mode == "sentinel":
@@ -708,7 +716,9 @@ def test_external_redis_overlays(name: str, mode: str,
     # Everything else is prod's, unchanged (the same config, hence the same ConfigMap name).
     prod = render("prod")
     prod = [o for o in prod if o not in _redis_objects(prod)]
-    prompt["env"] = [v for v in prompt["env"] if not v["name"].startswith("PROMPTLINE_REDIS_")]
+    for container in clients:
+        container["env"] = [v for v in container["env"]
+                            if not v["name"].startswith("PROMPTLINE_REDIS_")]
     assert objs == prod
 
 

@@ -158,15 +158,15 @@ async def test_caller_deadline_becomes_a_typed_frame():
 
 
 async def test_reload_retires_providers_of_changed_models(tmp_path, monkeypatch):
-    """A model changed by a reload gets a new provider; the old one closes after the longest
-    stream that may still use it (its total timeout)."""
+    """A model changed by a reload gets a new pool (new providers); the old one closes after the
+    longest stream that may still use it (its total timeout)."""
     import yaml
 
-    import services.llm_engine.server as engine_server
+    import services.llm_engine.pool as engine_pool
     from promptline.config import load_config
     from tests.conftest import BASE_CONFIG
 
-    monkeypatch.setattr(engine_server, "RETIRE_SLACK", 0.0)
+    monkeypatch.setattr(engine_pool, "RETIRE_SLACK", 0.0)
     quick = {"first_token": "1s", "idle": "1s", "total": "1s"}
     path = tmp_path / "engine.yaml"
     raw = {**BASE_CONFIG, "models": [sim("m", timeouts=quick)]}
@@ -176,16 +176,16 @@ async def test_reload_retires_providers_of_changed_models(tmp_path, monkeypatch)
         async with insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = llm_engine_pb2_grpc.LlmEngineStub(channel)
             assert (await run(stub.Generate(request(), timeout=10)))[1] == grpc.StatusCode.OK
-            old = server.providers.get(server.live.current.model("m"))
+            old = server.pools.get(server.live.current.model("m"))
 
             path.write_text(yaml.safe_dump({**raw, "models": [sim("m", timeouts=quick,
                                                                   reply="changed")]}))
             assert server.live.reload()
             frames, code = await run(stub.Generate(request(), timeout=10))
             assert code == grpc.StatusCode.OK and text(frames) == "changed"
-            assert server.providers.get(server.live.current.model("m")) is not old
-            assert list(server.providers.retiring.values()) == [old]
-            await asyncio.wait(list(server.providers.retiring), timeout=10)
-            assert not server.providers.retiring
+            assert server.pools.get(server.live.current.model("m")) is not old
+            assert list(server.pools.retiring.values()) == [old]
+            await asyncio.wait(list(server.pools.retiring), timeout=10)
+            assert not server.pools.retiring
     finally:
         await server.stop(0.2)

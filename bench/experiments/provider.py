@@ -16,6 +16,7 @@ change), with this checkout's upstream, so both sides see the same server:
     python -m bench.experiments.provider                    # ~20 s
     python -m bench.experiments.provider --root /tmp/before
     python -m bench.experiments.provider --quick            # a few seconds
+    python -m bench.experiments.provider --pool 4           # each model a pool of 4
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=str(ROOT), help="the checkout whose engine is measured")
     parser.add_argument("--quick", action="store_true", help="fewer streams (a few seconds)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--pool", type=int, default=0,
+                        help="serve each model by a pool of this many deployments, all at the "
+                             "upstream (docs/provider-pools.md); 0: a plain model")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     chunks = sizes["paced_chunks"]
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [model_name(load.tokens, load.delay_ms) for load in loads]
     stack = Stack(Path(tempfile.mkdtemp(prefix="promptline-provider-")), loads,
                   root=Path(args.root).resolve())
+    stack.pool = args.pool
     try:
         stack.start_base()
         stack.start_chain("provider", services=("llm_engine",))

@@ -126,6 +126,8 @@ _OPENAI_TYPES = sorted({wire.openai_type for wire in WIRE.values()})
 _TEMPERATURE = {"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE}
 _MAX_TOKENS = integer(1, MAX_TOKENS)
 _TOKENS = integer(0)
+_DEPLOYMENT = string(description="The deployment of the model's pool that answered "
+                                 "(docs/provider-pools.md).")
 _SHAPE_FIELDS: dict[str, Schema] = {
     "coalesce_ms": nullable(integer(0, MAX_COALESCE_MS)),
     "min_chars": nullable(integer(0, MAX_MIN_CHARS)),
@@ -264,13 +266,15 @@ def _response_schemas() -> dict[str, Schema]:
                      "total_tokens"),
         "StartData": obj({"request_id": _SAFE_ID, "model": string(),
                           "conversation_id": _SAFE_ID, "prompt_id": string(),
-                          "prompt_version": integer(1), "prompt_tokens": integer(1)},
+                          "prompt_version": integer(1), "prompt_tokens": integer(1),
+                          "deployment": _DEPLOYMENT},
                          "request_id", "model"),
         "DeltaData": obj({"text": string()}, "text"),
         "DoneData": obj({"finish_reason": string(examples=["stop", "length"]),
                          "usage": ref("Usage"),
                          "model": string(description="The model that answered (a fallback's "
-                                                     "name if one did).")},
+                                                     "name if one did)."),
+                         "deployment": _DEPLOYMENT},
                         "finish_reason", "usage"),
         "StartEvent": obj({"event": string(const="start"), "data": ref("StartData")},
                           "event", "data", description="Once, first: the request was admitted."),

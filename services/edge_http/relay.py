@@ -349,6 +349,8 @@ def start_data(start: prompt_pb2.ChatStart, request_id: str, model: str) -> dict
         data["prompt_version"] = start.prompt_version
     if start.prompt_tokens:
         data["prompt_tokens"] = start.prompt_tokens
+    if start.deployment:
+        data["deployment"] = start.deployment
     return data
 
 
@@ -364,6 +366,8 @@ def done_data(done: common_pb2.Done) -> dict[str, Any]:
     data: dict[str, Any] = {"finish_reason": done.finish_reason, "usage": usage_data(done.usage)}
     if done.model:
         data["model"] = done.model
+    if done.deployment:
+        data["deployment"] = done.deployment
     return data
 
 

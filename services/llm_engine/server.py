@@ -1,10 +1,12 @@
-"""LlmEngine gRPC service: route a generation to its provider and stream it back.
+"""LlmEngine gRPC service: route a generation to a deployment of its model and stream it back.
 
-Per request: validate, then try the model and its `fallback` list, retrying retryable provider
-failures with exponential backoff and full jitter, but only while nothing has been sent to the
-caller. Once the first frame went out the stream is final: an error ends it with an error frame
-and the matching gRPC status. Every provider generator is closed in `finally`, so a cancel, an
-error or a timeout also ends the upstream call.
+Per request: validate, then try the model and its `fallback` list, but only while nothing has
+been sent to the caller. Each attempt goes to the deployment the model's pool picks (pool.py),
+one this request has not tried while there is one; a retry on a deployment already tried waits
+an exponential backoff with full jitter, and only for retryable errors. Once the first frame went
+out the stream is final: an error ends it with an error frame and the matching gRPC status.
+Every provider generator is closed in `finally`, so a cancel, an error or a timeout also ends the
+upstream call.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -30,14 +32,16 @@ from promptline.metrics import (
     PROVIDER_REQUESTS,
 )
 from promptline.metrics_server import MetricsServer
+from promptline.redis_store import STORE_ERRORS, RedisStore, connect_redis
 from promptline.rules import check_stream_shape
 from promptline.streams import Context, StreamLife, serve_stream
 from promptline.tokens import count_messages_off_loop, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 
-from .providers.base import GenerationRequest, Provider, ReadPacer, Usage
-from .providers.registry import build_provider
+from .board import SharedBoard
+from .pool import Attempt, Pools, shares_state
+from .providers.base import GenerationRequest, ReadPacer, Usage
 from .pump import ChunkPump
 from .shaping import Shape, Shaper
 from .timeouts import StreamClock
@@ -48,62 +52,14 @@ SERVICE_NAME = llm_engine_pb2.DESCRIPTOR.services_by_name["LlmEngine"].full_name
 ORIGIN = "llm_engine"
 # Failures another attempt or another model can cure; the rest would fail the same way again.
 _FALLBACK_CODES = {ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED, ErrorCode.UNAVAILABLE}
-RETIRE_SLACK = 5.0
-"""Seconds past a retired model's total timeout before its provider (connection pool) closes."""
-
-
-@dataclass
-class ProviderPool:
-    """One provider per model config, built on first use.
-
-    Keyed by the (frozen) ModelConfig, so a reload that changes a model gets a new provider while
-    in-flight streams keep theirs. A provider whose model left the config is closed once the
-    longest stream that may still use it is over (its total timeout, plus a little).
-    """
-
-    _providers: dict[ModelConfig, Provider] = field(default_factory=dict)
-    _config: Config | None = None
-    retiring: dict[asyncio.Task[None], Provider] = field(default_factory=dict)
-
-    def get(self, model: ModelConfig) -> Provider:
-        provider = self._providers.get(model)
-        if provider is None:
-            provider = self._providers[model] = build_provider(model)
-        return provider
-
-    def follow(self, config: Config) -> None:
-        """Called with the config each stream starts with; cheap unless it is a new one."""
-        if config is self._config:
-            return
-        self._config = config
-        current = set(config.models)
-        for model in [m for m in self._providers if m not in current]:
-            provider = self._providers.pop(model)
-            task = asyncio.create_task(self._close_later(provider, model.timeouts.total))
-            self.retiring[task] = provider
-            task.add_done_callback(self.retiring.pop)
-
-    @staticmethod
-    async def _close_later(provider: Provider, after: float) -> None:
-        await asyncio.sleep(after + RETIRE_SLACK)
-        await provider.close()
-
-    async def close(self) -> None:
-        retiring = list(self.retiring.items())
-        for task, _ in retiring:
-            task.cancel()
-        await asyncio.gather(*(task for task, _ in retiring), return_exceptions=True)
-        await asyncio.gather(*(p.close() for p in [*self._providers.values(),
-                                                   *(p for _, p in retiring)]))
-        self._providers.clear()
 
 
 class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
     """Implements LlmEngine.Generate over the configured providers."""
 
-    def __init__(self, live: LiveConfig, providers: ProviderPool) -> None:
+    def __init__(self, live: LiveConfig, pools: Pools) -> None:
         self._live = live
-        self._providers = providers
+        self._pools = pools
 
     async def Generate(
         self, request: llm_engine_pb2.GenerateRequest, context: Context
@@ -113,7 +69,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         life = StreamLife(ORIGIN, request.model, request.request_id or uuid.uuid4().hex,
                           logger=log)
         config = self._live.current  # this stream keeps the config it started with
-        self._providers.follow(config)
+        self._pools.follow(config)
         async for frame in serve_stream(life, self._generate(config, request, context, life),
                                         context, llm_engine_pb2.GenerateResponse):
             yield frame
@@ -135,11 +91,24 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         last: PromptlineError | None = None
         committed = False  # a frame went to the caller: no more retries or fallbacks
         for candidate in route:
+            pool = self._pools.get(candidate)
+            tried: list[str] = []
             for attempt in range(config.retries.max_attempts):
+                try:
+                    chosen = await pool.choose(tried)
+                except PromptlineError as err:  # every deployment at a limit: the next model
+                    last = err
+                    break
+                if chosen.name in tried:  # each one tried: a retry on one, after the backoff
+                    assert last is not None
+                    if not last.retryable or not await _backoff(attempt - 1, last, clock, config):
+                        break
+                tried.append(chosen.name)
                 if last is not None:
                     clock.restart_first_token()
                 try:
-                    async with aclosing(self._attempt(candidate, request, clock, life)) as frames:
+                    async with aclosing(self._attempt(candidate, chosen, request, clock,
+                                                      life)) as frames:
                         async for frame in frames:
                             committed = True
                             yield frame
@@ -150,25 +119,23 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     last = err
                     log.warning("provider attempt failed before the first token",
                                 extra={"request_id": life.request_id, "model": candidate.name,
-                                       "attempt": attempt + 1, "code": err.code.value})
-                    if not err.retryable or attempt + 1 >= config.retries.max_attempts:
-                        break
-                    if not await _backoff(attempt, err, clock, config):
-                        break
+                                       "deployment": chosen.name, "attempt": attempt + 1,
+                                       "code": err.code.value})
         assert last is not None
         raise last
 
-    async def _attempt(self, model: ModelConfig, request: llm_engine_pb2.GenerateRequest,
-                       clock: StreamClock, life: StreamLife
-                       ) -> AsyncGenerator[llm_engine_pb2.GenerateResponse, None]:
-        """One provider call: provider chunks -> frames, bounded by the stream's clock."""
+    async def _attempt(self, model: ModelConfig, chosen: Attempt,
+                       request: llm_engine_pb2.GenerateRequest, clock: StreamClock,
+                       life: StreamLife) -> AsyncGenerator[llm_engine_pb2.GenerateResponse, None]:
+        """One provider call on the chosen deployment: provider chunks -> frames, bounded by the
+        stream's clock."""
         rid = life.request_id
-        provider = self._providers.get(model)
+        provider = chosen.provider
         shape = _shape(model, request)
         pace = ReadPacer(shape.coalesce_ms / 1000) if shape.active else None
         gen = provider.stream(GenerationRequest(
             request_id=rid,
-            model=model.upstream_model or model.name,
+            model=chosen.deployment.upstream_model,
             messages=request.messages,  # not copies: see ChatPlan.without_messages
             max_tokens=request.max_tokens or model.default_max_tokens,
             temperature=request.temperature if request.HasField("temperature") else None,
@@ -177,7 +144,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         # Not made current: a span attached across the generator's yields would be detached in
         # another context when the caller cancels.
         span = tracer.start_span(f"provider {provider.kind}", kind=SpanKind.CLIENT, attributes={
-            "promptline.request_id": rid, "llm.model": model.name, "llm.provider": provider.kind})
+            "promptline.request_id": rid, "llm.model": model.name, "llm.provider": provider.kind,
+            "llm.deployment": chosen.name})
         gap = INTER_TOKEN_GAP.labels(model.name)
         called = last = time.perf_counter()
         completion = 0
@@ -188,6 +156,9 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         pump = ChunkPump(gen, clock, pace)
         shaper = Shaper(shape, paced=True) if shape.active else None
         loop = asyncio.get_running_loop()
+        # The end-of-stream log names the deployment that answered (or was tried last).
+        life.fields.update(deployment_model=model.name, deployment=chosen.name)
+        chosen.begin()
         try:
             while True:
                 batch = await pump.take(shaper.wait(loop.time()) if shaper else None)
@@ -200,10 +171,12 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     break
                 if first:
                     first = False
-                    PROVIDER_FIRST_CHUNK.labels(model.name, provider.kind).observe(
-                        time.perf_counter() - called)
+                    waited = time.perf_counter() - called
+                    PROVIDER_FIRST_CHUNK.labels(model.name, provider.kind).observe(waited)
+                    chosen.answered(waited)
                     yield llm_engine_pb2.GenerateResponse(start=llm_engine_pb2.GenerateStart(
-                        request_id=rid, model=model.name, provider=provider.kind))
+                        request_id=rid, model=model.name, provider=provider.kind,
+                        deployment=chosen.name))
                 text: list[str] = []
                 tokens = 0
                 for chunk in batch:
@@ -234,20 +207,26 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         except PromptlineError as err:
             outcome = err.code.value
             span.set_status(StatusCode.ERROR, err.code.value)
+            await chosen.failed(err)  # before `end` gives a probe's lease back
             if shaper is not None and (out := shaper.flush()):
                 yield _delta(*out)  # what the provider produced before it failed is delivered
             raise
         finally:
             await pump.aclose()
+            chosen.end(outcome)
+            if outcome != "ok":
+                chosen.used(completion)
             PROVIDER_REQUESTS.labels(model.name, provider.kind, outcome).inc()
             span.set_attribute("llm.completion_tokens", completion)
             span.end()
         if usage is None:
             usage = Usage(await count_messages_off_loop(request.messages), completion)
+        chosen.used(usage.total_tokens)
         span.set_attribute("llm.prompt_tokens", usage.prompt_tokens)
         yield llm_engine_pb2.GenerateResponse(done=common_pb2.Done(
             finish_reason=finish,
             model=model.name,
+            deployment=chosen.name,
             usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
                                    completion_tokens=usage.completion_tokens,
                                    total_tokens=usage.total_tokens),
@@ -285,13 +264,15 @@ async def _backoff(attempt: int, err: PromptlineError, clock: StreamClock,
 
 @dataclass
 class EngineServer:
-    """A running llm_engine: its gRPC server, metrics endpoint and the providers it owns."""
+    """A running llm_engine: its gRPC server, metrics endpoint, the pools (and providers) it
+    owns, and its Redis client (None without Redis in the config)."""
 
     grpc: RunningServer
     metrics: MetricsServer
-    providers: ProviderPool
+    pools: Pools
     servicer: LlmEngineServicer
     live: LiveConfig
+    redis: RedisStore | None
 
     @property
     def port(self) -> int:
@@ -300,19 +281,23 @@ class EngineServer:
     async def stop(self, grace: float) -> None:
         await self.grpc.stop(grace)
         await self.metrics.stop()
-        await self.providers.close()
+        await self.pools.close()
+        if self.redis is not None:
+            await self.redis.close()
 
 
 async def start_engine(config: Config, address: str | None = None, *,
                        live: LiveConfig | None = None) -> EngineServer:
     """Start the engine on `address` (default: config.listen.llm_engine; use port 0 in tests)."""
     live = live or LiveConfig(config, "llm_engine")
-    providers = ProviderPool()
+    redis = await _connect_redis(config)
+    pools = Pools(SharedBoard(redis.client if redis else None, config.quota_policy.redis_timeout))
     for model in config.models:  # build eagerly: a broken provider fails start-up, not a request
-        providers.get(model)
-    providers.follow(config)
+        pools.get(model)
+    pools.follow(config)
+    await pools.sync()  # the breakers as the other replicas left them, before the first request
     get_tokenizer()  # loading cl100k takes ~250 ms: before serving, not in the first request
-    servicer = LlmEngineServicer(live, providers)
+    servicer = LlmEngineServicer(live, pools)
     running = await start_grpc_server(
         address or config.listen.llm_engine,
         lambda server: llm_engine_pb2_grpc.add_LlmEngineServicer_to_server(servicer, server),
@@ -320,4 +305,20 @@ async def start_engine(config: Config, address: str | None = None, *,
         interceptors=server_interceptors(),
     )
     metrics = await MetricsServer().start(config.listen.llm_engine_metrics)
-    return EngineServer(running, metrics, providers, servicer, live)
+    return EngineServer(running, metrics, pools, servicer, live, redis)
+
+
+async def _connect_redis(config: Config) -> RedisStore | None:
+    """The client the pools share their state through, when the config has a Redis (it has in
+    every deployment: the prompt service needs one); None: each replica on its own."""
+    if config.redis_url is None and config.redis_mode != "sentinel":
+        log.info("no Redis configured: deployment health and limits are this replica's own")
+        return None
+    store = connect_redis(config)
+    if any(shares_state(model) for model in config.models):  # else no call until a reload
+        try:
+            async with asyncio.timeout(config.quota_policy.redis_timeout * 8):
+                await store.connect()
+        except STORE_ERRORS as exc:  # it connects again on first use
+            log.warning("Redis not reachable at start (%s)", type(exc).__name__)
+    return store

@@ -199,6 +199,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                         prompt_id=plan.prompt.prompt_id if plan.prompt else "",
                         prompt_version=plan.prompt.version if plan.prompt else 0,
                         prompt_tokens=plan.prompt_tokens,
+                        deployment=frame.start.deployment,
                     ))
                 elif kind == "done":
                     tail = output.flush()

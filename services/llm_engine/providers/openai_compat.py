@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from promptline.config import ModelConfig
+from promptline.config import DeploymentConfig, ModelConfig
 from promptline.errors import PromptlineError
 from services.llm_engine.providers.base import Chunk, GenerationRequest, ReadPacer, Usage
 from services.llm_engine.providers.openai_errors import (
@@ -51,20 +51,24 @@ USER_AGENT = "promptline-llm-engine"
 
 
 class OpenAIProvider:
-    """Streams chat completions from an OpenAI-compatible `base_url`."""
+    """Streams chat completions from one deployment's OpenAI-compatible `base_url` (default:
+    the model's own, a pool of one)."""
 
     kind = "openai"
 
-    def __init__(self, model: ModelConfig) -> None:
-        if not model.base_url:
+    def __init__(self, model: ModelConfig, deployment: DeploymentConfig | None = None) -> None:
+        target = deployment or model.pool[0]
+        if not target.base_url:
             raise ValueError(f"model {model.name!r}: an openai provider needs a base_url")
         self.model = model
-        self.upstream_model = model.upstream_model or model.name
-        self.url = model.base_url.rstrip("/") + "/chat/completions"
+        self.deployment = target.name
+        self.upstream_model = target.upstream_model or model.name
+        self.url = target.base_url.rstrip("/") + "/chat/completions"
+        self._proxy = target.proxy
         self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
                          "User-Agent": USER_AGENT}
-        if model.api_key:  # local servers (vLLM, Ollama) need none
-            self._headers["Authorization"] = f"Bearer {model.api_key}"
+        if target.api_key:  # local servers (vLLM, Ollama) need none
+            self._headers["Authorization"] = f"Bearer {target.api_key}"
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=POOL_AND_CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT,
             sock_read=model.timeouts.idle + READ_TIMEOUT_SLACK)
@@ -75,7 +79,7 @@ class OpenAIProvider:
         """The connection pool, created on first use (it needs the running event loop)."""
         if self._session is None:
             # No trust_env: aiohttp would then re-read the proxy variables and ~/.netrc on every
-            # request (~0.9 ms each); the config resolved the proxy once (ModelConfig.proxy).
+            # request (~0.9 ms each); the config resolved the proxy once (DeploymentConfig.proxy).
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS), timeout=self._timeout)
         return self._session
@@ -102,14 +106,14 @@ class OpenAIProvider:
         Raises the transport's own exceptions (`openai_errors.CAUGHT` and any bug).
         """
         return await self.session.post(self.url, data=json.dumps(params).encode(),
-                                       headers=self._headers, proxy=self.model.proxy)
+                                       headers=self._headers, proxy=self._proxy)
 
     def _failed(self, err: PromptlineError, request: GenerationRequest, what: str
                 ) -> PromptlineError:
         # What happened (a status, an exception type) only: provider messages can echo text we
         # do not log verbatim.
-        log.warning("provider call failed: model=%s request_id=%s error=%s -> %s",
-                    self.model.name, request.request_id, what, err.code.value)
+        log.warning("provider call failed: model=%s deployment=%s request_id=%s error=%s -> %s",
+                    self.model.name, self.deployment, request.request_id, what, err.code.value)
         return err
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
