@@ -595,3 +595,20 @@ def _sse_data(body: str) -> dict[str, Any]:
         if "event" in lines:
             out[lines["event"]] = json.loads(lines["data"])
     return out
+
+
+async def test_a_first_token_timeout_moves_to_another_deployment_not_another_model() -> None:
+    fast = {"first_token": "500ms", "idle": "2s", "total": "10s"}
+    async with upstreams("a", "b", tokens=2) as fakes, upstreams("solo", tokens=2) as alone, \
+            upstreams("fb", tokens=2) as fallback, engine([
+                pool_model("ft", fakes, health={"failures": 100}, timeouts=fast),
+                pool_model("ftfb", fallback, timeouts=fast),
+                pool_model("ft1", alone, timeouts=fast, fallback=["ftfb"]),
+            ]) as (_, stub):
+        fakes["b"].stall_after_chunks = 0  # headers, then silence: a stalled deployment
+        answers = [answered_by(await generate(stub, "ft")) for _ in range(4)]
+        assert answers == ["a"] * 4 and fakes["b"].request_count == 2  # tried once each time
+        alone["solo"].stall_after_chunks = 0
+        err = error_of(await generate(stub, "ft1"))
+        assert err.code is ErrorCode.FIRST_TOKEN_TIMEOUT
+        assert alone["solo"].request_count == 1 and fallback["fb"].request_count == 0

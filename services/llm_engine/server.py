@@ -50,8 +50,11 @@ log = logging.getLogger("promptline.llm_engine")
 
 SERVICE_NAME = llm_engine_pb2.DESCRIPTOR.services_by_name["LlmEngine"].full_name
 ORIGIN = "llm_engine"
-# Failures another attempt or another model can cure; the rest would fail the same way again.
-_FALLBACK_CODES = {ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED, ErrorCode.UNAVAILABLE}
+# Failures another attempt or another model can cure; the rest would fail the same way again. A
+# first-token timeout moves on only to a deployment of the same model not tried yet (a stalled
+# deployment may be a sick one), never to another model: the loop below.
+_MOVE_ON_CODES = {ErrorCode.UPSTREAM_ERROR, ErrorCode.UPSTREAM_RATE_LIMITED, ErrorCode.UNAVAILABLE,
+                  ErrorCode.FIRST_TOKEN_TIMEOUT}
 
 
 class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
@@ -101,6 +104,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     break
                 if chosen.name in tried:  # each one tried: a retry on one, after the backoff
                     assert last is not None
+                    if last.code is ErrorCode.FIRST_TOKEN_TIMEOUT:
+                        raise last  # a deployment that stalled is not waited on twice
                     if not last.retryable or not await _backoff(attempt - 1, last, clock, config):
                         break
                 tried.append(chosen.name)
@@ -114,13 +119,15 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                             yield frame
                     return
                 except PromptlineError as err:
-                    if committed or err.code not in _FALLBACK_CODES:
+                    if committed or err.code not in _MOVE_ON_CODES:
                         raise
                     last = err
                     log.warning("provider attempt failed before the first token",
                                 extra={"request_id": life.request_id, "model": candidate.name,
                                        "deployment": chosen.name, "attempt": attempt + 1,
                                        "code": err.code.value})
+            if last is not None and last.code is ErrorCode.FIRST_TOKEN_TIMEOUT:
+                raise last  # another deployment of the model, yes; another model, no
         assert last is not None
         raise last
 
