@@ -286,11 +286,10 @@ async def test_ejected_deployment_gets_no_traffic_until_its_probe_succeeds(
         while bad.request_count < 2:  # until the bad one failed twice
             before = bad.request_count
             frames = await generate(stub, name)
-            if bad.request_count > before and fault != "stall":
-                # the attempt on `bad` failed before any token: retried on the other one
+            if bad.request_count > before:
+                # the attempt on `bad` failed before any token (a stall: its first-token
+                # timeout): retried on the other one
                 assert answered_by(frames) == "good"
-            elif bad.request_count > before:
-                assert error_of(frames).code is ErrorCode.FIRST_TOKEN_TIMEOUT
         breaker = state(server, name, "bad").breaker
         assert breaker.state(time.time()) is State.EJECTED and breaker.level == 1
         assert healthy_gauge(name, "bad") == 0
@@ -309,8 +308,7 @@ async def test_ejected_deployment_gets_no_traffic_until_its_probe_succeeds(
         before = bad.request_count
         frames = await generate(stub, name)
         assert bad.request_count == before + 1
-        if fault != "stall":
-            assert answered_by(frames) == "good"
+        assert answered_by(frames) == "good"
         assert breaker.level == 2 and 0.4 < breaker.until - time.time() <= 0.8
         await none_to_bad()
 
