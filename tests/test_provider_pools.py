@@ -579,7 +579,15 @@ async def test_the_start_and_done_events_name_the_deployment(redis_server: Any,
                         body = await resp.text()
                     events = _sse_data(body)
                     assert events["start"]["deployment"] == events["done"]["deployment"]
+                    assert resp.headers["X-Promptline-Deployment"] == events["done"]["deployment"]
                     seen.add(events["done"]["deployment"])
+                for stream in (False, True):  # the OpenAI wire: a header says who answered
+                    async with http.post(f"{chain.base_url}/v1/chat/completions", json={
+                            "model": "geo", "messages": [{"role": "user", "content": "hi"}],
+                            "stream": stream}, headers={"Authorization": "Bearer dev-key"}) as resp:
+                        await resp.read()
+                        assert resp.status == 200
+                        seen.add(resp.headers["X-Promptline-Deployment"])
     assert seen == {"east", "west"}
 
 

@@ -41,6 +41,7 @@ from services.edge_http.http_errors import (
     openai_error_body,
 )
 from services.edge_http.relay import (
+    DEPLOYMENT_HEADER,
     StreamRelay,
     ratelimit_headers,
     usage_data,
@@ -295,6 +296,8 @@ async def _complete(request: web.Request, call: ChatCall, caller: Caller, model:
         "usage": usage_data(done.usage),
     }
     headers = {**await ratelimit_headers(call), "X-Request-Id": rid}
+    if done.deployment:
+        headers[DEPLOYMENT_HEADER] = done.deployment
     return web.json_response(completion, headers=headers)
 
 

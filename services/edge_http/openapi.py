@@ -380,6 +380,9 @@ def _headers() -> dict[str, Schema]:
         "X-Request-Id": {**header("The request's id, as in logs, traces and error bodies.",
                                   _SAFE_ID), "required": True},
         "Retry-After": header("Seconds to wait, when known.", integer(1)),
+        "X-Promptline-Deployment": header(
+            "The deployment of the model's pool that answered (docs/provider-pools.md).",
+            string(minLength=1)),
         **limits,
     }
 
@@ -500,7 +503,8 @@ def _parameters() -> dict[str, Schema]:
 
 def _chat_paths() -> dict[str, Schema]:
     example = {"model": "sim", "messages": [{"role": "user", "content": "Hi"}]}
-    stream_headers = {**_rid_header(), **_ratelimit_headers()}
+    stream_headers = {**_rid_header(), **_ratelimit_headers(),
+                      "X-Promptline-Deployment": ref("X-Promptline-Deployment", "headers")}
     hold = (f"Headers wait for admission or the first token, at most `edge.header_hold` "
             f"(default {_EDGE.header_hold:g} s): an error before that is a real HTTP status, "
             f"after it an in-stream error, then the stream closes. An SSE comment "

@@ -34,6 +34,8 @@ log = logging.getLogger("promptline.edge_http")
 # next read, small enough that a slow client pushes back through gRPC flow control instead of
 # having the edge buffer a whole reply in memory.
 FRAME_QUEUE_SIZE = 8
+DEPLOYMENT_HEADER = "X-Promptline-Deployment"
+"""The deployment of the model's pool that answered (also in the native `start` and `done`)."""
 MAX_MERGED_CHARS = 32 * 1024
 """Deltas that queued up for a slow client are merged up to this much text: an SSE line stays
 well within what clients read in one line (aiohttp: 512 KiB)."""
@@ -171,7 +173,11 @@ class StreamRelay:
         try:
             frame = await self._first_frame(queue, header_hold)
             # The prompt service sends its quota headers as initial metadata at admission.
-            await self._open(await ratelimit_headers(self._call) if frame else {})
+            headers = await ratelimit_headers(self._call) if frame else {}
+            if frame is not None and frame.WhichOneof("frame") == "start" \
+                    and frame.start.deployment:  # the OpenAI wire has no field for it
+                headers[DEPLOYMENT_HEADER] = frame.start.deployment
+            await self._open(headers)
             self._arm_heartbeat(queue)
             if frame is not None:
                 await self._write_frame(frame)
