@@ -30,8 +30,10 @@ client, same loads: with --litellm, `litellm` (the LiteLLM proxy), with --portke
 memory figures start from a fresh idle process.
 
 The bench tenant is a realistic one (qpm/tpm quotas high enough never to reject, so every
-request makes its quota round trips to Redis, and one blocked moderation term that neither the
-prompt nor the reply contains); `--plain-tenant` drops both, as the bench did before issue 20.
+request makes its quota round trips to Redis, one blocked moderation term that neither the
+prompt nor the reply contains, and a spending budget that never runs out on models with prices,
+so every stream reserves, settles and records its cost); `--plain-tenant` drops all three. A
+`--ref` checkout older than prices gets the same config without them.
 
 Everything is bounded: per-stream and per-load timeouts, and a watchdog that kills every child
 and exits after --hard-timeout seconds whatever happens.
@@ -79,6 +81,10 @@ TENANT_QUOTAS = {"qpm": 10_000_000, "tpm": 10_000_000_000}
 """The realistic tenant's quotas: far above anything a bench run sends, so never a rejection."""
 BLOCKED_TERM = "project nightingale"
 """The realistic tenant's one blocked moderation term (in neither the prompt nor the reply)."""
+PRICE = {"input_per_mtok": "0.15", "output_per_mtok": "0.60"}
+"""The bench models' price (a small model's) for the realistic tenant."""
+TENANT_BUDGET = {"usd": 1_000_000, "period": "month"}
+"""The realistic tenant's budget: the largest the config accepts, never exhausted by a bench."""
 PORTKEY_DIR = ROOT / "bench" / "portkey"
 PORTKEY_START = Path("node_modules", "@portkey-ai", "gateway", "build", "start-server.js")
 PORTKEY_LOOPBACK = PORTKEY_DIR / "loopback.mjs"
@@ -269,7 +275,10 @@ class Stack:
         extra: dict[str, Any] = {}
         if not self.plain_tenant:
             tenant["quotas"] = dict(TENANT_QUOTAS)
+            tenant["budget"] = dict(TENANT_BUDGET)
             extra["moderation"] = {"blocked_terms": [BLOCKED_TERM]}
+            for model in models:
+                model["price"] = dict(PRICE)
         return {
             "redis_url": self.redis.url if self.redis else None,
             "listen": {name: f"127.0.0.1:{port}" for name, port in ports.items()},
@@ -298,6 +307,10 @@ class Stack:
         for key in ("prompt_metrics", "llm_engine_metrics"):
             if key in source:
                 config["listen"][key] = f"127.0.0.1:{procstat.free_port()}"
+        if "class Price" not in source:  # a checkout from before prices and budgets
+            config["tenants"][0].pop("budget", None)
+            for model in config["models"]:
+                model.pop("price", None)
         self.metrics_urls = {"edge_http": f"http://{config['listen']['edge_http']}/metrics"}
         for name, key in (("prompt", "prompt_metrics"), ("llm_engine", "llm_engine_metrics")):
             if key in config["listen"]:

@@ -41,6 +41,11 @@ class Authenticator:
         """Authenticate an `Authorization: Bearer <key>` value; raises UNAUTHENTICATED."""
         return self.tenant_for_key(bearer_key(header))
 
+    def identify(self, header: str | None) -> tuple[TenantConfig, str]:
+        """`tenant_for_header`, and the key's id (`key_id`) for budgets and usage."""
+        key = bearer_key(header)
+        return self.tenant_for_key(key), key_id(key_digest(key))
+
     def tenant_for_key(self, key: str) -> TenantConfig:
         presented = key_digest(key)
         found: TenantConfig | None = None
@@ -50,6 +55,12 @@ class Authenticator:
         if found is None:
             raise _unauthenticated("invalid API key")
         return found
+
+
+def key_id(digest: bytes) -> str:
+    """An API key's name in usage reports and budget keys: `key-` and the first 12 hex digits
+    of its sha256 (what `sha256:` configs hold), never the key."""
+    return f"key-{digest.hex()[:12]}"
 
 
 def _unauthenticated(message: str) -> PromptlineError:

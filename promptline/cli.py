@@ -7,6 +7,8 @@ HTTP API; `promptline config ...`: the config file's JSON Schema and reference.
     promptline prompts list ID [--limit N] [--before N]
     promptline prompts get ID (VERSION | --label LABEL)
     promptline prompts label ID LABEL VERSION          # promote or roll back
+    promptline usage [--from DATE] [--to DATE] [--group-by model|day|api_key|user]
+                     [--tenant NAME] [--csv]           # requests, tokens and cost
     promptline config schema                           # JSON Schema of the config file
     promptline config docs                             # docs/configuration.md
 
@@ -19,7 +21,9 @@ is unreachable. The `config` verbs work offline and need no key.
 from __future__ import annotations
 
 import argparse
+import csv
 import getpass
+import io
 import json
 import os
 import sys
@@ -32,6 +36,8 @@ from typing import Any, TextIO
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 30.0
+USAGE_GROUPS = ("model", "day", "api_key", "user")  # rules.USAGE_GROUPS; the CLI imports nothing
+USAGE_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd")
 
 
 class CliError(Exception):
@@ -90,6 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("label")
     label.add_argument("version", type=int)
 
+    usage = groups.add_parser("usage", parents=[common],
+                              help="requests, tokens and cost of your tenant (GET /v1/usage)")
+    usage.add_argument("--from", dest="start", default=None, metavar="DATE",
+                       help="ISO 8601 date or date-time, UTC (default: the start of today)")
+    usage.add_argument("--to", dest="end", default=None, metavar="DATE",
+                       help="end, exclusive (default: now)")
+    usage.add_argument("--group-by", default="model", choices=USAGE_GROUPS,
+                       help="rows by model (default), UTC day, API key or end user")
+    usage.add_argument("--tenant", default=None,
+                       help="another tenant's usage (needs a key of an admin tenant)")
+    usage.add_argument("--csv", action="store_true", help="print the rows as CSV")
+
     config = groups.add_parser("config", help="the config file's JSON Schema and reference")
     config_verbs = config.add_subparsers(dest="verb", required=True)
     config_verbs.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the config "
@@ -122,7 +140,7 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
         if not url.startswith(("http://", "https://")):
             raise CliError(f"--url must be an http:// or https:// URL, got {url!r}", 2)
         client = _Client(url, api_key)
-        data, text = _run(args, client, stdin)
+        data, text = _usage(args, client) if args.group == "usage" else _run(args, client, stdin)
     except CliError as exc:
         print(f"promptline: {exc}", file=stderr)
         return exc.exit_code
@@ -182,6 +200,32 @@ def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any,
     before = data.get("previous_version")
     moved = f" (was {before})" if before else " (new label)"
     return data, f"{data['prompt_id']}: {data['label']} -> version {data['version']}{moved}"
+
+
+def _usage(args: argparse.Namespace, client: _Client) -> tuple[Any, str]:
+    query = {k: v for k, v in (("from", args.start), ("to", args.end),
+                               ("group_by", args.group_by), ("tenant", args.tenant)) if v}
+    data = client.request("GET", "/v1/usage?" + urllib.parse.urlencode(query))
+    if args.csv:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow((data["group_by"], *USAGE_COLUMNS))
+        for row in data["data"]:
+            writer.writerow((row["key"] or "", *(row[c] for c in USAGE_COLUMNS)))
+        return data, out.getvalue().rstrip("\n")
+    return data, _usage_table(data)
+
+
+def _usage_table(data: dict[str, Any]) -> str:
+    head = (data["group_by"].upper(), *(c.upper() for c in USAGE_COLUMNS))
+    rows = [head, *((row["key"] or "(none)", *(str(row[c]) for c in USAGE_COLUMNS))
+                    for row in data["data"]),
+            ("TOTAL", *(str(data["total"][c]) for c in USAGE_COLUMNS))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"tenant {data['tenant']}, {data['from']} to {data['to']}"]
+    lines += ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
+                        for i, cell in enumerate(row)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 class _Client:

@@ -95,6 +95,8 @@ class Finished:
     """The model that produced the reply (may be a fallback)."""
     deployment: str = ""
     """The deployment of that model's pool that produced it."""
+    cached: bool = False
+    """Replayed from the prompt service's response cache (docs/cache.md): no provider call."""
 
 
 ChatEvent = Started | TextDelta | Finished
@@ -142,17 +144,20 @@ class PromptlineClient:
         request_id: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline, sent to the server
         metadata: Sequence[tuple[str, str]] = (),
+        no_cache: bool = False,
     ) -> AsyncIterator[ChatEvent]:
         """Stream one chat reply: `Started`, `TextDelta`*, `Finished`; failures raise.
 
         `timeout` (seconds) overrides the client's deadline for this call; `metadata` is sent
-        with the call in addition to the authorization (e.g. `("x-request-id", ...)`).
+        with the call in addition to the authorization (e.g. `("x-request-id", ...)`);
+        `no_cache` skips the response cache's lookup (HTTP's `Cache-Control: no-cache`).
         Raises `PromptlineError`; the call is cancelled whenever the iterator ends early.
         """
         if self._stub is None:
             raise RuntimeError("use the client as `async with PromptlineClient(...)`")
         request = _request(model, messages, max_tokens=max_tokens, temperature=temperature,
                            conversation_id=conversation_id, prompt=prompt, request_id=request_id)
+        request.no_cache = no_cache
         call = self._stub.StreamChat(
             request,
             metadata=(("authorization", f"Bearer {self._api_key}"), *metadata),
@@ -207,7 +212,7 @@ def _event(frame: prompt_pb2.StreamChatResponse) -> ChatEvent | None:
     if kind == "done":
         d = frame.done
         usage = Usage(d.usage.prompt_tokens, d.usage.completion_tokens, d.usage.total_tokens)
-        return Finished(d.finish_reason, usage, d.model, d.deployment)
+        return Finished(d.finish_reason, usage, d.model, d.deployment, d.cached)
     return None  # a frame kind newer than this client: skipped
 
 

@@ -17,6 +17,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -26,7 +27,9 @@ import yaml
 from promptline.config_keys import (
     Choice,
     Duration,
+    DurationOrZero,
     Kind,
+    Number,
     Text,
     env_list_overrides,
     env_overrides,
@@ -107,6 +110,51 @@ class _ApiKey(Kind):
         return {"type": "string", "minLength": 4}
 
 
+@dataclass(frozen=True)
+class _Usd(Kind):
+    """US dollars, read as an exact `Decimal`: a number (`0.15`) or a decimal string (`"0.15"`).
+    At most `places` decimal places; `maximum` catches a typo (a price per token, not per
+    million) before it bills anyone."""
+
+    maximum: int
+    places: int = 6
+    positive: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"USD {'> 0' if self.positive else '>= 0'}, <= {self.maximum:,}"
+
+    def read(self, value: Any, path: str) -> Decimal:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{path}: must be an amount of US dollars like 0.15, got "
+                              f"{type(value).__name__}")
+        try:
+            # A YAML float's shortest repr is the number as written (0.15, not 0.1499...).
+            amount = Decimal(repr(value) if isinstance(value, float) else str(value).strip())
+        except InvalidOperation:
+            raise ConfigError(f"{path}: must be an amount of US dollars like 0.15, got "
+                              f"{value!r}") from None
+        if not amount.is_finite():
+            raise ConfigError(f"{path}: must be a finite amount, got {value!r}")
+        if amount < 0 or (self.positive and amount == 0):
+            least = "greater than 0" if self.positive else "at least 0"
+            raise ConfigError(f"{path}: must be {least}, got {value!r}")
+        if amount > self.maximum:
+            raise ConfigError(f"{path}: must be at most {self.maximum:,} (USD), got {value!r}")
+        exponent = amount.as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -self.places:
+            raise ConfigError(f"{path}: at most {self.places} decimal places, got {value!r}")
+        return amount
+
+    def schema(self) -> dict[str, Any]:
+        bound = {"exclusiveMinimum": 0} if self.positive else {"minimum": 0}
+        return {"type": ["number", "string"], **bound, "maximum": self.maximum,
+                "pattern": rf"^[0-9]+(\.[0-9]{{1,{self.places}}})?$"}
+
+    def dump(self, value: Any) -> Any:
+        return int(value) if value == value.to_integral_value() else float(value)
+
+
 Name = Annotated[str, Text(MODEL_NAME,
                            "must be 1-128 letters, digits and . _ : / - (starting with a letter "
                            "or digit)", "name")]
@@ -128,6 +176,10 @@ Boundary = Annotated[str, Choice.of(*BOUNDARIES)]
 DEFAULT_COALESCE_MS = 100
 """Chosen from measurements (docs/performance.md, "Chunk shaping")."""
 Regex = Annotated[str, _Regex(what="regular expression")]
+PricePerMtok = Annotated[Decimal, _Usd(10_000)]
+BudgetUsd = Annotated[Decimal, _Usd(1_000_000, positive=True)]
+Period = Annotated[str, Choice.of("day", "week", "month")]
+Share = Annotated[float, Number(0, 1)]
 ApiKey = Annotated[bytes, _ApiKey()]
 
 
@@ -208,6 +260,19 @@ class HealthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """What the model costs, in USD per million tokens, as exact decimals (at most 6 decimal
+    places: one token then costs a whole number of pico-dollars). Each stream's cost is computed
+    from its real usage and reported in `done` (docs/costs.md); a model without a price costs 0."""
+
+    input_per_mtok: PricePerMtok = key(Decimal(0), doc="prompt tokens")
+    output_per_mtok: PricePerMtok = key(Decimal(0), doc="completion tokens")
+    cached_input_per_mtok: PricePerMtok | None = key(
+        None, doc="prompt tokens the provider served from its prompt cache (OpenAI's "
+                  "`cached_tokens`); null: `input_per_mtok`")
+
+
+@dataclass(frozen=True, slots=True)
 class DeploymentConfig:
     """One deployment of a model's pool: an endpoint serving the model, with its own key,
     weight and limits. A key left null takes the model's (`base_url`, `api_key_env`,
@@ -245,6 +310,26 @@ class DeploymentConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The model's exact response cache (docs/cache.md), in Redis, per tenant: a reply is stored
+    under the model, the messages sent to it (after the managed prompt, history and context fit)
+    and every generation parameter, and replayed to the same tenant's identical request within
+    `ttl`, with no provider call and no TPM charge (a hit counts against the tenant's QPM). Only
+    a reply that ended with `stop` or `length` and passed output moderation is stored; a replay
+    passes output moderation again. `Cache-Control: no-cache` skips the lookup."""
+
+    ttl: DurationOrZero = key(doc="how long a stored reply is replayed; 0: the cache is off")
+    max_bytes: int = key(65536, minimum=1, doc="largest entry stored (the reply's UTF-8 text and "
+                                               "its accounting); a larger reply is not stored")
+    hit_cost_fraction: float = key(0.0, minimum=0, maximum=1,
+                                   doc="what a hit costs, as a share of the stored reply's price")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """One routable model. `provider: simulated` is built in; `provider: openai` is any
     OpenAI-compatible server (OpenAI, vLLM, Ollama, ...) at `base_url`, with the key read at start
@@ -256,6 +341,7 @@ class ModelConfig:
     provider: Provider = key(doc="`simulated` (built in) or `openai` (OpenAI-compatible)")
     timeouts: Timeouts = section(Timeouts)
     quotas: Quotas = section(Quotas, "this model's quotas, shared by all tenants")
+    price: Price = section(Price)
     simulated: SimulatedSettings = section(SimulatedSettings)
     base_url: HttpUrl | None = key(None, doc="the OpenAI-compatible endpoint (openai only)")
     api_key: str | None = field(default=None, repr=False)
@@ -280,6 +366,8 @@ class ModelConfig:
                                            "this replica, per weight) or `lowest_latency` "
                                            "(lowest decaying average of first-token time)")
     health: HealthConfig = section(HealthConfig)
+    cache: CacheConfig | None = key(None, doc="the exact response cache (docs/cache.md); null: "
+                                              "off")
 
     @property
     def pool(self) -> tuple[DeploymentConfig, ...]:
@@ -288,6 +376,21 @@ class ModelConfig:
             name=self.name, base_url=self.base_url, api_key=self.api_key,
             api_key_env=self.api_key_env, upstream_model=self.upstream_model, proxy=self.proxy,
             simulated=self.simulated if self.provider == "simulated" else None),)
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A spending budget for a calendar period in UTC (docs/costs.md). Admission reserves each
+    request's worst case (prompt + `max_tokens` at the model's price) atomically with the quotas,
+    in Redis; the end of the stream reconciles it to the real cost. A request that does not fit
+    is BUDGET_EXCEEDED (HTTP 429, `Retry-After` = the period's reset). A change applies to
+    streams that start after a reload."""
+
+    usd: BudgetUsd = key(doc="the budget for one period, in USD")
+    period: Period = key("month", doc="`day`, `week` (from Monday) or `month`, in UTC")
+    alerts: tuple[Share, ...] = key(
+        (0.5, 0.8, 1.0), doc="shares of `usd` whose crossing raises one credit alert per period "
+                             "(a log line, a metric, the webhook of `alerts`); ascending, > 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +408,11 @@ class TenantConfig:
                                  "tenant may read its prompts and conversations)")
     models: tuple[str, ...] | None = key(
         None, doc="models this tenant may use (others: PERMISSION_DENIED); null: all")
+    budget: Budget | None = key(None, doc="the tenant's spending budget; null: none")
+    key_budget: Budget | None = key(None, doc="a budget each API key of the tenant has of its "
+                                              "own; null: none")
+    user_budget: Budget | None = key(None, doc="a budget each end user (the request's `user`) "
+                                               "has of its own; null: none")
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -442,6 +550,38 @@ class ConversationsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    """Credit alerts (docs/costs.md): each budget threshold crossed raises one alert per period
+    over every replica (deduplicated in Redis): a log line, `promptline_budget_alerts_total`, and
+    with `webhook_url` a POST of a JSON event signed with HMAC-SHA256 of the body
+    (`X-Promptline-Signature: sha256=<hex>`), sent from a bounded queue off the request path,
+    retried with backoff; failures count in `promptline_alert_webhook_failures_total`."""
+
+    webhook_url: HttpUrl | None = key(None, repr=False,
+                                      doc="where each alert is POSTed; null: none. Never logged")
+    webhook_secret_env: str | None = key(None, doc="env variable holding the signing secret, "
+                                                   "read at start; required with `webhook_url`")
+    webhook_secret: str | None = field(default=None, repr=False)
+    """Resolved from `webhook_secret_env` at load; never logged."""
+    webhook_timeout: Duration = key(5.0, maximum=60, doc="longest wait for one delivery attempt")
+    webhook_attempts: int = key(5, minimum=1, maximum=20,
+                                doc="attempts per alert, the first included")
+    webhook_backoff: Duration = key(1.0, maximum=60, doc="wait before the first retry; doubles "
+                                                         "on each retry, up to 1 minute")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageConfig:
+    """Usage records behind `GET /v1/usage` (docs/costs.md): per tenant and UTC hour, requests,
+    errors, tokens and cost by model, API key and end user, written with each stream's
+    settlement."""
+
+    retention: Duration = key(90 * 86400.0, minimum=3600, maximum=400 * 86400,
+                              doc="how long an hour's usage is kept, and the longest range a "
+                                  "query may ask for")
+
+
+@dataclass(frozen=True, slots=True)
 class RouteRule:
     """One rule of a route: it holds when all its conditions do. A rule without conditions is
     the route's default: the last rule, and only the last, has none."""
@@ -500,6 +640,8 @@ class Config:
     quota_policy: QuotaPolicy = section(QuotaPolicy)
     prompts: PromptsConfig = section(PromptsConfig)
     conversations: ConversationsConfig = section(ConversationsConfig)
+    alerts: AlertsConfig = section(AlertsConfig)
+    usage: UsageConfig = section(UsageConfig)
     shutdown_grace: Duration = key(30.0, doc="on SIGTERM, how long open streams may finish")
     log_level: Annotated[str, Choice.of("DEBUG", "INFO", "WARNING", "ERROR", fold_case=True)] = (
         key("INFO", doc="log level of every service (any case)"))
@@ -582,6 +724,8 @@ def parse_config(raw: Any, env: Mapping[str, str] | None = None,
                    # a blank term would block every text
                    moderation=replace(config.moderation, blocked_terms=tuple(
                        t for t in config.moderation.blocked_terms if t.strip())),
+                   alerts=replace(config.alerts, webhook_secret=env.get(
+                       config.alerts.webhook_secret_env or "") or None),
                    source=source)
 
 
@@ -601,6 +745,11 @@ def _check_rules(config: Config) -> None:
         for j, allowed in enumerate(tenant.models or ()):
             if allowed not in names and allowed not in routes:
                 raise ConfigError(f"tenants[{i}].models[{j}]: unknown model or route {allowed!r}")
+        for name in ("budget", "key_budget", "user_budget"):
+            _check_alerts(getattr(tenant, name), f"tenants[{i}].{name}.alerts")
+    if config.alerts.webhook_url and not config.alerts.webhook_secret_env:
+        raise ConfigError("alerts.webhook_secret_env: required with alerts.webhook_url (every "
+                          "webhook is signed)")
     for i, model in enumerate(config.models):
         path = f"models[{i}]"
         for j, fb in enumerate(model.fallback):
@@ -617,6 +766,18 @@ def _check_rules(config: Config) -> None:
         if model.timeouts.first_token > model.timeouts.total:
             raise ConfigError(f"{path}.timeouts.first_token: must not exceed timeouts.total")
         _check_pool(model, path)
+
+
+def _check_alerts(budget: Budget | None, path: str) -> None:
+    """Alert thresholds are shares above 0, each higher than the one before."""
+    if budget is None:
+        return
+    for j, share in enumerate(budget.alerts):
+        if share <= 0:
+            raise ConfigError(f"{path}[{j}]: must be greater than 0, got {share:g}")
+        if j and share <= budget.alerts[j - 1]:
+            raise ConfigError(f"{path}[{j}]: must be greater than the one before "
+                              f"({budget.alerts[j - 1]:g}), got {share:g}")
 
 
 def _check_routes(config: Config, models: set[str]) -> None:

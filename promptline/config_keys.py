@@ -51,8 +51,9 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(value: Any, path: str = "duration") -> float:
-    """`150ms`, `30s`, `5m`, `1h`, `7d` (or a bare number of seconds) -> seconds as float."""
+def parse_duration(value: Any, path: str = "duration", *, allow_zero: bool = False) -> float:
+    """`150ms`, `30s`, `5m`, `1h`, `7d` (or a bare number of seconds) -> seconds as float;
+    `allow_zero` also takes 0 (a key whose 0 means "off")."""
     if isinstance(value, bool):
         raise ConfigError(f"{path}: expected a duration like 150ms, 30s or 5m, got {value!r}")
     if isinstance(value, int | float):
@@ -65,8 +66,9 @@ def parse_duration(value: Any, path: str = "duration") -> float:
                 "(use a number with ms, s, m, h or d: 150ms, 30s, 5m, 7d)"
             )
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds <= 0:
-        raise ConfigError(f"{path}: duration must be positive, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ConfigError(f"{path}: duration must be {'0 or more' if allow_zero else 'positive'}"
+                          f", got {value!r}")
     return seconds
 
 
@@ -74,6 +76,8 @@ def format_duration(seconds: float) -> str:
     """Seconds -> the shortest exact spelling the loader reads back: 0.25 -> `250ms`, 300 -> `5m`.
     """
     ms = round(seconds * 1000)
+    if ms == 0:
+        return "0s"
     for unit in ("d", "h", "m", "s"):
         unit_ms = round(_UNIT_SECONDS[unit] * 1000)
         if ms % unit_ms == 0:
@@ -181,24 +185,27 @@ class Number(Kind):
 
 @dataclass(frozen=True, slots=True)
 class DurationKind(Kind):
-    """`150ms`, `30s`, `5m`, `1h`, `7d` or a number of seconds; read as float seconds."""
+    """`150ms`, `30s`, `5m`, `1h`, `7d` or a number of seconds; read as float seconds.
+    `allow_zero`: 0 is taken too (the key's "off")."""
 
     minimum: float | None = None
     maximum: float | None = None
+    allow_zero: bool = False
 
     @property
     def label(self) -> str:
-        return "duration" + _limits(self.minimum, self.maximum, format_duration)
+        return (("duration or 0" if self.allow_zero else "duration")
+                + _limits(self.minimum, self.maximum, format_duration))
 
     def read(self, value: Any, path: str) -> float:
-        seconds = parse_duration(value, path)
+        seconds = parse_duration(value, path, allow_zero=self.allow_zero)
         _check_limits(seconds, value, path, self.minimum, self.maximum, format_duration)
         return seconds
 
     def schema(self) -> dict[str, Any]:
         # `pattern` applies to the string form, `exclusiveMinimum` to the number form.
-        return {"type": ["string", "number"], "pattern": _DURATION.pattern,
-                "exclusiveMinimum": 0}
+        bound = {"minimum": 0} if self.allow_zero else {"exclusiveMinimum": 0}
+        return {"type": ["string", "number"], "pattern": _DURATION.pattern, **bound}
 
     def dump(self, value: Any) -> Any:
         return format_duration(value)
@@ -266,6 +273,7 @@ def _or(words: Sequence[str]) -> str:
 
 
 Duration = Annotated[float, DurationKind()]
+DurationOrZero = Annotated[float, DurationKind(allow_zero=True)]
 
 
 # --- composite kinds: handled by the walker, which carries the root's values ------------------

@@ -40,6 +40,7 @@ class ErrorCode(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
     CANCELLED = "CANCELLED"
     INTERNAL = "INTERNAL"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
 
 
 class Stage(enum.StrEnum):
@@ -73,6 +74,8 @@ WIRE: dict[ErrorCode, _Wire] = {
     ErrorCode.STREAM_TIMEOUT: _Wire(S.DEADLINE_EXCEEDED, 504, False, "timeout_error"),
     ErrorCode.DEADLINE_EXCEEDED: _Wire(S.DEADLINE_EXCEEDED, 504, False, "timeout_error"),
     ErrorCode.UPSTREAM_RATE_LIMITED: _Wire(S.RESOURCE_EXHAUSTED, 429, True, "rate_limit_error"),
+    # OpenAI's own type for a used-up balance: its SDKs and clients treat it the same.
+    ErrorCode.BUDGET_EXCEEDED: _Wire(S.RESOURCE_EXHAUSTED, 429, True, "insufficient_quota"),
     ErrorCode.UPSTREAM_ERROR: _Wire(S.UNAVAILABLE, 502, True, "api_error"),
     ErrorCode.UNAVAILABLE: _Wire(S.UNAVAILABLE, 503, True, "service_unavailable"),
     ErrorCode.CANCELLED: _Wire(S.CANCELLED, 499, False, "cancelled"),

@@ -39,6 +39,20 @@ TOKENS = Counter(
     "promptline_tokens_total",
     "Tokens by tenant and model; direction is 'in' (prompt) or 'out' (completion).",
     ["tenant", "model", "direction"])
+COST = Counter(
+    "promptline_cost_usd_total",
+    "What streams cost in USD by tenant and model: real usage at the model's price.",
+    ["tenant", "model"])
+BUDGET_ALERTS = Counter(
+    "promptline_budget_alerts_total",
+    "Credit alerts raised (one per threshold and period over every replica) by tenant, budget "
+    "(tenant, key or user) and threshold (a share of the budget).",
+    ["tenant", "budget", "threshold"])
+ALERT_WEBHOOK_FAILURES = Counter(
+    "promptline_alert_webhook_failures_total",
+    "Credit-alert webhook failures: an attempt that failed (timeout, connection, status) or an "
+    "alert given up (gave_up after the last attempt, queue_full when the queue was full).",
+    ["reason"])
 ERRORS = Counter(
     "promptline_errors_total",
     "Error frames sent, by hop, code and stage.",
@@ -78,9 +92,14 @@ QUOTA_DEGRADED = Gauge(
 QUOTA_DEGRADED_ADMISSIONS = Counter(
     "promptline_quota_degraded_admissions_total",
     "Requests admitted by the in-memory quota share while Redis was unreachable.")
+CACHE_REQUESTS = Counter(
+    "promptline_cache_requests_total",
+    "Response-cache outcomes by model (docs/cache.md): hit, miss, bypass (Cache-Control: "
+    "no-cache), store (a reply stored), skip (a finished reply not stored).",
+    ["model", "result"])
 REDIS_ERRORS = Counter(
     "promptline_redis_errors_total",
-    "Redis errors and timeouts by operation (quota admit/settle, history, prompts).",
+    "Redis errors and timeouts by operation (quota admit/settle, history, prompts, cache).",
     ["operation"])
 CONFIG_RELOADS = Counter(
     "promptline_config_reloads_total",

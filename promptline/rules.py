@@ -16,9 +16,14 @@ from promptline.v1 import common_pb2
 
 SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 """Request and conversation ids: safe in logs, Redis keys, headers and gRPC metadata."""
+USER_ID = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
+"""An end user's id (OpenAI's `user`): a safe id, e-mail addresses included; it becomes part of
+Redis keys and usage rows, never of a metric label."""
 MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"
 """A configured model's name (and so what a request or a prompt version may name)."""
 ROLES = ("system", "user", "assistant")
+USAGE_GROUPS = ("model", "day", "api_key", "user")
+"""How a usage report may group its rows (`GET /v1/usage?group_by=`, `PromptAdmin.GetUsage`)."""
 MAX_TOKENS = 1_000_000
 """The most a request may ask for; the model's context window usually says less."""
 MAX_TEMPERATURE = 2.0
@@ -43,6 +48,12 @@ def request_id_from(header: str | None) -> str:
 def check_conversation_id(value: str) -> str:
     if not SAFE_ID.fullmatch(value):
         raise invalid("conversation_id must be 1-128 characters of letters, digits and . _ : -")
+    return value
+
+
+def check_user(value: str, path: str = "user") -> str:
+    if not USER_ID.fullmatch(value):
+        raise invalid(f"{path} must be 1-128 characters of letters, digits and . _ : @ + -")
     return value
 
 

@@ -64,3 +64,7 @@ class PromptAdminClient(Protocol):
     def DeleteConversation(self) -> UnaryUnaryMultiCallable[
             prompt_admin_pb2.DeleteConversationRequest,
             prompt_admin_pb2.DeleteConversationResponse]: ...
+
+    @property
+    def GetUsage(self) -> UnaryUnaryMultiCallable[
+            prompt_admin_pb2.GetUsageRequest, prompt_admin_pb2.UsageReport]: ...

@@ -24,7 +24,9 @@ from tests.eventually import eventually
 CHUNK_TEXT = "x" * 1000
 EVENT = ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": CHUNK_TEXT}}]})
          + "\n\n").encode()
-IDLE_S = 12.0
+IDLE_S = 20.0
+"""Long enough for the kernel to grow the sockets' buffers and then block the provider (7-10 s
+here), short enough that the idle rule then ends the stream within the test."""
 
 
 class FloodingProvider:

@@ -39,6 +39,7 @@ TENANTS = [
     {"name": "limited", "api_keys": ["limited-key"], "models": ["other"]},
     {"name": "qpm1", "api_keys": ["qpm1-key"], "quotas": {"qpm": 1}},
     {"name": "tpm", "api_keys": ["tpm-key"], "quotas": {"tpm": 150}},
+    {"name": "budget", "api_keys": ["budget-key"], "budget": {"usd": "0.01", "period": "day"}},
 ]
 MODELS = [
     sim("other"),
@@ -51,6 +52,8 @@ MODELS = [
     sim("fail0", fail_after_tokens=0),
     sim("badword", reply="This reply is fine until it says forbidden-word, which must not pass."),
     {"name": "down", "provider": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
+    # $0.001 an output token: 10 of them spend the whole $0.01 budget
+    {**sim("priced", reply=LONG_REPLY), "price": {"output_per_mtok": 1000}},
 ]
 
 
@@ -89,6 +92,9 @@ CASES = {
     # reserve 8 + 100 = 108 fits 150; it settles to ~93 real tokens, so the next 108 cannot fit
     "tpm": Case("tpm-key", body("long", max_tokens=100), ErrorCode.TPM_EXCEEDED,
                 Stage.FIRST_PACKET, 429, S.RESOURCE_EXHAUSTED, True, retry_after=True, warmup=1),
+    "budget": Case("budget-key", body("priced", max_tokens=10), ErrorCode.BUDGET_EXCEEDED,
+                   Stage.FIRST_PACKET, 429, S.RESOURCE_EXHAUSTED, True, retry_after=True,
+                   warmup=1),
     "moderation_input": Case("dev-key", body(content="please say Forbidden-Word"),
                              ErrorCode.MODERATION_BLOCKED, Stage.FIRST_PACKET, 400,
                              S.FAILED_PRECONDITION, False),
@@ -138,6 +144,7 @@ async def test_http_caller_sees_typed_error(name, redis_client, redis_server):
                 if case.retry_after:
                     assert int(resp.headers["Retry-After"]) >= 1
                     assert error["retry_after_ms"] > 0
+                if case.retry_after and case.code is not ErrorCode.BUDGET_EXCEEDED:
                     assert resp.headers["x-ratelimit-remaining-" + (
                         "requests" if case.code is ErrorCode.QPM_EXCEEDED else "tokens")] == "0"
             else:

@@ -51,6 +51,7 @@ MODELS = [
     {"name": "fail3", "provider": "simulated",
      "simulated": {**FAST, "fail_after_tokens": 3, "reply": "one two three four five six"}},
     {"name": "down", "provider": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
+    {"name": "cached", "provider": "simulated", "simulated": FAST, "cache": {"ttl": "1h"}},
 ]
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -373,6 +374,36 @@ async def test_chat_completion_stream(chain: Chain, http: aiohttp.ClientSession,
         events = await checked(contract, resp, "POST", COMPLETIONS)
     assert events[-1].data == "[DONE]"
     assert events[-2].data["choices"] == [] and events[-2].data["usage"]["total_tokens"] > 0
+
+
+async def test_cached_replies(chain: Chain, http: aiohttp.ClientSession,
+                              contract: Contract) -> None:
+    """A response-cache hit on both endpoints: `x-promptline-cache` and `cached` documented."""
+    messages = [{"role": "user", "content": unique("cache me")}]
+    bodies = [(STREAM, {"model": "cached", "messages": messages}),
+              (COMPLETIONS, {"model": "cached", "messages": messages}),
+              (COMPLETIONS, {"model": "cached", "messages": messages, "stream": True})]
+    async with call(http, chain, "POST", STREAM, json=bodies[0][1]) as resp:
+        assert resp.headers["x-promptline-cache"] == "miss"
+        await checked(contract, resp, "POST", STREAM)
+    seen = []
+    for path, body in bodies:
+        for _ in range(50):  # the reply is stored right after `done`, off the caller's path
+            async with call(http, chain, "POST", path, json=body) as resp:
+                answer = await checked(contract, resp, "POST", path)
+            if resp.headers["x-promptline-cache"] == "hit":
+                break
+        assert resp.headers["x-promptline-cache"] == "hit"
+        seen.append(answer)
+    assert seen[0][-1].data["cached"] is True
+    assert seen[1]["cached"] is True
+    assert [e.data.get("cached") for e in seen[2] if isinstance(e.data, dict)
+            and e.data["choices"] and e.data["choices"][0]["finish_reason"]] == [True]
+    async with call(http, chain, "POST", STREAM, json=bodies[0][1],
+                    headers={"Cache-Control": "no-cache"}) as resp:
+        assert resp.headers["x-promptline-cache"] == "miss"
+        events = await checked(contract, resp, "POST", STREAM)
+    assert "cached" not in events[-1].data
 
 
 async def test_models(chain: Chain, http: aiohttp.ClientSession, contract: Contract) -> None:

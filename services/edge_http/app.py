@@ -33,7 +33,7 @@ from promptline.metrics_server import metrics_handler
 from promptline.tracing import client_interceptors, tracer
 from promptline.v1 import prompt_pb2, prompt_pb2_grpc
 from services.edge_http import chat_page, openai_api, openapi, prompts_api
-from services.edge_http.chat_request import parse_chat_request, read_request_body
+from services.edge_http.chat_request import cache_bypass, parse_chat_request, read_request_body
 from services.edge_http.context import (
     CHANNEL_KEY,
     LIFECYCLE_KEY,
@@ -195,6 +195,7 @@ async def chat_stream(request: web.Request, caller: Caller) -> web.StreamRespons
     config = caller.config
     chat = parse_chat_request(await read_request_body(request, config.edge.max_body_bytes))
     chat.request_id = caller.request_id
+    chat.no_cache = cache_bypass(request.headers.getall("Cache-Control", ()))
     call = request.app[STUB_KEY].StreamChat(chat, metadata=caller.metadata,
                                             timeout=config.edge.request_timeout)
     relay = StreamRelay(request, config, caller.request_id, model=chat.model,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -116,6 +116,9 @@ def chat_request_from(data: dict[str, Any]) -> prompt_pb2.StreamChatRequest:
     conversation_id = data.get("conversation_id")
     if conversation_id is not None:
         request.conversation_id = string_field(conversation_id, "conversation_id")
+    user = data.get("user")
+    if user is not None:
+        request.user = string_field(user, "user")
     prompt = data.get("prompt")
     if prompt is not None:
         request.prompt.CopyFrom(_prompt_ref(prompt))
@@ -123,6 +126,13 @@ def chat_request_from(data: dict[str, Any]) -> prompt_pb2.StreamChatRequest:
     if shape is not None:
         request.stream_shape.CopyFrom(stream_shape(shape))
     return request
+
+
+def cache_bypass(cache_control: Iterable[str]) -> bool:
+    """Whether the request's `Cache-Control` header values hold `no-cache` (any case, among other
+    directives): the response cache's lookup is then skipped (docs/cache.md)."""
+    return any(directive.split("=", 1)[0].strip().lower() == "no-cache"
+               for value in cache_control for directive in value.split(","))
 
 
 def stream_shape(value: Any, path: str = "stream_options") -> common_pb2.StreamShape:

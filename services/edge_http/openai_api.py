@@ -27,6 +27,7 @@ from promptline.stubs import ChatCall
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
 from services.edge_http.chat_request import (
+    cache_bypass,
     chat_request_from,
     decode_json_object,
     json_kind,
@@ -83,7 +84,8 @@ class CompletionOptions:
 
 
 def parse_completion_request(body: bytes) -> tuple[prompt_pb2.StreamChatRequest, CompletionOptions]:
-    """Validate an OpenAI chat-completions body; unknown fields (`user`, `top_p`, ...) are ignored.
+    """Validate an OpenAI chat-completions body; `user` names the end user (usage, budgets);
+    unknown fields (`top_p`, ...) are ignored.
 
     Content may be a string or an array of `{"type": "text", "text": ...}` parts; `developer`
     messages are system messages. Tool messages, non-text parts and `n` > 1 are rejected with a
@@ -108,7 +110,7 @@ def parse_completion_request(body: bytes) -> tuple[prompt_pb2.StreamChatRequest,
     max_tokens = _max_tokens(data)
     if max_tokens is not None:
         native["max_tokens"] = max_tokens
-    for key in ("temperature", "conversation_id"):  # conversation_id: a Promptline extension
+    for key in ("temperature", "conversation_id", "user"):  # conversation_id: an extension
         if data.get(key) is not None:
             native[key] = data[key]
     if stream_options is not None:  # chunk shaping rides along: a Promptline extension
@@ -199,7 +201,7 @@ class ChunkEncoder:
 
     def done(self, done: common_pb2.Done) -> bytes:
         self._model = done.model or self._model
-        out = self._chunk({}, finish_reason=done.finish_reason or "stop")
+        out = self._chunk({}, finish_reason=done.finish_reason or "stop", cached=done.cached)
         if self._include_usage:
             out += _data(self._envelope([], usage=usage_data(done.usage)))
         return out + DONE_LINE
@@ -210,12 +212,16 @@ class ChunkEncoder:
     def error_body(self, err: PromptlineError) -> dict[str, Any]:
         return openai_error_body(err)
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
+               cached: bool = False) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _data(self._envelope([choice]))
+        chunk = self._envelope([choice])
+        if cached:  # a Promptline extension, only on a replayed reply's last chunk
+            chunk["cached"] = True
+        return _data(chunk)
 
     def _envelope(self, choices: list[dict[str, Any]], *,
-                  usage: dict[str, int] | None = None) -> dict[str, Any]:
+                  usage: dict[str, Any] | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {"id": self._id, "object": "chat.completion.chunk",
                                  "created": self._created, "model": self._model,
                                  "choices": choices}
@@ -239,6 +245,7 @@ async def chat_completions(request: web.Request, caller: Caller) -> web.StreamRe
     chat, options = parse_completion_request(
         await read_request_body(request, config.edge.max_body_bytes))
     chat.request_id = rid
+    chat.no_cache = cache_bypass(request.headers.getall("Cache-Control", ()))
     call = request.app[STUB_KEY].StreamChat(chat, metadata=caller.metadata,
                                             timeout=config.edge.request_timeout)
     if not options.stream:
@@ -295,6 +302,8 @@ async def _complete(request: web.Request, call: ChatCall, caller: Caller, model:
         }],
         "usage": usage_data(done.usage),
     }
+    if done.cached:  # a Promptline extension: replayed from the response cache
+        completion["cached"] = True
     headers = {**await ratelimit_headers(call), "X-Request-Id": rid}
     if done.deployment:
         headers[DEPLOYMENT_HEADER] = done.deployment

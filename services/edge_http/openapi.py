@@ -39,11 +39,14 @@ from promptline.rules import (
     MODEL_NAME,
     ROLES,
     SAFE_ID,
+    USAGE_GROUPS,
+    USER_ID,
 )
 from services.edge_http import sse
 from services.edge_http.chat_request import DECODED_ENCODINGS
 from services.edge_http.http_errors import CHAT_COMPLETIONS_PATH, MODELS_PATH
 from services.edge_http.openai_api import ROLE_ALIASES
+from services.edge_http.prompts_api import USAGE_PATH
 
 OPENAPI_PATH = "/openapi.json"
 CACHE_CONTROL = "public, max-age=300"  # a new release may change it: revalidate within minutes
@@ -74,6 +77,7 @@ ADMIN_READ_CODES = (ErrorCode.UNAUTHENTICATED, ErrorCode.INVALID_REQUEST, ErrorC
                     ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.CANCELLED,
                     ErrorCode.INTERNAL)
 ADMIN_WRITE_CODES = (*ADMIN_READ_CODES, ErrorCode.PERMISSION_DENIED)
+USAGE_CODES = ADMIN_WRITE_CODES  # PERMISSION_DENIED: `tenant` from a key of a non-admin tenant
 
 
 # --- schema helpers -----------------------------------------------------------------------------
@@ -126,8 +130,17 @@ _OPENAI_TYPES = sorted({wire.openai_type for wire in WIRE.values()})
 _TEMPERATURE = {"type": "number", "minimum": 0, "maximum": MAX_TEMPERATURE}
 _MAX_TOKENS = integer(1, MAX_TOKENS)
 _TOKENS = integer(0)
+_USD = string(pattern=r"^(0|[1-9][0-9]*)(\.[0-9]*[1-9])?$", examples=["0.0000036"],
+              description="US dollars as an exact decimal string (a JSON number would be a "
+                          "binary float): no exponent, no trailing zeros (docs/costs.md).")
+_USER = {**string(pattern=anchored(USER_ID.pattern)), "description": (
+    "The end user the request is for: counted in usage by user and held to the tenant's "
+    "`user_budget` (docs/costs.md).")}
 _DEPLOYMENT = string(description="The deployment of the model's pool that answered "
                                  "(docs/provider-pools.md).")
+_CACHED = {"type": "boolean", "const": True, "description": (
+    "Present (true) only when the reply was replayed from the response cache (docs/cache.md): "
+    "no provider call; `usage` is the stored reply's.")}
 _SHAPE_FIELDS: dict[str, Schema] = {
     "coalesce_ms": nullable(integer(0, MAX_COALESCE_MS)),
     "min_chars": nullable(integer(0, MAX_MIN_CHARS)),
@@ -201,6 +214,7 @@ def _request_schemas() -> dict[str, Schema]:
             "conversation_id": nullable(_SAFE_ID),
             "prompt": nullable(ref("PromptRef")),
             "stream_options": nullable(ref("StreamShape")),
+            "user": nullable(_USER),
         }, "messages", anyOf=model_or_prompt,
             description="`model` is required unless `prompt` names a version with a default "
                         "model. Unknown fields are ignored."),
@@ -232,12 +246,13 @@ def _request_schemas() -> dict[str, Schema]:
                            "Promptline extension (`StreamShape`).")),
             "n": nullable(integer(1, 1)),
             "conversation_id": nullable({**_SAFE_ID, "description": "A Promptline extension."}),
+            "user": nullable(_USER),
         }, "model", "messages",
             **{"if": {"required": ["stream_options"],
                       "properties": {"stream_options": {"type": "object"}}},
                "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
             description="OpenAI's chat-completions body. `stream_options` only with `stream: "
-                        "true`; other fields (`user`, `top_p`, ...) are ignored."),
+                        "true`; other fields (`top_p`, ...) are ignored."),
         "CreatePromptVersionRequest": obj({
             "template": string(pattern=r"\S", description=(
                 f"`{{{{name}}}}` placeholders only; at most `prompts.max_template_bytes` "
@@ -260,10 +275,30 @@ def _response_schemas() -> dict[str, Schema]:
     sse_id = string(pattern="^[1-9][0-9]*$", description="Counts deltas from 1.")
     events = {"start": "StartEvent", "delta": "DeltaEvent", "done": "DoneEvent",
               "error": "ErrorEvent"}
+    totals = {"requests": _TOKENS, "errors": _TOKENS, "prompt_tokens": _TOKENS,
+              "completion_tokens": _TOKENS, "cost_usd": _USD}
+    counted = "`requests`: streams admitted; `errors`: those that ended with an error."
     return {
         "Usage": obj({"prompt_tokens": _TOKENS, "completion_tokens": _TOKENS,
-                      "total_tokens": _TOKENS}, "prompt_tokens", "completion_tokens",
-                     "total_tokens"),
+                      "total_tokens": _TOKENS,
+                      "cost_usd": {**_USD, "description": "What the stream cost at the model's "
+                                                          "price; " + _USD["description"]}},
+                     "prompt_tokens", "completion_tokens", "total_tokens"),
+        "UsageTotals": obj(totals, *totals, description=counted),
+        "UsageRow": obj({"key": nullable(string(description=(
+            "A model, a UTC day (YYYY-MM-DD), an API key's id (`key-` and 12 hex digits of its "
+            "sha256) or an end user; null: requests that named no user."))), **totals},
+            "key", *totals, description=counted),
+        "UsageReport": obj({
+            "object": string(const="usage"),
+            "tenant": string(),
+            "from": string(format="date-time", description="Hour-aligned, inclusive."),
+            "to": string(format="date-time", description="Hour-aligned, exclusive."),
+            "group_by": string(enum=list(USAGE_GROUPS)),
+            "data": {"type": "array", "items": ref("UsageRow"),
+                     "description": "One row per group, sorted by key."},
+            "total": ref("UsageTotals"),
+        }, "object", "tenant", "from", "to", "group_by", "data", "total"),
         "StartData": obj({"request_id": _SAFE_ID, "model": string(),
                           "conversation_id": _SAFE_ID, "prompt_id": string(),
                           "prompt_version": integer(1), "prompt_tokens": integer(1),
@@ -274,7 +309,7 @@ def _response_schemas() -> dict[str, Schema]:
                          "usage": ref("Usage"),
                          "model": string(description="The model that answered (a fallback's "
                                                      "name if one did)."),
-                         "deployment": _DEPLOYMENT},
+                         "deployment": _DEPLOYMENT, "cached": _CACHED},
                         "finish_reason", "usage"),
         "StartEvent": obj({"event": string(const="start"), "data": ref("StartData")},
                           "event", "data", description="Once, first: the request was admitted."),
@@ -303,6 +338,7 @@ def _response_schemas() -> dict[str, Schema]:
                 "finish_reason": string(),
             }, "index", "message", "logprobs", "finish_reason")},
             "usage": ref("Usage"),
+            "cached": _CACHED,
         }, "id", "object", "created", "model", "choices", "usage"),
         "ChatCompletionChunk": obj({
             "id": string(pattern="^chatcmpl-"),
@@ -316,9 +352,11 @@ def _response_schemas() -> dict[str, Schema]:
                 "finish_reason": nullable(string()),
             }, "index", "delta", "logprobs", "finish_reason")},
             "usage": nullable(ref("Usage")),
+            "cached": _CACHED,
         }, "id", "object", "created", "model", "choices",
             description="With `include_usage`, every chunk has `usage` (null but in the last, "
-                        "whose `choices` is empty)."),
+                        "whose `choices` is empty). `cached` only on the chunk with the "
+                        "`finish_reason`."),
         "ChatCompletionStreamEvent": obj({"data": {"oneOf": [
             ref("ChatCompletionChunk"), ref("OpenAIErrorBody"), string(const="[DONE]")]}},
             "data", description="`data:` lines only; an error is followed by `[DONE]`."),
@@ -379,10 +417,15 @@ def _headers() -> dict[str, Schema]:
     return {
         "X-Request-Id": {**header("The request's id, as in logs, traces and error bodies.",
                                   _SAFE_ID), "required": True},
-        "Retry-After": header("Seconds to wait, when known.", integer(1)),
+        "Retry-After": header("Seconds to wait, when known (BUDGET_EXCEEDED: until the budget's "
+                              "period resets).", integer(1)),
         "X-Promptline-Deployment": header(
             "The deployment of the model's pool that answered (docs/provider-pools.md).",
             string(minLength=1)),
+        "x-promptline-cache": header(
+            "For a model with a response cache (docs/cache.md): `hit` (replayed, no provider "
+            "call) or `miss` (a fresh reply; also with `Cache-Control: no-cache`).",
+            string(enum=["hit", "miss"])),
         **limits,
     }
 
@@ -484,6 +527,11 @@ def _parameters() -> dict[str, Schema]:
                 "description": description}
 
     return {
+        "CacheControl": {"name": "Cache-Control", "in": "header", "required": False,
+                         "schema": string(examples=["no-cache"]), "description": (
+                             "`no-cache` among its directives: the response cache is not read "
+                             "(a fresh reply, which may be stored); other directives are "
+                             "ignored (docs/cache.md).")},
         "XRequestId": {"name": "X-Request-Id", "in": "header", "required": False,
                        "schema": string(), "description": (
                            "Used as the request's id when it is 1-128 letters, digits and "
@@ -492,6 +540,19 @@ def _parameters() -> dict[str, Schema]:
         "Version": path("version", integer(1, UINT32_MAX), "A version number."),
         "Label": path("label", string(pattern=anchored(LABEL)), "A label such as `prod`."),
         "ConversationId": path("conversation_id", _SAFE_ID, "The conversation's id."),
+        "From": {"name": "from", "in": "query", "required": False, "schema": string(
+            examples=["2025-01-14", "2025-01-14T10:00:00Z"]), "description": (
+                "ISO 8601 date or date-time (UTC unless it has an offset), rounded down to the "
+                "hour; default: the start of the current UTC day.")},
+        "To": {"name": "to", "in": "query", "required": False, "schema": string(),
+               "description": "Like `from`, exclusive, rounded up to the hour; default: now. "
+                              "At most `usage.retention` after `from`."},
+        "GroupBy": {"name": "group_by", "in": "query", "required": False,
+                    "schema": string(enum=list(USAGE_GROUPS), default="model"),
+                    "description": "How rows are grouped (`day`: UTC days)."},
+        "Tenant": {"name": "tenant", "in": "query", "required": False,
+                   "schema": string(pattern=anchored(MODEL_NAME)),
+                   "description": "Another tenant's usage: keys of an admin tenant only."},
         "Limit": {"name": "limit", "in": "query", "required": False,
                   "schema": integer(1, MAX_PAGE_SIZE, default=DEFAULT_PAGE_SIZE),
                   "description": "Versions per page."},
@@ -504,7 +565,8 @@ def _parameters() -> dict[str, Schema]:
 def _chat_paths() -> dict[str, Schema]:
     example = {"model": "sim", "messages": [{"role": "user", "content": "Hi"}]}
     stream_headers = {**_rid_header(), **_ratelimit_headers(),
-                      "X-Promptline-Deployment": ref("X-Promptline-Deployment", "headers")}
+                      "X-Promptline-Deployment": ref("X-Promptline-Deployment", "headers"),
+                      "x-promptline-cache": ref("x-promptline-cache", "headers")}
     hold = (f"Headers wait for admission or the first token, at most `edge.header_hold` "
             f"(default {_EDGE.header_hold:g} s): an error before that is a real HTTP status, "
             f"after it an in-stream error, then the stream closes. An SSE comment "
@@ -516,7 +578,8 @@ def _chat_paths() -> dict[str, Schema]:
             {**ok("`start`, `delta`s, then `done` or `error`.", {sse.CONTENT_TYPE: {
                 "schema": ref("ChatStreamEvent")}}, headers=stream_headers),
              **error_responses(CHAT_CODES, body=True)},
-            body=request_body("ChatStreamRequest", example), description=hold)},
+            body=request_body("ChatStreamRequest", example), description=hold,
+            parameters=["CacheControl"])},
         CHAT_COMPLETIONS_PATH: {"post": api_operation(
             "createChatCompletion", "openai", "OpenAI-compatible chat completion",
             {**ok("`stream: true`: `data:` chunk lines, then `data: [DONE]`; otherwise one "
@@ -526,7 +589,8 @@ def _chat_paths() -> dict[str, Schema]:
                       sse.CONTENT_TYPE: {"schema": ref("ChatCompletionStreamEvent")}},
                   headers=stream_headers),
              **error_responses(CHAT_CODES, openai=True, body=True)},
-            body=request_body("ChatCompletionRequest", example), description=hold)},
+            body=request_body("ChatCompletionRequest", example), description=hold,
+            parameters=["CacheControl"])},
         MODELS_PATH: {"get": api_operation(
             "listModels", "openai", "The models this key's tenant may use",
             {**ok("OpenAI's model list.", json_content(ref("ModelList")),
@@ -574,6 +638,13 @@ def _admin_paths() -> dict[str, Schema]:
                 parameters=label, body=request_body("SetPromptLabelRequest", {"version": 1}),
                 description=writes),
         },
+        USAGE_PATH: {"get": api_operation(
+            "getUsage", "usage", "Requests, tokens and cost of the key's tenant",
+            {**answer("UsageReport", "Sums of the hours in the range, by group."),
+             **error_responses(USAGE_CODES)},
+            parameters=["From", "To", "GroupBy", "Tenant"],
+            description="From hourly records kept `usage.retention` (docs/costs.md); an unknown "
+                        "or repeated query parameter is a 400 naming it.")},
         "/v1/conversations/{conversation_id}": {
             "get": api_operation(
                 "getConversation", "conversations", "The caller's conversation history",
@@ -645,6 +716,7 @@ def build_document() -> Schema:
             ("openai", "OpenAI-compatible: the official clients work with base_url .../v1."),
             ("prompts", "Versioned prompt templates and their labels."),
             ("conversations", "Conversation memory."),
+            ("usage", "Requests, tokens and cost, for budgets and billing."),
             ("operations", "Probes, metrics, the chat page and this document."))],
         "security": [{"bearerAuth": []}],
         "paths": {**_chat_paths(), **_admin_paths(), **_public_paths()},

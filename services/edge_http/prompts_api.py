@@ -1,4 +1,4 @@
-"""HTTP endpoints of the prompt registry and conversation history (the PromptAdmin gRPC service).
+"""HTTP endpoints of the PromptAdmin gRPC service: prompts, conversations, usage.
 
     POST   /v1/prompts/{id}/versions           create a version (admin keys)        -> 201
     GET    /v1/prompts/{id}/versions           list versions, newest first (?limit=&before=)
@@ -7,6 +7,7 @@
     PUT    /v1/prompts/{id}/labels/{label}     move a label: {"version": n}    (admin keys)
     GET    /v1/conversations/{id}              the caller's conversation history
     DELETE /v1/conversations/{id}              delete it                           -> 204
+    GET    /v1/usage?from=&to=&group_by=&tenant=   the tenant's usage (tenant=: admin keys)
 
 The edge authenticates the Bearer key first (401 without touching anything else), parses the
 JSON body, then calls PromptAdmin over the process's prompt channel, forwarding `authorization`;
@@ -17,13 +18,14 @@ the prompt service checks admin rights, validates and owns the data. Errors are 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from aiohttp import web
 
 from promptline.errors import PromptlineError, Stage
-from promptline.rules import invalid
+from promptline.rules import USAGE_GROUPS, invalid, is_model_name
 from promptline.stubs import PromptAdminClient
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 from services.edge_http.chat_request import (
@@ -36,6 +38,8 @@ from services.edge_http.chat_request import (
 from services.edge_http.context import CHANNEL_KEY, Caller, authenticated, current_config
 
 ADMIN_TIMEOUT = 10.0  # seconds; each call is a few Redis round trips
+USAGE_PATH = "/v1/usage"
+USAGE_PARAMS = ("from", "to", "group_by", "tenant")
 _UINT32_MAX = 2**32 - 1
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,6 +53,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_put("/v1/prompts/{prompt_id}/labels/{label}", _admin(set_label))
     app.router.add_get("/v1/conversations/{conversation_id}", _admin(get_conversation))
     app.router.add_delete("/v1/conversations/{conversation_id}", _admin(delete_conversation))
+    app.router.add_get(USAGE_PATH, _admin(get_usage))
 
 
 Call = Callable[[PromptAdminClient, web.Request, tuple[tuple[str, str], ...]],
@@ -204,6 +209,71 @@ async def delete_conversation(stub: PromptAdminClient, request: web.Request,
         conversation_id=request.match_info["conversation_id"]),
         metadata=metadata, timeout=ADMIN_TIMEOUT)
     return web.Response(status=204)
+
+
+# --- usage -------------------------------------------------------------------------------------
+
+
+async def get_usage(stub: PromptAdminClient, request: web.Request,
+                    metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """GET /v1/usage?from=&to=&group_by=model|day|api_key|user&tenant=: requests, errors,
+    tokens and cost of the caller's tenant (another's with `tenant`: admin keys), by hour-aligned
+    UTC range; `from` defaults to the start of the day, `to` to now."""
+    for name in request.query:
+        if name not in USAGE_PARAMS:
+            raise invalid(f"unknown query parameter {name[:40]!r} (allowed: "
+                          f"{', '.join(USAGE_PARAMS)})")
+        if len(request.query.getall(name)) > 1:
+            raise invalid(f"query parameter {name} given more than once")
+    group_by = request.query.get("group_by", "model")
+    if group_by not in USAGE_GROUPS:
+        raise invalid(f"query parameter group_by must be one of {', '.join(USAGE_GROUPS)}, "
+                      f"got {group_by[:40]!r}")
+    tenant = request.query.get("tenant", "")
+    if "tenant" in request.query and not is_model_name(tenant):
+        raise invalid(f"query parameter tenant must be a tenant name, got {tenant[:40]!r}")
+    report = await stub.GetUsage(prompt_admin_pb2.GetUsageRequest(
+        from_ms=_query_time(request, "from"), to_ms=_query_time(request, "to"),
+        group_by=group_by, tenant=tenant), metadata=metadata, timeout=ADMIN_TIMEOUT)
+    empty_is_none = report.group_by == "user"  # requests that named no end user
+    return web.json_response({
+        "object": "usage",
+        "tenant": report.tenant,
+        "from": _iso(report.from_ms),
+        "to": _iso(report.to_ms),
+        "group_by": report.group_by,
+        "data": [{"key": (row.key or None) if empty_is_none else row.key, **_usage_row(row)}
+                 for row in report.rows],
+        "total": _usage_row(report.total),
+    })
+
+
+def _usage_row(row: prompt_admin_pb2.UsageRow) -> dict[str, Any]:
+    return {"requests": row.requests, "errors": row.errors, "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens, "cost_usd": row.cost_usd or "0"}
+
+
+def _query_time(request: web.Request, name: str) -> int:
+    """An ISO 8601 date (`2025-01-14`) or date-time (UTC unless it has an offset) as ms since
+    the epoch; 0 when absent (the prompt service's default)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return 0
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise invalid(f"query parameter {name} must be an ISO 8601 date or date-time "
+                      f"(2025-01-14 or 2025-01-14T10:00:00Z), got {raw[:40]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    millis = int(moment.timestamp() * 1000)
+    if millis <= 0:
+        raise invalid(f"query parameter {name} must be after 1970-01-01, got {raw[:40]!r}")
+    return millis
+
+
+def _iso(millis: int) -> str:
+    return datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- body and query readers (INVALID_REQUEST naming the field) ---------------------------------

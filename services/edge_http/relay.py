@@ -36,6 +36,9 @@ log = logging.getLogger("promptline.edge_http")
 FRAME_QUEUE_SIZE = 8
 DEPLOYMENT_HEADER = "X-Promptline-Deployment"
 """The deployment of the model's pool that answered (also in the native `start` and `done`)."""
+CACHE_HEADER = "x-promptline-cache"
+"""`hit` or `miss`, for a model with a response cache: the prompt service's initial metadata
+(services/prompt/cache.py HEADER), passed on like the quota headers."""
 MAX_MERGED_CHARS = 32 * 1024
 """Deltas that queued up for a slow client are merged up to this much text: an SSE line stays
 well within what clients read in one line (aiohttp: 512 KiB)."""
@@ -52,14 +55,15 @@ Queued = Frame | PromptlineError | _Marker
 """What the reader task and the heartbeat timer put in the writer's queue."""
 
 async def ratelimit_headers(call: grpc.aio.Call, *, rejected: bool = False) -> dict[str, str]:
-    """`x-ratelimit-*` headers as the prompt service sent them: initial metadata at admission,
-    trailing metadata with a quota rejection (`rejected`). Never rebuilt from the edge's own
-    config, which may differ from the prompt service's after a reload."""
+    """`x-ratelimit-*` headers (and `x-promptline-cache`) as the prompt service sent them:
+    initial metadata at admission, trailing metadata with a quota rejection (`rejected`). Never
+    rebuilt from the edge's own config, which may differ from the prompt service's after a
+    reload."""
     try:
         metadata = await (call.trailing_metadata() if rejected else call.initial_metadata())
     except (grpc.RpcError, asyncio.InvalidStateError):
         return {}
-    return {k: v for k, v in (metadata or ()) if k.startswith("x-ratelimit-")
+    return {k: v for k, v in (metadata or ()) if k.startswith(("x-ratelimit-", CACHE_HEADER))
             and isinstance(v, str)}
 
 
@@ -360,11 +364,15 @@ def start_data(start: prompt_pb2.ChatStart, request_id: str, model: str) -> dict
     return data
 
 
-def usage_data(usage: common_pb2.Usage) -> dict[str, int]:
-    """Token accounting as JSON (the same three fields on every wire)."""
-    return {"prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+def usage_data(usage: common_pb2.Usage) -> dict[str, Any]:
+    """Token accounting as JSON (the same fields on every wire), with `cost_usd` as the exact
+    decimal string the prompt service priced it at (a JSON number would be a binary float)."""
+    data: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens,
+                            "completion_tokens": usage.completion_tokens,
+                            "total_tokens": usage.total_tokens}
+    if usage.cost_usd:
+        data["cost_usd"] = usage.cost_usd
+    return data
 
 
 def done_data(done: common_pb2.Done) -> dict[str, Any]:
@@ -374,6 +382,8 @@ def done_data(done: common_pb2.Done) -> dict[str, Any]:
         data["model"] = done.model
     if done.deployment:
         data["deployment"] = done.deployment
+    if done.cached:
+        data["cached"] = True
     return data
 
 

@@ -236,7 +236,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             deployment=chosen.name,
             usage=common_pb2.Usage(prompt_tokens=usage.prompt_tokens,
                                    completion_tokens=usage.completion_tokens,
-                                   total_tokens=usage.total_tokens),
+                                   total_tokens=usage.total_tokens,
+                                   cached_prompt_tokens=usage.cached_prompt_tokens),
         ))
 
 

@@ -1,8 +1,9 @@
-"""PromptAdmin gRPC service: prompt versions and labels, conversation history.
+"""PromptAdmin gRPC service: prompt versions and labels, conversation history, usage.
 
 Every call authenticates the `authorization` metadata first and works only on the caller's own
 tenant. Registry writes (CreatePromptVersion, SetPromptLabel) need a tenant with `admin: true`
-(PERMISSION_DENIED otherwise); reads need any key of the tenant. Failures end the call with the
+(PERMISSION_DENIED otherwise); reads need any key of the tenant. Usage is the caller's tenant's;
+only an admin tenant may name another (`tenant`). Failures end the call with the
 rich status of `PromptlineError` (`abort_unary`); anything unexpected becomes INTERNAL with a safe
 message. Protobuf stops here: the registry and the store work on dataclasses.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,7 +24,9 @@ from promptline.streams import Context, abort_unary, text_metadata
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 
 from .history import ConversationStore
+from .pricing import from_pico, usd_text
 from .prompts import PromptDraft, PromptRegistry
+from .usage import UsageReader, UsageRow, usage_range
 
 log = logging.getLogger("promptline.prompt.admin")
 
@@ -54,10 +58,11 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
     """Implements PromptAdmin over a PromptRegistry and a ConversationStore."""
 
     def __init__(self, live: LiveConfig, prompts: PromptRegistry,
-                 conversations: ConversationStore) -> None:
+                 conversations: ConversationStore, usage: UsageReader) -> None:
         self._live = live
         self._prompts = prompts
         self._conversations = conversations
+        self._usage = usage
 
     def _tenant(self, context: Context, *, admin: bool = False) -> TenantConfig:
         metadata = text_metadata(context)
@@ -137,3 +142,32 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
         deleted = await self._conversations.delete(tenant.name, request.conversation_id)
         return prompt_admin_pb2.DeleteConversationResponse(
             conversation_id=request.conversation_id, deleted_turns=deleted)
+
+    @_unary
+    async def GetUsage(self, request: prompt_admin_pb2.GetUsageRequest,
+                       context: Context) -> prompt_admin_pb2.UsageReport:
+        caller = self._tenant(context)
+        tenant = caller.name
+        if request.tenant:
+            if not caller.admin:
+                raise PromptlineError(ErrorCode.PERMISSION_DENIED,
+                                      "tenant: only a key of an admin tenant may read another "
+                                      "tenant's usage", stage=Stage.CONNECT)
+            if not any(t.name == request.tenant for t in self._live.current.tenants):
+                raise PromptlineError(ErrorCode.NOT_FOUND,
+                                      f"tenant: unknown tenant {request.tenant!r}",
+                                      stage=Stage.CONNECT)
+            tenant = request.tenant
+        start, end = usage_range(request.from_ms, request.to_ms, int(time.time() * 1000),
+                                 self._live.current.usage.retention)
+        report = await self._usage.report(tenant, start, end, request.group_by or "model")
+        return prompt_admin_pb2.UsageReport(
+            tenant=report.tenant, from_ms=report.from_ms, to_ms=report.to_ms,
+            group_by=report.group_by, rows=[_row(r) for r in report.rows],
+            total=_row(report.total))
+
+
+def _row(row: UsageRow) -> prompt_admin_pb2.UsageRow:
+    return prompt_admin_pb2.UsageRow(
+        key=row.key, requests=row.requests, errors=row.errors, prompt_tokens=row.prompt_tokens,
+        completion_tokens=row.completion_tokens, cost_usd=usd_text(from_pico(row.cost)))

@@ -29,6 +29,7 @@ from promptline.rules import (
     check_role,
     check_stream_shape,
     check_temperature,
+    check_user,
     check_version_or_label,
     invalid,
 )
@@ -180,6 +181,8 @@ def _validate(request: prompt_pb2.StreamChatRequest) -> None:
     if request.HasField("stream_shape"):
         check_stream_shape(request.stream_shape)
     check_version_or_label(request.prompt.version, request.prompt.label)
+    if request.user:
+        check_user(request.user)
 
 
 def _named(config: Config, tenant: TenantConfig, name: str) -> ModelConfig | RouteConfig:

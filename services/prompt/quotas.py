@@ -72,7 +72,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,17 @@ from promptline.metrics import QUOTA_DEGRADED, QUOTA_DEGRADED_ADMISSIONS, REDIS_
 from promptline.ratelimit import RateLimitInfo
 from promptline.redis_store import STORE_ERRORS, RedisClient, store_call
 
+from .budgets import (
+    BIG_LUA,
+    HELD_IN_REDIS,
+    HELD_LOCALLY,
+    NO_HOLD,
+    NOT_HELD,
+    BudgetCheck,
+    Hold,
+    Ledger,
+    budget_exceeded,
+)
 from .local_quotas import LocalWindows
 
 log = logging.getLogger("promptline.quotas")
@@ -114,19 +125,31 @@ local function state(key, win)
 end
 """
 
-# KEYS[i]: one hash per limit. ARGV: now_ms ('' = server TIME), window_ms, then limit_i, cost_i.
-# Returns {0, i, retry_ms} (retry_ms -1: can never fit) or
-# {1, window, now_ms, estimate_i, current_i, previous_i ...} after charging every limit.
-_ADMIT_LUA = _LUA_PRELUDE + """
+# KEYS: one hash per limit (nw of them), then one per budget (budgets.py). ARGV: now_ms ('' =
+# server TIME), window_ms, nw, then limit_i, cost_i per limit, then limit, cost, expire-at ms per
+# budget (pico-dollar integer strings). Returns {0, i, retry_ms} (retry_ms -1: can never fit; 0:
+# a budget, whose wait the caller knows) or {1, window, now_ms, estimate_i, current_i,
+# previous_i ..., then each budget's settled + reserved as {high, low} limbs} after charging all.
+_ADMIT_LUA = _LUA_PRELUDE + BIG_LUA + """
 local now = now_ms(ARGV[1])
 local W = tonumber(ARGV[2])
+local nw = tonumber(ARGV[3])
 local win = math.floor(now / W)
 local elapsed = now - win * W
+-- A budget used up is the answer whatever the limits say: its wait is the longest.
+local b = 4 + 2 * nw
+for j = nw + 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[j], 's', 'r')
+  if big_gt(big_add(big_add(big(v[1]), big(v[2])), big(ARGV[b + 1])), big(ARGV[b])) then
+    return {0, j, 0}
+  end
+  b = b + 3
+end
 local st = {}
 local worst_i, worst_ms = 0, -1
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[1 + 2 * i])
-  local cost = tonumber(ARGV[2 + 2 * i])
+for i = 1, nw do
+  local limit = tonumber(ARGV[2 + 2 * i])
+  local cost = tonumber(ARGV[3 + 2 * i])
   local w, c, p = state(KEYS[i], win)
   -- usage * W, in integers (exact in a double far beyond any sane limit): no rounding surprises
   local scaled = p * (W - elapsed) + c * W
@@ -149,8 +172,8 @@ for i = 1, #KEYS do
 end
 if worst_i > 0 then return {0, worst_i, worst_ms} end
 local out = {1, win, now}
-for i = 1, #KEYS do
-  local cost = tonumber(ARGV[2 + 2 * i])
+for i = 1, nw do
+  local cost = tonumber(ARGV[3 + 2 * i])
   local s = st[i]
   local c = s[2] + cost
   redis.call('HSET', KEYS[i], 'w', s[1], 'c', c, 'p', s[3])
@@ -158,6 +181,16 @@ for i = 1, #KEYS do
   out[#out + 1] = math.ceil(s[4] / W) + cost
   out[#out + 1] = c
   out[#out + 1] = s[3]
+end
+b = 4 + 2 * nw
+for j = nw + 1, #KEYS do
+  redis.call('HINCRBY', KEYS[j], 'r', ARGV[b + 1])
+  redis.call('PEXPIREAT', KEYS[j], ARGV[b + 2])
+  local v = redis.call('HMGET', KEYS[j], 's', 'r')
+  local used = big_add(big(v[1]), big(v[2]))
+  out[#out + 1] = used[1]
+  out[#out + 1] = used[2]
+  b = b + 3
 end
 return out
 """
@@ -207,13 +240,13 @@ class Reservation:
     """An admitted request's token reservation; settle or refund it exactly once (extra calls
     are no-ops, failures are logged, nothing raises)."""
 
-    __slots__ = ("_charged", "_local", "_manager", "_settled", "degraded", "limits",
+    __slots__ = ("_charged", "_local", "_manager", "_settled", "degraded", "hold", "limits",
                  "request_id", "reserved_tokens", "window")
 
     def __init__(self, manager: QuotaManager | None, request_id: str, reserved_tokens: int,
                  window: int | None, charged: tuple[_Charged, ...] = (),
                  limits: RateLimitInfo | None = None, degraded: bool = False,
-                 local: bool = False) -> None:
+                 local: bool = False, hold: Hold = NO_HOLD) -> None:
         self._manager = manager
         self._local = local
         """Charged to the in-memory share (degraded mode): settled there too."""
@@ -226,6 +259,8 @@ class Reservation:
         self.limits = limits or RateLimitInfo()
         self.degraded = degraded
         """True when admitted without the quota store (fail-open): settle does nothing."""
+        self.hold = hold
+        """What was reserved against budgets; `Ledger.settle` settles it with the real cost."""
         self._settled = False
 
     @property
@@ -277,6 +312,10 @@ class _Check:
         return quota_key(self.scope, self.name, self.kind)
 
 
+_Side = tuple[list["_Check"], tuple[BudgetCheck, ...]]
+"""One script call of admission: a slot's limits, and the budgets (on the tenant's slot)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Charged:
     """What one side (a tenant's or a model's limits, one hash slot) charged at admission."""
@@ -295,16 +334,21 @@ class QuotaManager:
     """Admits requests against tenant/model QPM and TPM limits stored in Redis.
 
     `clock`: seconds since the epoch (like `time.time`); None (default) uses the Redis server's
-    TIME, one clock for every replica.
+    TIME, one clock for every replica. Budget periods are on this process's clock (`clock`, else
+    `time.time`). `usage_ttl`: how long an hour's usage is kept (`usage.retention`).
     """
 
-    __slots__ = ("_local", "_outage", "_retry_store_at", "_scripts", "clock", "policy", "redis")
+    __slots__ = ("_local", "_outage", "_retry_store_at", "_scripts", "clock", "ledger", "policy",
+                 "redis")
 
     def __init__(self, redis: RedisClient, policy: QuotaPolicy, *,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 usage_ttl: float = 90 * 86400.0) -> None:
         self.redis = redis
         self.policy = policy
         self.clock = clock
+        self.ledger = Ledger(redis, policy, usage_ttl=usage_ttl, clock=clock or time.time)
+        """Budgets and usage: settles what admission reserved against budgets."""
         self._local = LocalWindows()
         self._outage = False
         """The store failed and has not answered since (one warning each way)."""
@@ -317,23 +361,36 @@ class QuotaManager:
         }
 
     async def admit(self, tenant: TenantConfig, model: ModelConfig, reserve_tokens: int,
-                    request_id: str) -> Reservation:
-        """Charge one request and `reserve_tokens` to every applicable limit, or raise.
+                    request_id: str, *, upstream: bool = True,
+                    budgets: Sequence[BudgetCheck] = ()) -> Reservation:
+        """Charge one request and `reserve_tokens` to every applicable limit, and each budget
+        check's cost to its budget (`budgets.budget_checks`), or raise.
 
-        Raises PromptlineError QPM_EXCEEDED / TPM_EXCEEDED (stage first_packet, with
-        retry_after_ms and quota_subject), or UNAVAILABLE when the quota store failed and the
-        policy is fail-closed.
+        `upstream=False` (a response-cache hit: no provider call) charges the tenant's qpm
+        alone: TPM and the model's limits guard the provider.
+
+        Raises PromptlineError QPM_EXCEEDED / TPM_EXCEEDED / BUDGET_EXCEEDED (stage
+        first_packet, with retry_after_ms and quota_subject), or UNAVAILABLE when the quota
+        store failed and the policy is fail-closed.
         """
         reserve = max(0, int(reserve_tokens))
         checks = _checks(tenant, model, reserve)
-        if not checks:
+        if not upstream:
+            checks = [c for c in checks if c.scope == "tenant" and c.kind == "qpm"]
+        if not checks and not budgets:
             return Reservation(None, request_id, 0, None)
         for check in checks:
             if check.cost > check.limit:
                 raise _never_fits(check, request_id)
-        # One script per slot (the tenant's keys, the model's keys), both at once.
-        sides = [[c for c in checks if c.scope == scope] for scope in ("tenant", "model")]
-        sides = [side for side in sides if side]
+        for budget in budgets:
+            if budget.cost > budget.limit:
+                raise budget_exceeded(budget, self.ledger.clock(), request_id)
+        # One script per slot (the tenant's keys and budgets, the model's keys), both at once.
+        sides: list[_Side] = [
+            (side, held) for side, held in (([c for c in checks if c.scope == "tenant"],
+                                             tuple(budgets)),
+                                            ([c for c in checks if c.scope == "model"], ()))
+            if side or held]
         if time.monotonic() < self._retry_store_at:
             return self._without_store(tenant, sides, reserve, request_id, None)
         now = self._now_arg()
@@ -356,7 +413,10 @@ class QuotaManager:
         if failure is not None or rejection is not None:
             await self._give_back(admitted, request_id)  # all-or-nothing across the two slots
             if rejection is not None:
-                side, result = rejection
+                (side, held), result = rejection
+                if result[1] > len(side):
+                    raise budget_exceeded(held[result[1] - len(side) - 1], self.ledger.clock(),
+                                          request_id)
                 check = side[result[1] - 1]
                 if result[2] < 0:
                     raise _never_fits(check, request_id)
@@ -369,15 +429,20 @@ class QuotaManager:
         per_check: dict[str, list[int]] = {}
         charged = []
         now_ms = 0
-        for side, result in admitted:
+        for (side, held), result in admitted:
             window, now_ms = result[1], result[2]
             per_check.update({c.subject: result[3 + 3 * i: 6 + 3 * i]
                               for i, c in enumerate(side)})
             charged.append(_Charged(tuple(c.key for c in side if c.kind == "qpm"),
                                     tuple(c.key for c in side if c.kind == "tpm"), window))
+            at = 3 + 3 * len(side)
+            for j, budget in enumerate(held):  # what is left, should Redis go away
+                self.ledger.local.seen(budget.key, result[at + 2 * j] * 10**9
+                                       + result[at + 2 * j + 1])
         tpm = any(c.tpm_keys for c in charged)
         return Reservation(self, request_id, reserve if tpm else 0, charged[0].window,
-                           tuple(charged), _limits(tenant, per_check, now_ms))
+                           tuple(charged), _limits(tenant, per_check, now_ms),
+                           hold=Hold(tuple(budgets), HELD_IN_REDIS))
 
     async def usage(self, tenant: TenantConfig) -> dict[str, Any]:
         """The tenant's current sliding-window usage of each limit that applies.
@@ -414,7 +479,7 @@ class QuotaManager:
     def _now_arg(self) -> int | str:
         return "" if self.clock is None else int(self.clock() * 1000)
 
-    def _without_store(self, tenant: TenantConfig, sides: list[list[_Check]], reserve: int,
+    def _without_store(self, tenant: TenantConfig, sides: list[_Side], reserve: int,
                        request_id: str, exc: BaseException | None) -> Reservation:
         """The policy's answer while the store is down (`exc`: the failure just seen; None when
         the call was skipped). One warning per outage, whatever the policy."""
@@ -436,17 +501,24 @@ class QuotaManager:
             return self._admit_locally(tenant, sides, reserve, request_id)
         if not self.policy.fail_open:
             raise _unavailable(request_id)
-        return Reservation(None, request_id, 0, None, degraded=True)
+        return Reservation(None, request_id, 0, None, degraded=True,
+                           hold=Hold(tuple(b for _, held in sides for b in held), NOT_HELD))
 
-    def _admit_locally(self, tenant: TenantConfig, sides: list[list[_Check]], reserve: int,
+    def _admit_locally(self, tenant: TenantConfig, sides: list[_Side], reserve: int,
                        request_id: str) -> Reservation:
-        """Degraded mode: this replica's share of every limit, in memory, one window."""
-        checks = [c for side in sides for c in side]
+        """Degraded mode: this replica's share of every limit and budget, in memory, one
+        window."""
+        checks = [c for side, _ in sides for c in side]
+        budgets = tuple(b for _, held in sides for b in held)
+        over = self.ledger.local.admit(budgets, self.policy.replicas)
+        if over is not None:
+            raise budget_exceeded(over, self.ledger.clock(), request_id)
         limits = [max(1, math.ceil(c.limit / self.policy.replicas)) for c in checks]
         now = int((self.clock or time.time)() * 1000)
         result = self._local.admit([c.key for c in checks], limits, [c.cost for c in checks],
                                    now, WINDOW_MS)
         if result[0] != 1:
+            self.ledger.local.settle(budgets, 0)  # all or nothing
             check = checks[result[1] - 1]
             if result[2] < 0:
                 raise _never_fits(check, request_id)
@@ -456,12 +528,14 @@ class QuotaManager:
         charged = (_Charged((), tuple(c.key for c in checks if c.kind == "tpm"), window),)
         per_check = {c.subject: result[3 + 3 * i: 6 + 3 * i] for i, c in enumerate(checks)}
         return Reservation(self, request_id, reserve if charged[0].tpm_keys else 0, window,
-                           charged, _limits(tenant, per_check, now), degraded=True, local=True)
+                           charged, _limits(tenant, per_check, now), degraded=True, local=True,
+                           hold=Hold(budgets, HELD_LOCALLY))
 
     def _store_is_back(self) -> None:
         if self._outage:
             self._outage = False
             self._local.clear()  # the shared budget counts again
+            self.ledger.local.clear()
             QUOTA_DEGRADED.set(0)
             log.warning("quota store reachable again: quotas are shared again")
 
@@ -469,18 +543,24 @@ class QuotaManager:
         now = int((self.clock or time.time)() * 1000)
         self._local.settle(keys, now, WINDOW_MS, window, delta)
 
-    async def _admit_side(self, side: list[_Check], now: int | str) -> list[int]:
-        args: list[Any] = [now, WINDOW_MS]
-        for check in side:
+    async def _admit_side(self, side: _Side, now: int | str) -> list[int]:
+        checks, budgets = side
+        args: list[Any] = [now, WINDOW_MS, len(checks)]
+        for check in checks:
             args += [check.limit, check.cost]
-        raw = await store_call(self._scripts["admit"](keys=[c.key for c in side], args=args))
+        for budget in budgets:
+            args += budget.admission_args()
+        raw = await store_call(self._scripts["admit"](
+            keys=[c.key for c in checks] + [b.key for b in budgets], args=args))
         return [int(x) for x in raw]
 
-    async def _give_back(self, admitted: list[tuple[list[_Check], list[int]]],
+    async def _give_back(self, admitted: list[tuple[_Side, list[int]]],
                          request_id: str) -> None:
         """Undo what the sides that admitted charged, when the other one did not admit."""
         undo = []
-        for side, result in admitted:
+        for (side, held), result in admitted:
+            if held:
+                undo.append(self.ledger.release(Hold(held, HELD_IN_REDIS), request_id))
             window = result[1]
             qpm = [c.key for c in side if c.kind == "qpm"]
             tpm = [c for c in side if c.kind == "tpm"]

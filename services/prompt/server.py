@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -30,7 +32,7 @@ from promptline.auth import Authenticator
 from promptline.channels import insecure_channel
 from promptline.config import Config
 from promptline.config_reload import LiveConfig
-from promptline.errors import PromptlineError
+from promptline.errors import PromptlineError, Stage
 from promptline.grpc_server import RunningServer, start_grpc_server
 from promptline.metrics import QUOTA_REJECTIONS
 from promptline.metrics_server import MetricsServer
@@ -52,14 +54,21 @@ from promptline.v1 import (
 )
 
 from .admin import PromptAdminServicer
-from .chat_plan import plan_chat
+from .alerts import AlertNotifier
+from .budgets import BudgetCheck, budget_checks
+from .cache import HEADER as CACHE_HEADER
+from .cache import CachedReply, CacheTicket, ResponseCache, cache_key, pieces
+from .cache import count as count_cache
+from .chat_plan import ChatPlan, plan_chat
 from .context_fit import MessageTokenCounts
 from .history import ConversationStore
 from .moderation import Moderator, build_moderator
+from .pricing import budget_reservation, cost_of, to_pico, usd_text
 from .prompts import PromptRegistry
 from .quotas import QuotaManager
 from .redis_watch import RedisWatch
 from .session import ChatSession
+from .usage import UsageReader
 
 log = logging.getLogger("promptline.prompt")
 
@@ -73,14 +82,20 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
 
     def __init__(self, live: LiveConfig, engine: LlmEngineClient,
                  quotas: QuotaManager, prompts: PromptRegistry | None = None,
-                 conversations: ConversationStore | None = None) -> None:
+                 conversations: ConversationStore | None = None,
+                 cache: ResponseCache | None = None,
+                 alerts: AlertNotifier | None = None) -> None:
         self._live = live
+        self.alerts = alerts
+        """Credit alerts this replica claimed; `PromptServer` starts and stops it."""
         self._engine = engine
         self._quotas = quotas
         self._prompts = prompts
         self._conversations = conversations
-        self.background: set[asyncio.Task[None]] = set()
-        """Sessions of cancelled streams, finishing; `PromptServer.stop` waits for them."""
+        self._cache = cache
+        self.background: set[asyncio.Future[Any]] = set()
+        """Sessions of cancelled streams, finishing, and response-cache writes;
+        `PromptServer.stop` waits for them."""
         self.token_counts = MessageTokenCounts()
         """Counts of long messages that clients re-send every turn."""
 
@@ -94,7 +109,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         config = self._live.current  # this stream keeps the config it started with
         trace.get_current_span().set_attribute("promptline.request_id", rid)
         life = StreamLife(ORIGIN, request.model, rid, logger=log)
-        session = ChatSession(rid, self._conversations)
+        session = ChatSession(rid, self._conversations, config=config,
+                              ledger=self._quotas.ledger, alerts=self.alerts)
         life.on_finish(lambda outcome: self._on_stream_end(session, life, outcome))
         async for frame in serve_stream(
                 life, self._stream_chat(config, request, context, metadata, session, life),
@@ -110,14 +126,21 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         life.fields.update(tenant=session.tenant.name if session.tenant else "",
                            completion_tokens=session.usage.completion_tokens if session.usage
                            else session.completion_tokens)
+        if session.reservation is not None:
+            life.fields["cost_usd"] = usd_text(session.cost())
         if session.plan is not None:
             life.fields["model"] = session.plan.model.name
             if session.plan.route:
                 life.fields["route"] = session.plan.route
-        if not session.finished:
-            task = asyncio.create_task(session.finish(outcome))
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
+        settling = session.finishing(outcome)
+        if not settling.done():  # also one whose wait a cancel cut short: `stop` waits for it
+            self.background.add(settling)
+            settling.add_done_callback(self.background.discard)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     @staticmethod
     def _rejection(config: Config, err: PromptlineError, session: ChatSession
@@ -137,15 +160,31 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         # Cheapest checks first: auth touches nothing; the plan validates before it reads a
         # prompt or a conversation from Redis, and nothing before admission calls the model.
         auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
-        tenant = session.tenant = auth.tenant_for_header(metadata.get("authorization"))
+        tenant, session.key_id = auth.identify(metadata.get("authorization"))
+        session.tenant = tenant
         plan = session.plan = await plan_chat(config, tenant, request, self._prompts,
                                               self._conversations, self.token_counts)
+        session.user = request.user  # validated by the plan
         if plan.conversation_id:
             session.reply = []
         moderator = self._live.derived("moderator", lambda c: build_moderator(c.moderation))
         await moderator.check_input([m.content for m in plan.messages])
+        ticket = self._cache_ticket(tenant.name, plan)
+        if ticket is not None:
+            hit = None if request.no_cache else await self._cache_get(ticket, session.request_id)
+            life.fields["cache"] = "bypass" if request.no_cache else "hit" if hit else "miss"
+            count_cache(ticket.model, life.fields["cache"])
+            if hit is not None:
+                async with aclosing(self._replay(hit, ticket, request, context, moderator,
+                                                 session, life)) as replayed:
+                    async for frame in replayed:
+                        yield frame
+                return
+            if session.reply is None:
+                session.reply = []  # the whole reply, stored when it finishes
         session.reservation = reservation = await self._quotas.admit(
-            tenant, plan.model, plan.prompt_tokens + plan.max_tokens, session.request_id)
+            tenant, plan.model, plan.prompt_tokens + plan.max_tokens, session.request_id,
+            budgets=self._budget_checks(config, session))
         call = self._engine.Generate(
             llm_engine_pb2.GenerateRequest(
                 request_id=session.request_id,
@@ -162,16 +201,88 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         try:
             # The engine call is on its way while the quota headers go out (one gRPC round
             # trip less before the first token); no frame is yielded before them.
-            await context.send_initial_metadata(tuple(reservation.limits.headers().items()))
+            await context.send_initial_metadata((*reservation.limits.headers().items(),
+                                                 *(((CACHE_HEADER, "miss"),) if ticket else ())))
         except BaseException:
             call.cancel()
             raise
-        async with aclosing(self._relay(call, request, moderator, session, life)) as frames:
+        async with aclosing(self._relay(call, request, moderator, session, life,
+                                        ticket)) as frames:
             async for frame in frames:
                 yield frame
 
+    def _budget_checks(self, config: Config, session: ChatSession) -> list[BudgetCheck]:
+        """The budgets the request is held to, each reserving its worst case."""
+        assert session.tenant is not None and session.plan is not None
+        plan = session.plan
+        worst = budget_reservation(config, plan.model, plan.prompt_tokens, plan.max_tokens)
+        return budget_checks(session.tenant, session.key_id, session.user, to_pico(worst),
+                             self._quotas.ledger.clock())
+
+    def _cache_ticket(self, tenant: str, plan: ChatPlan) -> CacheTicket | None:
+        """Where this request's reply is cached; None when its model has no cache."""
+        settings = plan.model.cache
+        if self._cache is None or settings is None or not settings.enabled:
+            return None
+        return CacheTicket(cache_key(tenant, plan.model, plan.messages, plan.max_tokens,
+                                     plan.temperature), settings, plan.model.name)
+
+    async def _cache_get(self, ticket: CacheTicket, request_id: str) -> CachedReply | None:
+        assert self._cache is not None  # a ticket is only issued with a cache
+        return await self._cache.get(ticket.key, request_id)
+
+    def _cache_put(self, ticket: CacheTicket, done: common_pb2.Done,
+                   session: ChatSession) -> None:
+        """Store a finished reply in a task of its own: `done` never waits for the write."""
+        entry = ticket.entry(done, "".join(session.reply or ()))
+        if entry is None or self._cache is None:
+            count_cache(ticket.model, "skip")
+            return
+        self._spawn(self._cache.put(ticket.key, entry, ticket.settings.ttl, ticket.model,
+                                    session.request_id))
+
+    async def _replay(self, hit: CachedReply, ticket: CacheTicket,
+                      request: prompt_pb2.StreamChatRequest, context: Context,
+                      moderator: Moderator, session: ChatSession, life: StreamLife
+                      ) -> AsyncGenerator[prompt_pb2.StreamChatResponse, None]:
+        """A cache hit as a stream: start, the stored text in deltas, done with `cached`. The
+        text passes today's output moderation first, whole, so a term added since it was
+        stored blocks it before anything is sent. The tenant's QPM is charged, and the hit's
+        cost (`hit_cost_fraction` of the reply's) to the budgets when it is not 0; no TPM, no
+        provider call, no tokens."""
+        plan, tenant = session.plan, session.tenant
+        assert plan is not None and tenant is not None
+        output = moderator.output_filter()
+        try:
+            text = output.feed(hit.text) + output.flush()
+        except PromptlineError as err:  # nothing reached the caller: not mid-stream
+            raise PromptlineError(err.code, err.message, stage=Stage.FIRST_PACKET) from None
+        done = hit.done()
+        cost = cost_of(plan.model.price, done.usage, cached=True,
+                       fraction=Decimal(str(ticket.settings.hit_cost_fraction)))
+        done.usage.cost_usd = usd_text(cost)
+        session.usage, session.cached = done.usage, True
+        budgets = budget_checks(tenant, session.key_id, session.user, to_pico(cost),
+                                self._quotas.ledger.clock()) if cost else ()
+        session.reservation = reservation = await self._quotas.admit(
+            tenant, plan.model, 0, session.request_id, upstream=False, budgets=budgets)
+        session.plan = plan.without_messages()
+        await context.send_initial_metadata((*reservation.limits.headers().items(),
+                                             (CACHE_HEADER, "hit")))
+        yield prompt_pb2.StreamChatResponse(start=_chat_start(session, request, hit.model, ""))
+        for piece, tokens in pieces(text, hit.completion_tokens):
+            life.text_delivered()
+            session.delivered_text(piece)
+            yield prompt_pb2.StreamChatResponse(delta=common_pb2.Delta(text=piece,
+                                                                       tokens=tokens))
+        if session.keeps_history:
+            await session.finish(DONE)  # as for a fresh reply: stored before `done`
+        yield prompt_pb2.StreamChatResponse(done=done)
+        await session.finish(DONE)
+
     async def _relay(self, call: GenerateCall, request: prompt_pb2.StreamChatRequest,
-                     moderator: Moderator, session: ChatSession, life: StreamLife
+                     moderator: Moderator, session: ChatSession, life: StreamLife,
+                     ticket: CacheTicket | None
                      ) -> AsyncGenerator[prompt_pb2.StreamChatResponse, None]:
         """Engine frames -> output moderation -> caller, until the first terminal frame."""
         plan = session.plan
@@ -192,27 +303,39 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                             delta=common_pb2.Delta(text=text, tokens=held_tokens))
                         held_tokens = 0
                 elif kind == "start":
-                    yield prompt_pb2.StreamChatResponse(start=prompt_pb2.ChatStart(
-                        request_id=session.request_id,
-                        model=frame.start.model,
-                        conversation_id=request.conversation_id,
-                        prompt_id=plan.prompt.prompt_id if plan.prompt else "",
-                        prompt_version=plan.prompt.version if plan.prompt else 0,
-                        prompt_tokens=plan.prompt_tokens,
-                        deployment=frame.start.deployment,
-                    ))
+                    session.serving(frame.start.model)
+                    yield prompt_pb2.StreamChatResponse(start=_chat_start(
+                        session, request, frame.start.model, frame.start.deployment))
                 elif kind == "done":
                     tail = output.flush()
                     if tail:
                         session.delivered_text(tail)
                         yield prompt_pb2.StreamChatResponse(
                             delta=common_pb2.Delta(text=tail, tokens=held_tokens))
-                    session.usage = frame.done.usage
+                    session.serving(frame.done.model)
+                    session.account(frame.done.usage)  # its cost_usd
+                    if ticket is not None:
+                        self._cache_put(ticket, frame.done, session)
                     if session.keeps_history:
                         # Stored before `done`, so a caller's next request already sees it.
                         await session.finish(DONE)
                     yield prompt_pb2.StreamChatResponse(done=frame.done)
                     await session.finish(DONE)  # without a conversation: after `done`
+
+
+def _chat_start(session: ChatSession, request: prompt_pb2.StreamChatRequest, model: str,
+                deployment: str) -> prompt_pb2.ChatStart:
+    plan = session.plan
+    assert plan is not None
+    return prompt_pb2.ChatStart(
+        request_id=session.request_id,
+        model=model,
+        conversation_id=request.conversation_id,
+        prompt_id=plan.prompt.prompt_id if plan.prompt else "",
+        prompt_version=plan.prompt.version if plan.prompt else 0,
+        prompt_tokens=plan.prompt_tokens,
+        deployment=deployment,
+    )
 
 
 @dataclass
@@ -237,6 +360,8 @@ class PromptServer:
         if self.servicer.background:
             # History writes of streams cancelled during the drain: short Redis calls.
             await asyncio.wait(self.servicer.background, timeout=max(grace, 1.0))
+        if self.servicer.alerts is not None:
+            await self.servicer.alerts.stop()
         await self.metrics.stop()
         await self.engine_channel.close()
         await self.redis.close()
@@ -269,8 +394,12 @@ async def start_prompt(config: Config, address: str | None = None, *,
     conversations = ConversationStore(redis, ttl=config.conversations.ttl,
                                       max_messages=config.conversations.max_messages)
     servicer = PromptServicer(live, llm_engine_pb2_grpc.LlmEngineStub(channel),
-                              QuotaManager(redis, config.quota_policy), prompts, conversations)
-    admin = PromptAdminServicer(live, prompts, conversations)
+                              QuotaManager(redis, config.quota_policy,
+                                           usage_ttl=config.usage.retention),
+                              prompts, conversations,
+                              ResponseCache(redis, config.quota_policy.redis_timeout),
+                              await AlertNotifier(lambda: live.current.alerts).start())
+    admin = PromptAdminServicer(live, prompts, conversations, UsageReader(redis))
     running = await start_grpc_server(
         address or config.listen.prompt,
         _register(servicer, admin),

@@ -34,12 +34,27 @@ function describeError(error) {
     return ms > 0 ? `rate limited — try again in ${Math.ceil(ms / 1000)} s`
                   : "rate limited — try again later";
   }
+  if (code === "BUDGET_EXCEEDED") {
+    const ms = Number(error.retry_after_ms || 0);
+    if (!error.retryable) return error.message || "this request costs more than the budget allows";
+    return ms > 0 ? `spending budget used up — it resets in ${untilText(ms)}`
+                  : "spending budget used up";
+  }
   if (TIMEOUT_CODES.has(code)) return "the model stopped responding";
   if (code === "MODERATION_BLOCKED") {
     return error.stage === "mid_stream" ? "this reply was blocked by moderation"
                                         : "this message was blocked by moderation";
   }
   return error.message || code || "something went wrong";
+}
+
+/** A wait as a person says it: "40 s", "12 min", "5 h", "3 days". */
+function untilText(ms) {
+  const s = Math.ceil(ms / 1000);
+  if (s < 120) return `${s} s`;
+  if (s < 2 * 3600) return `${Math.ceil(s / 60)} min`;
+  if (s < 2 * 86400) return `${Math.ceil(s / 3600)} h`;
+  return `${Math.ceil(s / 86400)} days`;
 }
 
 // --- transcript ---------------------------------------------------------------------------------
@@ -109,6 +124,7 @@ function showUsage(turn, done) {
   const u = done.usage || {};
   usage.textContent = `${done.model || ""} · ${u.prompt_tokens ?? 0} prompt + ` +
     `${u.completion_tokens ?? 0} completion tokens` +
+    (u.cost_usd && u.cost_usd !== "0" ? ` · $${u.cost_usd}` : "") +
     (done.finish_reason === "length" ? " · stopped at max_tokens" : "");
   turn.item.append(usage);
 }

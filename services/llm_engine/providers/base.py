@@ -64,6 +64,8 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0
+    """Of `prompt_tokens`, those the provider served from its prompt cache (priced apart)."""
 
     @property
     def total_tokens(self) -> int:

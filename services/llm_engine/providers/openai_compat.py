@@ -152,7 +152,8 @@ class OpenAIProvider:
                             if reported := payload.get("usage"):
                                 usage = Usage(
                                     prompt_tokens=reported.get("prompt_tokens") or 0,
-                                    completion_tokens=reported.get("completion_tokens") or 0)
+                                    completion_tokens=reported.get("completion_tokens") or 0,
+                                    cached_prompt_tokens=_cached_tokens(reported))
                             if text:
                                 texts.append(text)
                     except CAUGHT as exc:  # a broken event: what came before it still counts
@@ -278,3 +279,11 @@ def _choice_zero(choices: Any) -> tuple[str, str | None]:
 
 
 __all__ = ["OpenAIProvider"]
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens` (0 when absent or malformed)."""
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0 \
+        else 0
