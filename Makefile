@@ -67,7 +67,7 @@ BASELINE     := bench/baseline.json
 # The load generator (bench/run.py, ~45 s), compared with the committed $(BASELINE): fails when
 # a figure is worse beyond the tolerance (BENCH_ARGS="--tolerance 0.5" widens it).
 bench: $(STAMP) $(GEN)
-	$(PY) -m bench.run --quick --baseline $(BASELINE) $(BENCH_ARGS)
+	$(PY) -m bench.run --quick --resume-off --baseline $(BASELINE) $(BENCH_ARGS)
 
 # The same run, written to $(BASELINE) as the new baseline (commit it).
 bench-baseline: $(STAMP) $(GEN)

@@ -333,6 +333,41 @@ def prompt_note(report: dict[str, Any]) -> list[str]:
     return ["", f"Every request's user message padded to {max(sizes)} bytes (`--prompt-bytes`)."]
 
 
+def resume_cost(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Resume on (`sse-up`) against off (`sse-up-noresume`, no journal) per load, measured in
+    the same run: added first-token time p50 (target <= 0.5 ms) and CPU per token (<= +15 %)."""
+    rows = []
+    for sc in report["scenarios"]:
+        if sc["scenario"] != "sse-up":
+            continue
+        for load, on in sc["loads"].items():
+            off = _fig(report, "sse-up-noresume", load)
+            if off is None:
+                continue
+            added = on["ttft_ms"]["p50"] - off["ttft_ms"]["p50"]
+            cpu_on = on["cpu_ms_per_1k_upstream_tokens"].get("sum")
+            cpu_off = off["cpu_ms_per_1k_upstream_tokens"].get("sum")
+            cpu = ratio(cpu_on, cpu_off)
+            rows.append({"load": load, "added_ttft_ms": added, "cpu_on": cpu_on,
+                         "cpu_off": cpu_off, "cpu_ratio": cpu,
+                         "pass": added <= 0.5 and cpu is not None and cpu <= 1.15})
+    return rows
+
+
+def resume_lines(report: dict[str, Any]) -> list[str]:
+    rows = resume_cost(report)
+    if not rows:
+        return []
+    lines = ["", "## Resume on vs off (`sse-up` vs `sse-up-noresume`, same run)", "",
+             "| load | added TTFT p50 ms (<= 0.5) | CPU / 1k on | off | on / off (<= 1.15) | |",
+             "|---|--:|--:|--:|--:|---|"]
+    for r in rows:
+        lines.append(f"| {r['load']} | {r['added_ttft_ms']:+.2f} | {fmt(r['cpu_on'])} | "
+                     f"{fmt(r['cpu_off'])} | {ratio_cell(r['cpu_ratio'])} | "
+                     f"{'pass' if r['pass'] else '**FAIL**'} |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -408,6 +443,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{fmt(per.get('generator'))} | {fmt(f['generator_cpu_pct_of_one_core'], 0)} | "
                 f"{fmt(peak)} | {fmt(kib)} | {gc_cell(f.get('gc_pauses'))} |")
     lines += peer_tables(report)
+    lines += resume_lines(report)
     if report.get("peer_targets"):
         lines += target_lines("Targets against the peers (issue 20)", report["peer_targets"])
     if report.get("targets"):

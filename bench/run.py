@@ -23,7 +23,8 @@ Scenarios, each run with every load: `direct` (the upstream alone, the baseline)
 `openai-up` (POST /v1/chat/completions at the edge, the upstream; skipped if the edge answers
 404); with --unshaped, `sse-up-noshape` and `openai-up-noshape` (the same with `stream:
 {coalesce_ms: 0}` on the bench models: chunk shaping off; the others keep the config's default);
-with --ref, `sse-up-ref` and `openai-up-ref` (the same two paths served by another commit's
+with --resume-off, `sse-up-noresume` (no stream journal: `resume: {ttl: 0}`); with --ref,
+`sse-up-ref` and `openai-up-ref` (the same two paths served by another commit's
 services, e.g. the one before chunk shaping, in the same run); the peers, same upstream, same
 client, same loads: with --litellm, `litellm` (the LiteLLM proxy), with --portkey, `portkey`
 (the Portkey gateway under node, bench/portkey/). The chain is restarted for each scenario so
@@ -132,6 +133,8 @@ class Scenario:
     """`models[].stream.coalesce_ms` of the bench models; None: the config's default."""
     ref: bool = False
     """Served by the --ref checkout's services instead of this one's."""
+    journal: bool = True
+    """False: `resume: {ttl: 0}`, no stream journal (the resume-off side of `--resume-off`)."""
 
 
 SCENARIOS = (
@@ -146,6 +149,10 @@ UNSHAPED = (
     Scenario("openai-up-noshape", "edge /v1/chat/completions -> upstream, coalesce_ms 0", OPENAI,
              "up", coalesce_ms=0),
 )
+NO_RESUME = (
+    Scenario("sse-up-noresume", "edge /v1/chat/stream -> upstream, resume.ttl 0 (no journal)",
+             SSE, "up", journal=False),
+)
 REFERENCE = (
     Scenario("sse-up-ref", "--ref checkout: edge /v1/chat/stream -> upstream", SSE, "up",
              ref=True),
@@ -157,13 +164,14 @@ PORTKEY = Scenario("portkey", "Portkey gateway (node) -> upstream", OPENAI, "up"
 PEERS = (LITELLM, PORTKEY)
 
 
-def chain_scenarios(unshaped: bool, ref: bool) -> list[Scenario]:
-    """The scenarios of a run, in order: each unshaped and reference variant next to its
-    default-shaped scenario, so the ones compared run close together in time."""
+def chain_scenarios(unshaped: bool, ref: bool, resume_off: bool = False) -> list[Scenario]:
+    """The scenarios of a run, in order: each unshaped, resume-off and reference variant next to
+    its default scenario, so the ones compared run close together in time."""
     out = []
     for sc in SCENARIOS:
         out.append(sc)
         out += [v for v in UNSHAPED if unshaped and v.key == f"{sc.key}-noshape"]
+        out += [v for v in NO_RESUME if resume_off and v.key == f"{sc.key}-noresume"]
         out += [v for v in REFERENCE if ref and v.key == f"{sc.key}-ref"]
     return out
 
@@ -291,7 +299,8 @@ class Stack:
         }
 
     def start_chain(self, tag: str, services: tuple[str, ...] = SERVICES,
-                    coalesce_ms: int | None = None, root: Path | None = None) -> None:
+                    coalesce_ms: int | None = None, root: Path | None = None,
+                    journal: bool = True) -> None:
         """Start `services` (in SERVICES' order) with a generated config, from `root` (default:
         the stack's checkout); RuntimeError naming the one that did not come up."""
         root = root or self.root
@@ -307,6 +316,10 @@ class Stack:
         for key in ("prompt_metrics", "llm_engine_metrics"):
             if key in source:
                 config["listen"][key] = f"127.0.0.1:{procstat.free_port()}"
+        if not journal:
+            config["resume"] = {"ttl": 0}
+        if "class ResumeConfig" not in source:  # a checkout from before resumable streams
+            config.pop("resume", None)
         if "class Price" not in source:  # a checkout from before prices and budgets
             config["tenants"][0].pop("budget", None)
             for model in config["models"]:
@@ -849,8 +862,10 @@ async def run_all(args: argparse.Namespace, stack: Stack, loads: list[Load],
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
     report: dict[str, Any] = {"scenarios": []}
     wanted = set(args.scenarios.split(",")) if args.scenarios else None
-    scenarios = chain_scenarios(args.unshaped or bool(wanted and wanted & {
-        u.key for u in UNSHAPED}), stack.ref_root is not None)
+    scenarios = chain_scenarios(
+        args.unshaped or bool(wanted and wanted & {u.key for u in UNSHAPED}),
+        stack.ref_root is not None,
+        args.resume_off or bool(wanted and wanted & {u.key for u in NO_RESUME}))
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for sc in scenarios:
             if wanted and sc.key not in wanted:
@@ -864,7 +879,8 @@ async def run_all(args: argparse.Namespace, stack: Stack, loads: list[Load],
             if sc.chain:
                 try:
                     stack.start_chain(sc.key, coalesce_ms=sc.coalesce_ms,
-                                      root=stack.ref_root if sc.ref else None)
+                                      root=stack.ref_root if sc.ref else None,
+                                      journal=sc.journal)
                 except RuntimeError as exc:
                     stack.stop_chain()
                     say(f"  {sc.key}: the chain did not start: {exc}")
@@ -979,6 +995,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unshaped", action="store_true",
                         help="also run sse-up and openai-up with chunk shaping off "
                              "(`stream: {coalesce_ms: 0}` on the bench models)")
+    parser.add_argument("--resume-off", action="store_true",
+                        help="also `sse-up-noresume`: the same chain with `resume: {ttl: 0}` "
+                             "(no stream journal), next to sse-up in the same run")
     parser.add_argument("--ref", default="",
                         help="a commit of this repository (exported with git archive) or "
                              "another checkout's directory: also run sse-up and openai-up on "
@@ -1010,7 +1029,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.update_baseline and not args.baseline:
         parser.error("--update-baseline needs --baseline")
     if not args.hard_timeout:
-        extras = sum(map(bool, (args.litellm, args.portkey, args.unshaped, args.ref)))
+        extras = sum(map(bool, (args.litellm, args.portkey, args.unshaped, args.ref,
+                                args.resume_off)))
         args.hard_timeout = 600.0 + 300.0 * extras
     return args
 

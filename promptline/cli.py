@@ -3,10 +3,12 @@ HTTP API; `promptline config ...`: the config file's JSON Schema and reference.
 
     promptline prompts create ID (--template TEXT | --template-file PATH | -) [--var NAME ...]
                               [--model M] [--max-tokens N] [--temperature T] -m MESSAGE
-                              [--author NAME]
+                              [--author NAME] [--response-format-file PATH [--json-validate]]
     promptline prompts list ID [--limit N] [--before N]
     promptline prompts get ID (VERSION | --label LABEL)
     promptline prompts label ID LABEL VERSION          # promote or roll back
+    promptline prompts stats ID [--from DATE] [--to DATE]  # per version: requests, errors,
+                                                       # first token, tokens, feedback
     promptline usage [--from DATE] [--to DATE] [--group-by model|day|api_key|user]
                      [--tenant NAME] [--csv]           # requests, tokens and cost
     promptline config schema                           # JSON Schema of the config file
@@ -38,6 +40,8 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 TIMEOUT = 30.0
 USAGE_GROUPS = ("model", "day", "api_key", "user")  # rules.USAGE_GROUPS; the CLI imports nothing
 USAGE_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd")
+STATS_COLUMNS = ("requests", "errors", "cancelled", "first_token_p50_ms", "first_token_p95_ms",
+                 "prompt_tokens", "completion_tokens", "feedback_count", "feedback_mean")
 
 
 class CliError(Exception):
@@ -79,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--temperature", type=float, default=None, help="default temperature")
     create.add_argument("-m", "--message", required=True, help="commit message")
     create.add_argument("--author", default=None, help="author (default: your login name)")
+    create.add_argument("--response-format-file", default=None, metavar="PATH",
+                        help="default response_format: a JSON file in OpenAI's shape, e.g. "
+                             '{"type": "json_schema", "json_schema": {"name", "schema"}}')
+    create.add_argument("--json-validate", action="store_true",
+                        help="chats check their reply against the response format")
 
     listing = verb("list", "list a prompt's versions, newest first")
     listing.add_argument("prompt_id")
@@ -95,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("prompt_id")
     label.add_argument("label")
     label.add_argument("version", type=int)
+
+    stats = verb("stats", "per-version requests, errors, first-token times, tokens and "
+                          "feedback of a prompt")
+    stats.add_argument("prompt_id")
+    stats.add_argument("--from", dest="start", default=None, metavar="DATE",
+                       help="ISO 8601 date or date-time, UTC (default: the start of today)")
+    stats.add_argument("--to", dest="end", default=None, metavar="DATE",
+                       help="end, exclusive (default: now)")
 
     usage = groups.add_parser("usage", parents=[common],
                               help="requests, tokens and cost of your tenant (GET /v1/usage)")
@@ -179,6 +196,10 @@ def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any,
         body = {"template": template, "variables": args.variables, "model": args.model,
                 "parameters": parameters, "message": args.message,
                 "author": args.author if args.author is not None else _login()}
+        if args.response_format_file is not None:
+            body["response_format"] = _json_file(args.response_format_file)
+        if args.json_validate:
+            body["json_validate"] = True
         data = client.request("POST", f"/v1/prompts/{pid}/versions", body)
         return data, f"created {data['prompt_id']} version {data['version']}"
     if args.verb == "list":
@@ -195,6 +216,13 @@ def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any,
             path = f"/v1/prompts/{pid}/versions/{args.version}"
         data = client.request("GET", path)
         return data, _version_text(data)
+    if args.verb == "stats":
+        query = {k: v for k, v in (("from", args.start), ("to", args.end)) if v}
+        path = f"/v1/prompts/{pid}/stats"
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        data = client.request("GET", path)
+        return data, _stats_table(data)
     label = urllib.parse.quote(args.label, safe="")
     data = client.request("PUT", f"/v1/prompts/{pid}/labels/{label}", {"version": args.version})
     before = data.get("previous_version")
@@ -225,6 +253,22 @@ def _usage_table(data: dict[str, Any]) -> str:
     lines = [f"tenant {data['tenant']}, {data['from']} to {data['to']}"]
     lines += ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
                         for i, cell in enumerate(row)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _stats_table(data: dict[str, Any]) -> str:
+    head = ("VERSION", *(c.upper() for c in STATS_COLUMNS), "ERRORS_BY_CODE")
+    rows = [head, *((str(v["version"]),
+                     *("-" if v[c] is None else str(v[c]) for c in STATS_COLUMNS),
+                     " ".join(f"{code}={n}" for code, n in v["errors_by_code"].items()) or "-")
+                    for v in data["versions"])]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"prompt {data['prompt_id']}, {data['from']} to {data['to']}"]
+    lines += ["  ".join(cell.ljust(widths[i]) if i in (0, len(head) - 1)
+                        else cell.rjust(widths[i]) for i, cell in enumerate(row))
+              for row in rows]
+    if not data["versions"]:
+        lines.append("(no requests in this range)")
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -284,6 +328,16 @@ def _version_table(data: dict[str, Any]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _json_file(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}", 2) from None
+    except ValueError as exc:
+        raise CliError(f"{path} is not valid JSON: {exc}", 2) from None
+
+
 def _version_text(v: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={val}" for k, val in v["parameters"].items()) or "-"
     return "\n".join([
@@ -293,6 +347,9 @@ def _version_text(v: dict[str, Any]) -> str:
         f"variables:  {', '.join(v['variables']) or '-'}",
         f"model:      {v['model'] or '-'}",
         f"parameters: {params}",
+        *([f"format:     {json.dumps(v['response_format'], ensure_ascii=False)}"
+           + (" (validated)" if v.get("json_validate") else "")]
+          if v.get("response_format") else []),
         f"author:     {v['author'] or '-'}",
         f"created:    {_when(v['created_at_ms'])}",
         f"message:    {v['message']}",

@@ -1,4 +1,5 @@
-"""A small typed async client for `PromptService.StreamChat`, for internal Python callers.
+"""A small typed async client for `PromptService` (StreamChat, and ResumeChat and CancelChat for
+resumable streams), for internal Python callers.
 
     async with PromptlineClient("127.0.0.1:50051", api_key="dev-key") as client:
         async for event in client.stream_chat("sim", [{"role": "user", "content": "Hi"}]):
@@ -15,7 +16,7 @@ iterator is closed: immediately with `contextlib.aclosing`, otherwise when it is
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -24,11 +25,13 @@ import grpc
 from promptline.channels import insecure_channel
 from promptline.errors import PromptlineError
 from promptline.streams import read_frames
-from promptline.stubs import PromptServiceClient
+from promptline.stubs import ChatCall, PromptServiceClient, ResumeCall
 from promptline.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
 """Seconds a whole stream may take unless `timeout` says otherwise (the gRPC deadline)."""
+CANCEL_TIMEOUT = 10.0
+"""Seconds a `cancel_chat` may take: a Redis round trip or two on the prompt service."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,8 @@ class TextDelta:
 
     text: str
     tokens: int = 0
+    id: int = 0
+    """The delta's number in its stream, from 1: `resume_chat`'s `after_id` (docs/resume.md)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,12 +150,15 @@ class PromptlineClient:
         timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline, sent to the server
         metadata: Sequence[tuple[str, str]] = (),
         no_cache: bool = False,
+        resumable: bool = False,
     ) -> AsyncIterator[ChatEvent]:
         """Stream one chat reply: `Started`, `TextDelta`*, `Finished`; failures raise.
 
         `timeout` (seconds) overrides the client's deadline for this call; `metadata` is sent
         with the call in addition to the authorization (e.g. `("x-request-id", ...)`);
-        `no_cache` skips the response cache's lookup (HTTP's `Cache-Control: no-cache`).
+        `no_cache` skips the response cache's lookup (HTTP's `Cache-Control: no-cache`);
+        `resumable` makes leaving early a dropped connection rather than a Stop: the stream
+        goes on for the resume grace, for `resume_chat` (docs/resume.md).
         Raises `PromptlineError`; the call is cancelled whenever the iterator ends early.
         """
         if self._stub is None:
@@ -158,19 +166,62 @@ class PromptlineClient:
         request = _request(model, messages, max_tokens=max_tokens, temperature=temperature,
                            conversation_id=conversation_id, prompt=prompt, request_id=request_id)
         request.no_cache = no_cache
-        call = self._stub.StreamChat(
-            request,
-            metadata=(("authorization", f"Bearer {self._api_key}"), *metadata),
-            timeout=self._timeout if timeout is None else timeout,
-        )
+        request.resumable = resumable
+        call = self._stub.StreamChat(request, metadata=self._metadata(metadata),
+                                     timeout=self._timeout if timeout is None else timeout)
+        async with contextlib.aclosing(_events(call)) as events:  # closed with this one
+            async for event in events:
+                yield event
+
+    async def resume_chat(
+        self,
+        request_id: str,
+        after_id: int = 0,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline, sent to the server
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> AsyncIterator[ChatEvent]:
+        """A stream of this key's tenant again (docs/resume.md): its `Started`, the deltas whose
+        `id` is above `after_id`, then the live rest to `Finished`; failures raise (NOT_FOUND:
+        unknown or expired). Leaving early never stops the stream."""
+        if self._stub is None:
+            raise RuntimeError("use the client as `async with PromptlineClient(...)`")
+        call = self._stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=request_id, after_id=after_id),
+            metadata=self._metadata(metadata),
+            timeout=self._timeout if timeout is None else timeout)
+        async with contextlib.aclosing(_events(call)) as events:  # closed with this one
+            async for event in events:
+                yield event
+
+    async def cancel_chat(self, request_id: str, *,
+                          metadata: Sequence[tuple[str, str]] = ()) -> bool:
+        """Stop a stream of this key's tenant at once, on whichever replica runs it: an
+        explicit Stop. False when it had already ended; raises NOT_FOUND when there is none."""
+        if self._stub is None:
+            raise RuntimeError("use the client as `async with PromptlineClient(...)`")
         try:
-            async with contextlib.aclosing(read_frames(call)) as frames:
-                async for frame in frames:
-                    event = _event(frame)
-                    if event is not None:
-                        yield event
-        finally:
-            call.cancel()  # consumer stopped early, or the stream failed: end the call now
+            reply = await self._stub.CancelChat(
+                prompt_pb2.CancelChatRequest(request_id=request_id),
+                metadata=self._metadata(metadata), timeout=CANCEL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            raise PromptlineError.from_rpc_error(exc) from None
+        return reply.cancelled
+
+    def _metadata(self, extra: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self._api_key}"), *extra)
+
+
+async def _events(call: ChatCall | ResumeCall) -> AsyncGenerator[ChatEvent, None]:
+    """A call's frames as events; the call is cancelled whenever the iterator ends."""
+    try:
+        async with contextlib.aclosing(read_frames(call)) as frames:
+            async for frame in frames:
+                event = _event(frame)
+                if event is not None:
+                    yield event
+    finally:
+        call.cancel()  # consumer stopped early, or the stream failed: end the call now
 
 
 def _request(model: str, messages: Sequence[MessageLike], *, max_tokens: int | None,
@@ -204,7 +255,7 @@ def _message(message: MessageLike) -> common_pb2.ChatMessage:
 def _event(frame: prompt_pb2.StreamChatResponse) -> ChatEvent | None:
     kind = frame.WhichOneof("frame")
     if kind == "delta":
-        return TextDelta(frame.delta.text, frame.delta.tokens)
+        return TextDelta(frame.delta.text, frame.delta.tokens, frame.delta.id)
     if kind == "start":
         s = frame.start
         return Started(s.request_id, s.model, s.conversation_id, s.prompt_id, s.prompt_version,

@@ -330,6 +330,32 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumeConfig:
+    """Resumable streams (docs/resume.md): each SSE stream's frames are journaled in Redis for
+    `ttl`, so a client that lost its connection resumes with `GET /v1/chat/stream/{id}` and
+    `Last-Event-ID`. A dropped connection keeps the generation going for `grace` for a
+    reconnecting reader; then it is cancelled down to the provider. An explicit Stop
+    (`POST /v1/chat/stream/{id}/cancel`) always cancels at once."""
+
+    ttl: DurationOrZero = key(300.0, maximum=86400,
+                              doc="how long a stream's journal is kept after its last frame; "
+                                  "0: no journal (resume answers 404)")
+    grace: DurationOrZero = key(0.0, maximum=3600,
+                                doc="how long a stream whose reader dropped goes on without "
+                                    "one; 0: a dropped connection cancels at once")
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeOverride:
+    """`resume` for the streams of one model or tenant: each key given replaces the top-level
+    `resume` one (a tenant's over a model's)."""
+
+    ttl: DurationOrZero | None = key(None, maximum=86400, doc="`resume.ttl`; null: inherited")
+    grace: DurationOrZero | None = key(None, maximum=3600,
+                                       doc="`resume.grace`; null: inherited")
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """One routable model. `provider: simulated` is built in; `provider: openai` is any
     OpenAI-compatible server (OpenAI, vLLM, Ollama, ...) at `base_url`, with the key read at start
@@ -368,6 +394,7 @@ class ModelConfig:
     health: HealthConfig = section(HealthConfig)
     cache: CacheConfig | None = key(None, doc="the exact response cache (docs/cache.md); null: "
                                               "off")
+    resume: ResumeOverride = section(ResumeOverride, "this model's streams' `resume` settings")
 
     @property
     def pool(self) -> tuple[DeploymentConfig, ...]:
@@ -413,6 +440,7 @@ class TenantConfig:
                                               "own; null: none")
     user_budget: Budget | None = key(None, doc="a budget each end user (the request's `user`) "
                                                "has of its own; null: none")
+    resume: ResumeOverride = section(ResumeOverride, "this tenant's streams' `resume` settings")
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -582,6 +610,18 @@ class UsageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedbackConfig:
+    """Request records, feedback and per-prompt stats (docs/prompt-lifecycle.md): each stream
+    leaves a compact record per tenant, which `POST /v1/feedback` joins by request id; streams
+    of a managed prompt also add to its hourly stats per version."""
+
+    retention: Duration = key(30 * 86400.0, minimum=3600, maximum=400 * 86400,
+                              doc="how long a request's record and a prompt's hourly stats are "
+                                  "kept: feedback is taken this long after a request ended, and "
+                                  "a stats query may span this long")
+
+
+@dataclass(frozen=True, slots=True)
 class RouteRule:
     """One rule of a route: it holds when all its conditions do. A rule without conditions is
     the route's default: the last rule, and only the last, has none."""
@@ -640,8 +680,10 @@ class Config:
     quota_policy: QuotaPolicy = section(QuotaPolicy)
     prompts: PromptsConfig = section(PromptsConfig)
     conversations: ConversationsConfig = section(ConversationsConfig)
+    resume: ResumeConfig = section(ResumeConfig)
     alerts: AlertsConfig = section(AlertsConfig)
     usage: UsageConfig = section(UsageConfig)
+    feedback: FeedbackConfig = section(FeedbackConfig)
     shutdown_grace: Duration = key(30.0, doc="on SIGTERM, how long open streams may finish")
     log_level: Annotated[str, Choice.of("DEBUG", "INFO", "WARNING", "ERROR", fold_case=True)] = (
         key("INFO", doc="log level of every service (any case)"))
@@ -653,6 +695,15 @@ class Config:
             if model.name == name:
                 return model
         return None
+
+    def resume_for(self, model: ModelConfig, tenant: TenantConfig) -> ResumeConfig:
+        """The `resume` settings of a stream: the tenant's keys over the model's over the
+        top-level ones."""
+        ttl, grace = self.resume.ttl, self.resume.grace
+        for override in (model.resume, tenant.resume):
+            ttl = ttl if override.ttl is None else override.ttl
+            grace = grace if override.grace is None else override.grace
+        return ResumeConfig(ttl, grace)
 
     def idle_timeout(self, name: str) -> float:
         """The idle timeout a request naming `name` (a model or a route) may meet: a route's is

@@ -92,11 +92,21 @@ QUOTA_DEGRADED = Gauge(
 QUOTA_DEGRADED_ADMISSIONS = Counter(
     "promptline_quota_degraded_admissions_total",
     "Requests admitted by the in-memory quota share while Redis was unreachable.")
+JOURNAL_LAG = Histogram(
+    "promptline_journal_lag_seconds",
+    "Resumable streams (docs/resume.md): from a frame's arrival in the journal's buffer to the "
+    "Redis write that holds it (the caller never waits for it).",
+    buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0))
 CACHE_REQUESTS = Counter(
     "promptline_cache_requests_total",
     "Response-cache outcomes by model (docs/cache.md): hit, miss, bypass (Cache-Control: "
     "no-cache), store (a reply stored), skip (a finished reply not stored).",
     ["model", "result"])
+FEEDBACK = Counter(
+    "promptline_feedback_total",
+    "Feedback accepted (a replacement counts again) by prompt (\"\" for a request without one), "
+    "version and score: \"1\", \"-1\", or a 0..1 score rounded to one decimal.",
+    ["prompt", "version", "score"])
 REDIS_ERRORS = Counter(
     "promptline_redis_errors_total",
     "Redis errors and timeouts by operation (quota admit/settle, history, prompts, cache).",

@@ -45,6 +45,13 @@ def request_id_from(header: str | None) -> str:
     return uuid.uuid4().hex
 
 
+def check_request_id(value: str) -> str:
+    """A request id named by a caller (resume, cancel): a safe id, else INVALID_REQUEST."""
+    if not SAFE_ID.fullmatch(value):
+        raise invalid("request_id must be 1-128 characters of letters, digits and . _ : -")
+    return value
+
+
 def check_conversation_id(value: str) -> str:
     if not SAFE_ID.fullmatch(value):
         raise invalid("conversation_id must be 1-128 characters of letters, digits and . _ : -")

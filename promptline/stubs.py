@@ -18,6 +18,8 @@ GenerateCall = UnaryStreamCall[llm_engine_pb2.GenerateRequest, llm_engine_pb2.Ge
 """One `LlmEngine.Generate` call in flight."""
 ChatCall = UnaryStreamCall[prompt_pb2.StreamChatRequest, prompt_pb2.StreamChatResponse]
 """One `PromptService.StreamChat` call in flight."""
+ResumeCall = UnaryStreamCall[prompt_pb2.ResumeChatRequest, prompt_pb2.StreamChatResponse]
+"""One `PromptService.ResumeChat` call in flight: the same frames as a ChatCall."""
 
 
 class LlmEngineClient(Protocol):
@@ -34,6 +36,14 @@ class PromptServiceClient(Protocol):
     @property
     def StreamChat(self) -> UnaryStreamMultiCallable[prompt_pb2.StreamChatRequest,
                                                      prompt_pb2.StreamChatResponse]: ...
+
+    @property
+    def ResumeChat(self) -> UnaryStreamMultiCallable[prompt_pb2.ResumeChatRequest,
+                                                     prompt_pb2.StreamChatResponse]: ...
+
+    @property
+    def CancelChat(self) -> UnaryUnaryMultiCallable[prompt_pb2.CancelChatRequest,
+                                                    prompt_pb2.CancelChatResponse]: ...
 
 
 class PromptAdminClient(Protocol):
@@ -68,3 +78,11 @@ class PromptAdminClient(Protocol):
     @property
     def GetUsage(self) -> UnaryUnaryMultiCallable[
             prompt_admin_pb2.GetUsageRequest, prompt_admin_pb2.UsageReport]: ...
+
+    @property
+    def SubmitFeedback(self) -> UnaryUnaryMultiCallable[
+            prompt_admin_pb2.SubmitFeedbackRequest, prompt_admin_pb2.Feedback]: ...
+
+    @property
+    def GetPromptStats(self) -> UnaryUnaryMultiCallable[
+            prompt_admin_pb2.GetPromptStatsRequest, prompt_admin_pb2.PromptStats]: ...

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from services.prompt.feedback import record_key
 from tests.chain import Chain, running_chain
 from tests.conftest import BASE_CONFIG, make_config
 from tests.eventually import eventually
@@ -192,3 +193,19 @@ async def test_stop_cancels_the_chain(page: Any, chain: Chain) -> None:
     assert await page.is_enabled("#send") and await page.is_disabled("#stop")
     await eventually(lambda: chain.engine_streams == 0, within=10,
                      what="engine stream cancelled by Stop")
+
+
+async def test_thumbs_send_feedback_and_the_latest_click_wins(page: Any, chain: Chain) -> None:
+    await open_chat(page, chain)
+    await send(page, "Hello")
+    await page.wait_for_selector(".message.assistant[data-state=done]")
+    rid = await page.get_attribute(LAST, "data-request-id")
+    await page.click(f"{LAST} >> .thumb[data-score='-1']")
+    await page.wait_for_selector(f"{LAST} >> .thumb[data-score='-1'][aria-pressed=true]")
+    await page.click(f"{LAST} >> .thumb[data-score='1']")
+    await page.wait_for_selector(f"{LAST} >> .thumb[data-score='1'][aria-pressed=true]")
+    assert await page.get_attribute(f"{LAST} >> .thumb[data-score='-1']",
+                                    "aria-pressed") == "false"
+    assert await page.text_content(f"{LAST} >> .feedback-status") == "thanks"
+    stored = await chain.prompt.redis.client.hget(record_key("dev", rid), "fs")
+    assert stored == b"1000", stored  # the record's score, in thousandths: the last click

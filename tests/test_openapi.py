@@ -8,6 +8,7 @@ open), so a field the edge sends without describing it fails here too.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import gzip
 import json
@@ -62,6 +63,10 @@ VERSIONS = "/v1/prompts/{prompt_id}/versions"
 VERSION = "/v1/prompts/{prompt_id}/versions/{version}"
 LABEL = "/v1/prompts/{prompt_id}/labels/{label}"
 CONVERSATION = "/v1/conversations/{conversation_id}"
+RESUME = "/v1/chat/stream/{request_id}"
+CANCEL = "/v1/chat/stream/{request_id}/cancel"
+FEEDBACK = "/v1/feedback"
+STATS = "/v1/prompts/{prompt_id}/stats"
 
 
 # --- the document as a validator ----------------------------------------------------------------
@@ -290,8 +295,9 @@ def test_error_codes_and_statuses_come_from_the_error_table(contract: Contract) 
 
 def test_prompt_service_rules_match_their_owners() -> None:
     """The rules the edge may not import, repeated in openapi.py, against their owners."""
-    from services.prompt import chat_plan, prompts, templates
+    from services.prompt import chat_plan, feedback, prompts, templates
 
+    assert openapi.MAX_COMMENT_CHARS == feedback.MAX_COMMENT_CHARS
     assert openapi.PROMPT_ID == prompts.PROMPT_ID.pattern
     assert openapi.LABEL == prompts.LABEL.pattern
     assert openapi.MAX_MESSAGE_CHARS == prompts.MAX_MESSAGE_CHARS
@@ -349,6 +355,27 @@ async def test_chat_stream_error_event(chain: Chain, http: aiohttp.ClientSession
         events = await checked(contract, resp, "POST", STREAM)
     assert [e.event for e in events][::len(events) - 1] == ["start", "error"]
     assert events[-1].data["error"]["stage"] == "mid_stream"
+
+
+async def test_resume_and_cancel(chain: Chain, http: aiohttp.ClientSession,
+                                 contract: Contract) -> None:
+    """A finished stream resumed after its second delta (replayed to its end), then cancelled
+    (already ended: `cancelled` false)."""
+    rid = unique("resume")
+    async with call(http, chain, "POST", STREAM, json={"model": "sim", "messages": HI},
+                    headers={"X-Request-Id": rid}) as resp:
+        whole = await checked(contract, resp, "POST", STREAM)
+    async with call(http, chain, "GET", RESUME, path={"request_id": rid},
+                    headers={"Last-Event-ID": "2"}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["X-Request-Id"] == rid
+        events = await checked(contract, resp, "GET", RESUME)
+    assert events[0].event == "start" and events[-1].event == "done"
+    assert [e.id for e in events[1:-1]] == [e.id for e in whole[3:-1]]
+    async with call(http, chain, "POST", CANCEL, path={"request_id": rid}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert await checked(contract, resp, "POST", CANCEL) == {"request_id": rid,
+                                                                 "cancelled": False}
 
 
 async def test_chat_completion(chain: Chain, http: aiohttp.ClientSession,
@@ -442,6 +469,30 @@ async def test_prompt_versions_and_labels(chain: Chain, http: aiohttp.ClientSess
     assert page["labels"] == {"prod": 2} and "next_before" not in page
 
 
+async def test_response_format(chain: Chain, http: aiohttp.ClientSession,
+                               contract: Contract) -> None:
+    """JSON mode's fields (docs/json-mode.md) in the request schemas and in a prompt version."""
+    fmt = {"type": "json_schema", "json_schema": {
+        "name": "answer", "strict": True, "schema": {
+            "type": "object", "properties": {"answer": {"type": "integer"}},
+            "required": ["answer"], "additionalProperties": False}}}
+    body = {"template": "Answer in JSON.", "response_format": fmt, "json_validate": True}
+    contract.validate(contract.request_schema("POST", VERSIONS), body, strict=False)
+    async with call(http, chain, "POST", VERSIONS, json=body,
+                    path={"prompt_id": unique("json")}) as resp:
+        assert resp.status == 201, await resp.text()
+        version = await checked(contract, resp, "POST", VERSIONS)
+    assert version["response_format"] == fmt and version["json_validate"] is True
+    chat = {"model": "sim", "messages": HI, "response_format": {"type": "json_object"},
+            "json_validate": True}
+    contract.validate(contract.request_schema("POST", STREAM), chat, strict=False)
+    async with call(http, chain, "POST", STREAM, json=chat) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await checked(contract, resp, "POST", STREAM))[-1].event == "done"
+    completion = {**chat, "response_format": fmt}
+    contract.validate(contract.request_schema("POST", COMPLETIONS), completion, strict=False)
+
+
 async def test_conversation_get_and_delete(chain: Chain, http: aiohttp.ClientSession,
                                            contract: Contract) -> None:
     at = {"conversation_id": unique("conv")}
@@ -459,6 +510,32 @@ async def test_conversation_get_and_delete(chain: Chain, http: aiohttp.ClientSes
         async with call(http, chain, method, CONVERSATION, path=at) as resp:
             assert resp.status == 404
             await checked(contract, resp, method, CONVERSATION)
+
+
+async def test_feedback_and_prompt_stats(chain: Chain, http: aiohttp.ClientSession,
+                                         contract: Contract) -> None:
+    prompt_id = unique("fb")
+    await create_prompt(http, chain, contract, prompt_id)
+    body = {"messages": HI, "prompt": {"id": prompt_id, "variables": {"name": "Ada"}}}
+    async with call(http, chain, "POST", STREAM, json=body) as resp:
+        request_id = resp.headers["X-Request-Id"]
+        await checked(contract, resp, "POST", STREAM)
+    for score, status in ((1, 201), (0.75, 200)):  # the record is written after `done`
+        answer = {"request_id": request_id, "score": score, "comment": "fine"}
+        contract.validate(contract.request_schema("POST", FEEDBACK), answer, strict=False)
+        for _ in range(100):
+            async with call(http, chain, "POST", FEEDBACK, json=answer) as resp:
+                if resp.status != 404:
+                    assert resp.status == status, await resp.text()
+                    stored = await checked(contract, resp, "POST", FEEDBACK)
+                    break
+            await asyncio.sleep(0.02)
+        assert stored["score"] == score and stored["request"]["prompt_id"] == prompt_id
+    async with call(http, chain, "GET", STATS, path={"prompt_id": prompt_id}) as resp:
+        assert resp.status == 200
+        report = await checked(contract, resp, "GET", STATS)
+    (version,) = report["versions"]
+    assert (version["requests"], version["feedback_count"]) == (1, 1)
 
 
 @pytest.mark.parametrize("template", ["/", "/static/{filename}", "/healthz", "/readyz",
@@ -502,6 +579,21 @@ ERRORS: dict[str, tuple[str, str, dict[str, Any], int, ErrorCode]] = {
     "completions bad key": ("POST", COMPLETIONS, {"key": None, "json": BIG}, 401,
                             ErrorCode.UNAUTHENTICATED),
     "models bad key": ("GET", MODELS_PATH, {"key": "nope"}, 401, ErrorCode.UNAUTHENTICATED),
+    "resume bad key": ("GET", RESUME, {"key": "nope", "path": {"request_id": "r-1"}}, 401,
+                       ErrorCode.UNAUTHENTICATED),
+    "cancel bad key": ("POST", CANCEL, {"key": None, "path": {"request_id": "r-1"}}, 401,
+                       ErrorCode.UNAUTHENTICATED),
+    "resume unknown id": ("GET", RESUME, {"path": {"request_id": "no-such-stream"}}, 404,
+                          ErrorCode.NOT_FOUND),
+    "cancel unknown id": ("POST", CANCEL, {"path": {"request_id": "no-such-stream"}}, 404,
+                          ErrorCode.NOT_FOUND),
+    "resume bad id": ("GET", RESUME, {"path": {"request_id": "r" * 129}}, 400,
+                      ErrorCode.INVALID_REQUEST),
+    "cancel bad id": ("POST", CANCEL, {"path": {"request_id": "r" * 129}}, 400,
+                      ErrorCode.INVALID_REQUEST),
+    "resume bad last event id": ("GET", RESUME, {"path": {"request_id": "r-1"},
+                                                 "headers": {"Last-Event-ID": "-1"}}, 400,
+                                 ErrorCode.INVALID_REQUEST),
     "prompts bad key": ("GET", VERSIONS, {"key": "nope", "path": {"prompt_id": "x"}}, 401,
                         ErrorCode.UNAUTHENTICATED),
     "stream bad body": ("POST", STREAM, {"json": {"model": "sim", "messages": "Hi"}}, 400,
@@ -531,6 +623,18 @@ ERRORS: dict[str, tuple[str, str, dict[str, Any], int, ErrorCode]] = {
         "id": "no-such-prompt"}}}, 404, ErrorCode.NOT_FOUND),
     "unknown model": ("POST", COMPLETIONS, {"json": {"model": "gpt-x", "messages": HI}}, 404,
                       ErrorCode.NOT_FOUND),
+    "feedback bad score": ("POST", FEEDBACK, {"json": {"request_id": "r-1", "score": 3}}, 400,
+                           ErrorCode.INVALID_REQUEST),
+    "feedback unknown request": ("POST", FEEDBACK, {"json": {"request_id": "no-such-request",
+                                                             "score": 1}}, 404,
+                                 ErrorCode.NOT_FOUND),
+    "feedback big body": ("POST", FEEDBACK, {"json": {"request_id": "r-1", "score": 1,
+                                                      "comment": "c" * MAX_BODY}}, 413,
+                          ErrorCode.INVALID_REQUEST),
+    "stats bad query": ("GET", STATS, {"path": {"prompt_id": "x"}, "params": {"from": "now"}},
+                        400, ErrorCode.INVALID_REQUEST),
+    "stats unknown prompt": ("GET", STATS, {"path": {"prompt_id": "no-such-prompt"}}, 404,
+                             ErrorCode.NOT_FOUND),
     "stream big body": ("POST", STREAM, {"json": BIG}, 413, ErrorCode.INVALID_REQUEST),
     "completions big body": ("POST", COMPLETIONS, {"json": BIG}, 413, ErrorCode.INVALID_REQUEST),
     "prompt big body": ("POST", VERSIONS, {"json": {"template": "t" * MAX_BODY},

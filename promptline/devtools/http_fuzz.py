@@ -179,9 +179,11 @@ def admin_requests(draw: st.DrawFn) -> tuple[bytes, bytes, bytes]:
 
 
 # Every route of the edge, as a concrete path (tests/test_openapi.py pins the list of routes).
-ENDPOINT_PATHS = (b"/v1/chat/stream", b"/v1/chat/completions", b"/v1/models",
+ENDPOINT_PATHS = (b"/v1/chat/stream", b"/v1/chat/stream/r-1", b"/v1/chat/stream/r-1/cancel",
+                  b"/v1/chat/completions", b"/v1/models",
                   b"/v1/prompts/p/versions", b"/v1/prompts/p/versions/1",
-                  b"/v1/prompts/p/labels/prod", b"/v1/conversations/c-1", b"/",
+                  b"/v1/prompts/p/labels/prod", b"/v1/prompts/p/stats", b"/v1/feedback",
+                  b"/v1/usage", b"/v1/conversations/c-1", b"/",
                   b"/static/chat.js", b"/healthz", b"/readyz", b"/metrics", b"/openapi.json")
 METHODS = (b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"HEAD")
 _TCHAR = "!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

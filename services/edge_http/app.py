@@ -1,7 +1,8 @@
 """The HTTP edge: authenticates, validates, and relays a PromptService stream to the client as SSE.
 
-Routes: `POST /v1/chat/stream` (here), `POST /v1/chat/completions` and `GET /v1/models`
-(`openai_api.py`), prompts and conversations (`prompts_api.py`), the chat page `GET /`
+Routes: `POST /v1/chat/stream` (here), its resume and cancel (`resume_api.py`),
+`POST /v1/chat/completions` and `GET /v1/models` (`openai_api.py`), prompts and conversations
+(`prompts_api.py`), the chat page `GET /`
 (`chat_page.py`), `/healthz`, `/readyz`, `/metrics`, and `GET /openapi.json`, which describes them
 all (`openapi.py`). The streaming rules live in `relay.StreamRelay`, shared by both streaming
 endpoints.
@@ -10,7 +11,8 @@ Response headers are held until the prompt service's `start` frame (the model's 
 arrives, capped at `edge.header_hold`; an error before that is a real HTTP status with a JSON
 body, an error after it is an SSE `error` event. A client that goes away cancels the handler
 (aiohttp handler cancellation), which cancels the gRPC call and so the whole chain down to the
-provider.
+provider; a native SSE stream is `resumable`, so the prompt service may first keep it going for
+`resume.grace` for a client that reconnects (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from promptline.grpc_server import REDIS_HEALTH_NAME
 from promptline.metrics_server import metrics_handler
 from promptline.tracing import client_interceptors, tracer
 from promptline.v1 import prompt_pb2, prompt_pb2_grpc
-from services.edge_http import chat_page, openai_api, openapi, prompts_api
+from services.edge_http import chat_page, openai_api, openapi, prompts_api, resume_api
 from services.edge_http.chat_request import cache_bypass, parse_chat_request, read_request_body
 from services.edge_http.context import (
     CHANNEL_KEY,
@@ -65,6 +67,7 @@ def build_app(config: Config, channel: grpc.aio.Channel, *,
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    resume_api.add_routes(app)
     openai_api.add_routes(app)
     chat_page.add_routes(app)
     prompts_api.add_routes(app)
@@ -196,6 +199,8 @@ async def chat_stream(request: web.Request, caller: Caller) -> web.StreamRespons
     chat = parse_chat_request(await read_request_body(request, config.edge.max_body_bytes))
     chat.request_id = caller.request_id
     chat.no_cache = cache_bypass(request.headers.getall("Cache-Control", ()))
+    # A dropped SSE connection is not a Stop: the client may resume (resume_api.py).
+    chat.resumable = True
     call = request.app[STUB_KEY].StreamChat(chat, metadata=caller.metadata,
                                             timeout=config.edge.request_timeout)
     relay = StreamRelay(request, config, caller.request_id, model=chat.model,

@@ -125,7 +125,50 @@ def chat_request_from(data: dict[str, Any]) -> prompt_pb2.StreamChatRequest:
     shape = data.get("stream_options")
     if shape is not None:
         request.stream_shape.CopyFrom(stream_shape(shape))
+    fmt = data.get("response_format")
+    if fmt is not None:
+        request.response_format.CopyFrom(response_format(fmt))
+    if data.get("json_validate") is not None:
+        request.json_validate = bool_field(data["json_validate"], "json_validate")
     return request
+
+
+def response_format(value: Any, path: str = "response_format") -> common_pb2.ResponseFormat:
+    """OpenAI's `response_format` (`{"type": "json_schema", "json_schema": {"name", "schema",
+    "strict", "description"}}`), its JSON types checked; the schema travels as JSON text. What
+    the values mean (types, names, a valid schema, sizes) is `promptline.response_format`'s."""
+    if not isinstance(value, dict):
+        raise invalid(f"{path} must be an object, got {json_kind(value)}")
+    fmt = common_pb2.ResponseFormat(type=string_field(value.get("type"), f"{path}.type",
+                                                      required=True))
+    spec = value.get("json_schema")
+    if spec is None:
+        return fmt
+    path = f"{path}.json_schema"
+    if not isinstance(spec, dict):
+        raise invalid(f"{path} must be an object, got {json_kind(spec)}")
+    for name in ("name", "description"):
+        if spec.get(name) is not None:
+            setattr(fmt, name, string_field(spec[name], f"{path}.{name}", allow_empty=True))
+    if spec.get("strict") is not None:
+        fmt.strict = bool_field(spec["strict"], f"{path}.strict")
+    schema = spec.get("schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise invalid(f"{path}.schema must be a JSON Schema object, got {json_kind(schema)}")
+        try:
+            text = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+        except RecursionError:
+            raise invalid(f"{path}.schema is nested too deeply") from None
+        fmt.schema = string_field(text, f"{path}.schema")
+    return fmt
+
+
+def bool_field(value: Any, path: str) -> bool:
+    """A JSON boolean, or INVALID_REQUEST."""
+    if not isinstance(value, bool):
+        raise invalid(f"{path} must be a boolean, got {json_kind(value)}")
+    return value
 
 
 def cache_bypass(cache_control: Iterable[str]) -> bool:

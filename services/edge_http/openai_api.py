@@ -110,7 +110,8 @@ def parse_completion_request(body: bytes) -> tuple[prompt_pb2.StreamChatRequest,
     max_tokens = _max_tokens(data)
     if max_tokens is not None:
         native["max_tokens"] = max_tokens
-    for key in ("temperature", "conversation_id", "user"):  # conversation_id: an extension
+    # conversation_id and json_validate: Promptline extensions
+    for key in ("temperature", "conversation_id", "user", "response_format", "json_validate"):
         if data.get(key) is not None:
             native[key] = data[key]
     if stream_options is not None:  # chunk shaping rides along: a Promptline extension

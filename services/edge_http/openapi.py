@@ -30,6 +30,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from promptline.config import EdgeConfig, PromptsConfig
 from promptline.errors import WIRE, ErrorCode, Stage
+from promptline.response_format import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_SCHEMA_BYTES,
+    MAX_SCHEMA_DEPTH,
+    SCHEMA_NAME,
+)
 from promptline.rules import (
     BOUNDARIES,
     MAX_COALESCE_MS,
@@ -46,7 +52,14 @@ from services.edge_http import sse
 from services.edge_http.chat_request import DECODED_ENCODINGS
 from services.edge_http.http_errors import CHAT_COMPLETIONS_PATH, MODELS_PATH
 from services.edge_http.openai_api import ROLE_ALIASES
-from services.edge_http.prompts_api import USAGE_PATH
+from services.edge_http.prompts_api import FEEDBACK_PATH, STATS_PATH, USAGE_PATH
+from services.edge_http.resume_api import (
+    CANCEL_PATH,
+    LAST_EVENT_ID,
+    LAST_EVENT_ID_PARAM,
+    MAX_EVENT_ID,
+    RESUME_PATH,
+)
 
 OPENAPI_PATH = "/openapi.json"
 CACHE_CONTROL = "public, max-age=300"  # a new release may change it: revalidate within minutes
@@ -64,6 +77,7 @@ MAX_PAGE_SIZE = 200  # services/prompt/prompts.py
 VARIABLE_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # services/prompt/templates.py NAME
 MAX_VARIABLES = 64  # services/prompt/templates.py
 MAX_MESSAGES = 1000  # services/prompt/chat_plan.py
+MAX_COMMENT_CHARS = 2000  # services/prompt/feedback.py
 
 UINT32_MAX = 2**32 - 1  # what the protobuf fields behind versions and counts can carry
 
@@ -78,6 +92,11 @@ ADMIN_READ_CODES = (ErrorCode.UNAUTHENTICATED, ErrorCode.INVALID_REQUEST, ErrorC
                     ErrorCode.INTERNAL)
 ADMIN_WRITE_CODES = (*ADMIN_READ_CODES, ErrorCode.PERMISSION_DENIED)
 USAGE_CODES = ADMIN_WRITE_CODES  # PERMISSION_DENIED: `tenant` from a key of a non-admin tenant
+# A resumed stream replays its own end, so any code; one that failed before its `start` is a
+# status here too.
+RESUME_CODES = CHAT_CODES
+CANCEL_CODES = ADMIN_READ_CODES
+FEEDBACK_CODES = ADMIN_READ_CODES
 
 
 # --- schema helpers -----------------------------------------------------------------------------
@@ -141,6 +160,13 @@ _DEPLOYMENT = string(description="The deployment of the model's pool that answer
 _CACHED = {"type": "boolean", "const": True, "description": (
     "Present (true) only when the reply was replayed from the response cache (docs/cache.md): "
     "no provider call; `usage` is the stored reply's.")}
+_FORMAT_FIELDS: dict[str, Schema] = {
+    "response_format": nullable(ref("ResponseFormat")),
+    "json_validate": nullable({"type": "boolean", "description": (
+        "A Promptline extension: check the finished reply against `response_format`; a "
+        "mismatch ends the stream with UPSTREAM_ERROR (docs/json-mode.md). True needs a JSON "
+        "format.")}),
+}
 _SHAPE_FIELDS: dict[str, Schema] = {
     "coalesce_ms": nullable(integer(0, MAX_COALESCE_MS)),
     "min_chars": nullable(integer(0, MAX_MIN_CHARS)),
@@ -215,6 +241,7 @@ def _request_schemas() -> dict[str, Schema]:
             "prompt": nullable(ref("PromptRef")),
             "stream_options": nullable(ref("StreamShape")),
             "user": nullable(_USER),
+            **_FORMAT_FIELDS,
         }, "messages", anyOf=model_or_prompt,
             description="`model` is required unless `prompt` names a version with a default "
                         "model. Unknown fields are ignored."),
@@ -247,6 +274,7 @@ def _request_schemas() -> dict[str, Schema]:
             "n": nullable(integer(1, 1)),
             "conversation_id": nullable({**_SAFE_ID, "description": "A Promptline extension."}),
             "user": nullable(_USER),
+            **_FORMAT_FIELDS,
         }, "model", "messages",
             **{"if": {"required": ["stream_options"],
                       "properties": {"stream_options": {"type": "object"}}},
@@ -266,13 +294,37 @@ def _request_schemas() -> dict[str, Schema]:
                               additionalProperties=False),
             "message": string(maxLength=MAX_MESSAGE_CHARS, description="Commit message."),
             "author": string(maxLength=MAX_AUTHOR_CHARS, description="Default: the tenant."),
+            **_FORMAT_FIELDS,
         }, "template"),
         "SetPromptLabelRequest": obj({"version": integer(1, UINT32_MAX)}, "version"),
+        "ResponseFormat": {"oneOf": [
+            obj({"type": string(enum=["text", "json_object"])}, "type"),
+            obj({"type": string(const="json_schema"), "json_schema": obj({
+                "name": string(pattern=anchored(SCHEMA_NAME.pattern)),
+                "description": nullable(string(maxLength=MAX_DESCRIPTION_CHARS)),
+                "schema": {"type": "object", "description": (
+                    f"A JSON Schema (draft 2020-12): at most {MAX_SCHEMA_BYTES} bytes of JSON, "
+                    f"nested at most {MAX_SCHEMA_DEPTH} deep, `$ref`s inside it only.")},
+                "strict": nullable({"type": "boolean"}),
+            }, "name", "schema")}, "type", "json_schema"),
+        ], "description": "OpenAI's `response_format` (docs/json-mode.md): `text` (the "
+                          "default), `json_object` or `json_schema`."},
+        "FeedbackRequest": obj({
+            "request_id": {**_SAFE_ID, "description": "The request's id (its `start`'s "
+                                                      "`request_id`, `X-Request-Id`)."},
+            "score": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1},
+                                {"type": "number", "const": -1}],
+                      "description": "1 (thumbs up), -1 (thumbs down) or a number from 0 to "
+                                     "1, kept to three decimals."},
+            "comment": nullable(string(maxLength=MAX_COMMENT_CHARS)),
+        }, "request_id", "score", description="Unknown fields are ignored."),
     }
 
 
 def _response_schemas() -> dict[str, Schema]:
-    sse_id = string(pattern="^[1-9][0-9]*$", description="Counts deltas from 1.")
+    sse_id = string(pattern="^[1-9][0-9]*$", description=(
+        "The delta's id in its stream, from 1 (merged deltas: the last one's): the "
+        "`Last-Event-ID` to resume after (docs/resume.md)."))
     events = {"start": "StartEvent", "delta": "DeltaEvent", "done": "DoneEvent",
               "error": "ErrorEvent"}
     totals = {"requests": _TOKENS, "errors": _TOKENS, "prompt_tokens": _TOKENS,
@@ -372,6 +424,8 @@ def _response_schemas() -> dict[str, Schema]:
             "message": string(), "author": string(), "created_at_ms": integer(0),
             "labels": {"type": "array", "items": string(),
                        "description": "Labels pointing here when it was read."},
+            "response_format": nullable(ref("ResponseFormat")),
+            "json_validate": {"type": "boolean"},
         }, "prompt_id", "version", "template", "variables", "model", "parameters", "message",
             "author", "created_at_ms", "labels"),
         "PromptVersionList": obj({
@@ -392,6 +446,53 @@ def _response_schemas() -> dict[str, Schema]:
                 "created_at_ms": integer(0), "request_id": string(),
             }, "role", "content", "partial", "created_at_ms", "request_id")},
         }, "conversation_id", "expires_in_ms", "messages"),
+        "Feedback": obj({
+            "object": string(const="feedback"),
+            "request_id": _SAFE_ID,
+            "score": {"type": "number", "minimum": -1, "maximum": 1},
+            "comment": nullable(string()),
+            "created_at_ms": integer(0),
+            "replaced": {"type": "boolean", "description": "It replaced an earlier feedback "
+                                                           "on the same request."},
+            "request": obj({
+                "prompt_id": nullable(string()), "prompt_version": nullable(integer(1)),
+                "model": string(description="The model that answered."),
+                "prompt_tokens": _TOKENS, "completion_tokens": _TOKENS,
+                "first_token_ms": nullable(integer(0, description=(
+                    "From the request reaching the prompt service to its first text; null: "
+                    "none was sent."))),
+                "duration_ms": integer(0),
+                "outcome": string(description="`done`, `cancelled` or the error code."),
+                "ended_at_ms": integer(0),
+            }, "prompt_id", "prompt_version", "model", "prompt_tokens", "completion_tokens",
+                "first_token_ms", "duration_ms", "outcome", "ended_at_ms",
+                description="The record the request left when it ended."),
+        }, "object", "request_id", "score", "comment", "created_at_ms", "replaced", "request"),
+        "PromptStats": obj({
+            "object": string(const="prompt_stats"),
+            "prompt_id": string(),
+            "from": string(format="date-time", description="Hour-aligned, inclusive."),
+            "to": string(format="date-time", description="Hour-aligned, exclusive."),
+            "versions": {"type": "array", "description": "Versions with requests in the "
+                                                         "range, by number.", "items": obj({
+                "version": integer(1),
+                "requests": _TOKENS, "errors": _TOKENS,
+                "errors_by_code": {"type": "object", "propertyNames": ref("ErrorCode"),
+                                   "additionalProperties": integer(1)},
+                "cancelled": _TOKENS, "prompt_tokens": _TOKENS, "completion_tokens": _TOKENS,
+                "first_token_p50_ms": nullable(integer(0)),
+                "first_token_p95_ms": nullable(integer(0)),
+                "feedback_count": _TOKENS,
+                "feedback_mean": nullable({"type": "number", "minimum": -1, "maximum": 1}),
+            }, "version", "requests", "errors", "errors_by_code", "cancelled", "prompt_tokens",
+                "completion_tokens", "first_token_p50_ms", "first_token_p95_ms",
+                "feedback_count", "feedback_mean")},
+        }, "object", "prompt_id", "from", "to", "versions"),
+        "CancelResult": obj({
+            "request_id": _SAFE_ID,
+            "cancelled": {"type": "boolean", "description": (
+                "true: the stream was stopped now; false: it had already ended.")},
+        }, "request_id", "cancelled"),
         "Health": obj({"status": string(const="ok")}, "status"),
         "Ready": obj({"status": string(const="ready"),
                       "redis": string(enum=["ok", "unreachable", "unknown"], description=(
@@ -540,6 +641,18 @@ def _parameters() -> dict[str, Schema]:
         "Version": path("version", integer(1, UINT32_MAX), "A version number."),
         "Label": path("label", string(pattern=anchored(LABEL)), "A label such as `prod`."),
         "ConversationId": path("conversation_id", _SAFE_ID, "The conversation's id."),
+        "RequestId": path("request_id", _SAFE_ID, "The stream's request id (its `start`'s "
+                                                  "`request_id`, `X-Request-Id`)."),
+        "LastEventId": {"name": LAST_EVENT_ID, "in": "header", "required": False,
+                        "schema": string(pattern="^[0-9]{1,10}$", examples=["12"]),
+                        "description": (
+                            f"The last delta `id:` the client has, 0 to {MAX_EVENT_ID}; the "
+                            f"stream goes on after it. Wins over `{LAST_EVENT_ID_PARAM}`. "
+                            "Absent (and no query parameter): from the first delta.")},
+        "LastEventIdQuery": {"name": LAST_EVENT_ID_PARAM, "in": "query", "required": False,
+                             "schema": integer(0, MAX_EVENT_ID),
+                             "description": f"`{LAST_EVENT_ID}`, for clients that cannot set "
+                                            "headers."},
         "From": {"name": "from", "in": "query", "required": False, "schema": string(
             examples=["2025-01-14", "2025-01-14T10:00:00Z"]), "description": (
                 "ISO 8601 date or date-time (UTC unless it has an offset), rounded down to the "
@@ -547,6 +660,9 @@ def _parameters() -> dict[str, Schema]:
         "To": {"name": "to", "in": "query", "required": False, "schema": string(),
                "description": "Like `from`, exclusive, rounded up to the hour; default: now. "
                               "At most `usage.retention` after `from`."},
+        "StatsTo": {"name": "to", "in": "query", "required": False, "schema": string(),
+                    "description": "Like `from`, exclusive, rounded up to the hour; default: "
+                                   "now. At most `feedback.retention` after `from`."},
         "GroupBy": {"name": "group_by", "in": "query", "required": False,
                     "schema": string(enum=list(USAGE_GROUPS), default="model"),
                     "description": "How rows are grouped (`day`: UTC days)."},
@@ -575,8 +691,9 @@ def _chat_paths() -> dict[str, Schema]:
     return {
         "/v1/chat/stream": {"post": api_operation(
             "chatStream", "chat", "Stream a chat reply as Server-Sent Events",
-            {**ok("`start`, `delta`s, then `done` or `error`.", {sse.CONTENT_TYPE: {
-                "schema": ref("ChatStreamEvent")}}, headers=stream_headers),
+            {**ok("`start`, `delta`s, then `done` or `error`. After a dropped connection, "
+                  "`GET /v1/chat/stream/{request_id}` resumes it after the last delta `id`.",
+                  {sse.CONTENT_TYPE: {"schema": ref("ChatStreamEvent")}}, headers=stream_headers),
              **error_responses(CHAT_CODES, body=True)},
             body=request_body("ChatStreamRequest", example), description=hold,
             parameters=["CacheControl"])},
@@ -591,6 +708,30 @@ def _chat_paths() -> dict[str, Schema]:
              **error_responses(CHAT_CODES, openai=True, body=True)},
             body=request_body("ChatCompletionRequest", example), description=hold,
             parameters=["CacheControl"])},
+        RESUME_PATH: {"get": api_operation(
+            "resumeChatStream", "chat", "Resume a stream after a dropped connection",
+            {**ok("The stream's `start`, then its deltas after `Last-Event-ID`, then the live "
+                  "rest up to `done` or `error` (a stream that ended is replayed to its end).",
+                  {sse.CONTENT_TYPE: {"schema": ref("ChatStreamEvent")}},
+                  headers={**_rid_header(),
+                           "X-Promptline-Deployment": ref("X-Promptline-Deployment",
+                                                          "headers")}),
+             **error_responses(RESUME_CODES)},
+            parameters=["RequestId", "LastEventId", "LastEventIdQuery"], description=(
+                "A stream of the key's tenant, journaled for `resume.ttl` (docs/resume.md). "
+                "404 for an unknown, expired or another tenant's id; 503 when the journal "
+                "(Redis) is unreachable; 400 for a `Last-Event-ID` that is not a delta id. "
+                "Leaving it never stops the stream. " + hold))},
+        CANCEL_PATH: {"post": api_operation(
+            "cancelChatStream", "chat", "Stop a stream now (an explicit Stop)",
+            {**ok("Whether it was stopped.", json_content(ref("CancelResult")),
+                  headers=_rid_header()),
+             **error_responses(CANCEL_CODES)},
+            parameters=["RequestId"], description=(
+                "Cancels the stream down to the provider at once, on whichever replica runs "
+                "it; its readers get an `error` event `CANCELLED`. A dropped connection is not "
+                "a Stop: it leaves the stream `resume.grace` for a reconnect. 404 for an "
+                "unknown, expired or another tenant's id. A body is ignored."))},
         MODELS_PATH: {"get": api_operation(
             "listModels", "openai", "The models this key's tenant may use",
             {**ok("OpenAI's model list.", json_content(ref("ModelList")),
@@ -645,6 +786,23 @@ def _admin_paths() -> dict[str, Schema]:
             parameters=["From", "To", "GroupBy", "Tenant"],
             description="From hourly records kept `usage.retention` (docs/costs.md); an unknown "
                         "or repeated query parameter is a 400 naming it.")},
+        FEEDBACK_PATH: {"post": api_operation(
+            "submitFeedback", "feedback", "Feedback on a request of the key's tenant",
+            {**answer("Feedback", "Stored; the request's record joined.", 201),
+             **answer("Feedback", "Stored, replacing an earlier feedback on the request."),
+             **error_responses(FEEDBACK_CODES, body=True)},
+            body=request_body("FeedbackRequest", {"request_id": "3b3c0f6e", "score": 1}),
+            description="Within `feedback.retention` of the request's end "
+                        "(docs/prompt-lifecycle.md). 404 for an unknown, expired or another "
+                        "tenant's request id.")},
+        STATS_PATH: {"get": api_operation(
+            "getPromptStats", "feedback", "Per-version stats of a prompt",
+            {**answer("PromptStats", "Sums of the hours in the range, per version."),
+             **error_responses(ADMIN_READ_CODES)},
+            parameters=["PromptId", "From", "StatsTo"],
+            description="From hourly buckets kept `feedback.retention`; first-token "
+                        "percentiles are estimated within histogram buckets. An unknown or "
+                        "repeated query parameter is a 400 naming it.")},
         "/v1/conversations/{conversation_id}": {
             "get": api_operation(
                 "getConversation", "conversations", "The caller's conversation history",
@@ -717,6 +875,7 @@ def build_document() -> Schema:
             ("prompts", "Versioned prompt templates and their labels."),
             ("conversations", "Conversation memory."),
             ("usage", "Requests, tokens and cost, for budgets and billing."),
+            ("feedback", "Feedback on requests, and per-version stats of prompts."),
             ("operations", "Probes, metrics, the chat page and this document."))],
         "security": [{"bearerAuth": []}],
         "paths": {**_chat_paths(), **_admin_paths(), **_public_paths()},

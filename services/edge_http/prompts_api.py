@@ -1,4 +1,4 @@
-"""HTTP endpoints of the PromptAdmin gRPC service: prompts, conversations, usage.
+"""HTTP endpoints of the PromptAdmin gRPC service: prompts, conversations, usage, feedback.
 
     POST   /v1/prompts/{id}/versions           create a version (admin keys)        -> 201
     GET    /v1/prompts/{id}/versions           list versions, newest first (?limit=&before=)
@@ -8,6 +8,8 @@
     GET    /v1/conversations/{id}              the caller's conversation history
     DELETE /v1/conversations/{id}              delete it                           -> 204
     GET    /v1/usage?from=&to=&group_by=&tenant=   the tenant's usage (tenant=: admin keys)
+    POST   /v1/feedback                        feedback on a request -> 201 (200: replaced one)
+    GET    /v1/prompts/{id}/stats?from=&to=    per-version stats of a prompt
 
 The edge authenticates the Bearer key first (401 without touching anything else), parses the
 JSON body, then calls PromptAdmin over the process's prompt channel, forwarding `authorization`;
@@ -25,14 +27,17 @@ import grpc
 from aiohttp import web
 
 from promptline.errors import PromptlineError, Stage
+from promptline.response_format import ResponseFormat
 from promptline.rules import USAGE_GROUPS, invalid, is_model_name
 from promptline.stubs import PromptAdminClient
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 from services.edge_http.chat_request import (
+    bool_field,
     decode_json_object,
     json_kind,
     number_field,
     read_request_body,
+    response_format,
     string_field,
 )
 from services.edge_http.context import CHANNEL_KEY, Caller, authenticated, current_config
@@ -40,6 +45,9 @@ from services.edge_http.context import CHANNEL_KEY, Caller, authenticated, curre
 ADMIN_TIMEOUT = 10.0  # seconds; each call is a few Redis round trips
 USAGE_PATH = "/v1/usage"
 USAGE_PARAMS = ("from", "to", "group_by", "tenant")
+FEEDBACK_PATH = "/v1/feedback"
+STATS_PATH = "/v1/prompts/{prompt_id}/stats"
+STATS_PARAMS = ("from", "to")
 _UINT32_MAX = 2**32 - 1
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -54,6 +62,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/conversations/{conversation_id}", _admin(get_conversation))
     app.router.add_delete("/v1/conversations/{conversation_id}", _admin(delete_conversation))
     app.router.add_get(USAGE_PATH, _admin(get_usage))
+    app.router.add_post(FEEDBACK_PATH, _admin(submit_feedback))
+    app.router.add_get(STATS_PATH, _admin(get_prompt_stats))
 
 
 Call = Callable[[PromptAdminClient, web.Request, tuple[tuple[str, str], ...]],
@@ -85,7 +95,8 @@ def _admin(call: Call) -> Handler:
 async def create_version(stub: PromptAdminClient, request: web.Request,
                          metadata: tuple[tuple[str, str], ...]) -> web.Response:
     """POST /v1/prompts/{id}/versions: {"template", "variables"?, "model"?, "parameters"?:
-    {"max_tokens", "temperature"}, "message"?, "author"?}."""
+    {"max_tokens", "temperature"}, "message"?, "author"?, "response_format"?,
+    "json_validate"?}."""
     data = await _json_body(request)
     parameters = _object(data.get("parameters", {}), "parameters")
     pb = prompt_admin_pb2.CreatePromptVersionRequest(
@@ -104,6 +115,10 @@ async def create_version(stub: PromptAdminClient, request: web.Request,
     temperature = parameters.get("temperature")
     if temperature is not None:
         pb.temperature = number_field(temperature, "parameters.temperature")
+    if data.get("response_format") is not None:
+        pb.response_format.CopyFrom(response_format(data["response_format"]))
+    if data.get("json_validate") is not None:
+        pb.json_validate = bool_field(data["json_validate"], "json_validate")
     version = await stub.CreatePromptVersion(pb, metadata=metadata, timeout=ADMIN_TIMEOUT)
     return web.json_response(version_json(version), status=201)
 
@@ -181,6 +196,10 @@ def version_json(version: prompt_admin_pb2.PromptVersion) -> dict[str, Any]:
         "author": version.author,
         "created_at_ms": version.created_at_ms,
         "labels": list(version.labels),
+        # OpenAI's shape, as a chat request would send it
+        "response_format": (ResponseFormat.trusted(version.response_format).to_openai()
+                            if version.HasField("response_format") else None),
+        "json_validate": version.json_validate,
     }
 
 
@@ -219,12 +238,7 @@ async def get_usage(stub: PromptAdminClient, request: web.Request,
     """GET /v1/usage?from=&to=&group_by=model|day|api_key|user&tenant=: requests, errors,
     tokens and cost of the caller's tenant (another's with `tenant`: admin keys), by hour-aligned
     UTC range; `from` defaults to the start of the day, `to` to now."""
-    for name in request.query:
-        if name not in USAGE_PARAMS:
-            raise invalid(f"unknown query parameter {name[:40]!r} (allowed: "
-                          f"{', '.join(USAGE_PARAMS)})")
-        if len(request.query.getall(name)) > 1:
-            raise invalid(f"query parameter {name} given more than once")
+    _check_query(request, USAGE_PARAMS)
     group_by = request.query.get("group_by", "model")
     if group_by not in USAGE_GROUPS:
         raise invalid(f"query parameter group_by must be one of {', '.join(USAGE_GROUPS)}, "
@@ -246,6 +260,16 @@ async def get_usage(stub: PromptAdminClient, request: web.Request,
                  for row in report.rows],
         "total": _usage_row(report.total),
     })
+
+
+def _check_query(request: web.Request, allowed: tuple[str, ...]) -> None:
+    """INVALID_REQUEST naming an unknown or repeated query parameter."""
+    for name in request.query:
+        if name not in allowed:
+            raise invalid(f"unknown query parameter {name[:40]!r} (allowed: "
+                          f"{', '.join(allowed)})")
+        if len(request.query.getall(name)) > 1:
+            raise invalid(f"query parameter {name} given more than once")
 
 
 def _usage_row(row: prompt_admin_pb2.UsageRow) -> dict[str, Any]:
@@ -274,6 +298,81 @@ def _query_time(request: web.Request, name: str) -> int:
 
 def _iso(millis: int) -> str:
     return datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --- feedback and prompt stats ----------------------------------------------------------------
+
+
+async def submit_feedback(stub: PromptAdminClient, request: web.Request,
+                          metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """POST /v1/feedback: {"request_id", "score": 1 | -1 | 0..1, "comment"?}, on a request of
+    the caller's tenant; 201, or 200 when it replaced an earlier feedback."""
+    data = await _json_body(request)
+    if data.get("score") is None:
+        raise invalid("score is required")
+    pb = prompt_admin_pb2.SubmitFeedbackRequest(
+        request_id=string_field(data.get("request_id"), "request_id", required=True),
+        score=number_field(data["score"], "score"))
+    if data.get("comment") is not None:
+        pb.comment = string_field(data["comment"], "comment", allow_empty=True)
+    feedback = await stub.SubmitFeedback(pb, metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(feedback_json(feedback), status=200 if feedback.replaced else 201)
+
+
+def feedback_json(feedback: prompt_admin_pb2.Feedback) -> dict[str, Any]:
+    """Stored feedback and the request it is about, as the HTTP API shows them."""
+    record = feedback.request
+    return {
+        "object": "feedback",
+        "request_id": feedback.request_id,
+        "score": int(feedback.score) if feedback.score.is_integer() else feedback.score,
+        "comment": feedback.comment or None,
+        "created_at_ms": feedback.created_at_ms,
+        "replaced": feedback.replaced,
+        "request": {
+            "prompt_id": record.prompt_id or None,
+            "prompt_version": record.prompt_version or None,
+            "model": record.model,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "first_token_ms": (record.first_token_ms if record.HasField("first_token_ms")
+                               else None),
+            "duration_ms": record.duration_ms,
+            "outcome": record.outcome,
+            "ended_at_ms": record.ended_at_ms,
+        },
+    }
+
+
+async def get_prompt_stats(stub: PromptAdminClient, request: web.Request,
+                           metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """GET /v1/prompts/{id}/stats?from=&to=: per version, requests, errors by code, first-token
+    p50/p95, tokens and feedback, over an hour-aligned UTC range (defaults as for usage)."""
+    _check_query(request, STATS_PARAMS)
+    stats = await stub.GetPromptStats(prompt_admin_pb2.GetPromptStatsRequest(
+        prompt_id=request.match_info["prompt_id"], from_ms=_query_time(request, "from"),
+        to_ms=_query_time(request, "to")), metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response({
+        "object": "prompt_stats",
+        "prompt_id": stats.prompt_id,
+        "from": _iso(stats.from_ms),
+        "to": _iso(stats.to_ms),
+        "versions": [{
+            "version": v.version,
+            "requests": v.requests,
+            "errors": v.errors,
+            "errors_by_code": dict(sorted(v.errors_by_code.items())),
+            "cancelled": v.cancelled,
+            "prompt_tokens": v.prompt_tokens,
+            "completion_tokens": v.completion_tokens,
+            "first_token_p50_ms": (v.first_token_p50_ms if v.HasField("first_token_p50_ms")
+                                   else None),
+            "first_token_p95_ms": (v.first_token_p95_ms if v.HasField("first_token_p95_ms")
+                                   else None),
+            "feedback_count": v.feedback_count,
+            "feedback_mean": v.feedback_mean if v.HasField("feedback_mean") else None,
+        } for v in stats.versions],
+    })
 
 
 # --- body and query readers (INVALID_REQUEST naming the field) ---------------------------------

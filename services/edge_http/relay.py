@@ -3,7 +3,9 @@
 `StreamRelay` owns the rules every streaming endpoint shares: hold the response headers until the
 prompt service's `start` frame (capped), an error before that as a real HTTP status with a JSON
 body, heartbeats while idle, a single writer, and on any exit (done, error, client gone, handler
-cancelled) the gRPC call is cancelled, which cancels the chain down to the provider.
+cancelled) the gRPC call is cancelled, which cancels the chain down to the provider (or, for a
+`resumable` stream, leaves it to the prompt service's resume grace: docs/resume.md). The same
+relay carries a `ResumeChat` call (`GET /v1/chat/stream/{id}`), whose frames are StreamChat's.
 
 What goes on the wire is an `Encoder`'s business: `SseEncoder` for `POST /v1/chat/stream`,
 `services.edge_http.openai_api.ChunkEncoder` for `POST /v1/chat/completions`.
@@ -23,7 +25,7 @@ from aiohttp import web
 from promptline.config import Config
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.streams import CANCELLED, DONE, StreamLife, read_frames
-from promptline.stubs import ChatCall
+from promptline.stubs import ChatCall, ResumeCall
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
 from services.edge_http.http_errors import ORIGIN, error_response, native_error_body
@@ -53,6 +55,8 @@ _HEARTBEAT: Final = _Marker.HEARTBEAT
 Frame = prompt_pb2.StreamChatResponse
 Queued = Frame | PromptlineError | _Marker
 """What the reader task and the heartbeat timer put in the writer's queue."""
+FrameCall = ChatCall | ResumeCall
+"""A call whose frames a relay carries: StreamChat, or ResumeChat (the same frames)."""
 
 async def ratelimit_headers(call: grpc.aio.Call, *, rejected: bool = False) -> dict[str, str]:
     """`x-ratelimit-*` headers (and `x-promptline-cache`) as the prompt service sent them:
@@ -78,7 +82,8 @@ class Encoder(Protocol):
         """The first bytes of the body (once, before any delta)."""
 
     def delta(self, text: str, seq: int) -> bytes:
-        """One piece of text; `seq` counts deltas from 1."""
+        """One piece of text; `seq` is its delta id (the prompt service's `Delta.id`, from 1;
+        for merged deltas the last one's), the SSE `id:` a client resumes after."""
 
     def done(self, done: common_pb2.Done) -> bytes:
         """The successful end of the stream (everything up to the last byte)."""
@@ -136,18 +141,18 @@ class StreamRelay:
         self._stall_limit = config.idle_timeout(model)  # a route: its models' longest
         """Longest a write may wait for a client that stopped reading: the model's idle rule."""
         self._response: web.StreamResponse | None = None
-        self._call: ChatCall | None = None
+        self._call: FrameCall | None = None
         self._stash: Frame | PromptlineError | None = None
         """A frame (or the error) taken from the queue while merging deltas."""
         self._started = False
         self._deltas = 0
-        """Deltas written: each one's SSE id."""
+        """Delta events written: the SSE id of a delta the prompt service did not number."""
         self._last_write = 0.0
         self._beat: asyncio.TimerHandle | None = None
         self.life = StreamLife(ORIGIN, model, request_id, logger=log)
         self.life.fields["endpoint"] = endpoint
 
-    async def run(self, call: ChatCall, *, header_hold: float) -> web.StreamResponse:
+    async def run(self, call: FrameCall, *, header_hold: float) -> web.StreamResponse:
         self._call = call
         queue: asyncio.Queue[Queued] = asyncio.Queue(FRAME_QUEUE_SIZE)
         reader = asyncio.create_task(_read_into(call, queue, self._rid),
@@ -218,7 +223,7 @@ class StreamRelay:
         frame = await self._wait_frame(queue)
         if frame.WhichOneof("frame") != "delta" or queue.empty():
             return frame
-        texts, tokens = [frame.delta.text], frame.delta.tokens
+        texts, tokens, last_id = [frame.delta.text], frame.delta.tokens, frame.delta.id
         size = len(texts[0])
         while not queue.empty() and size < MAX_MERGED_CHARS:
             following = queue.get_nowait()
@@ -230,8 +235,10 @@ class StreamRelay:
             texts.append(following.delta.text)
             size += len(following.delta.text)
             tokens += following.delta.tokens
+            last_id = following.delta.id
+        # The last merged delta's id: a client that resumes after it has all of this text.
         return prompt_pb2.StreamChatResponse(
-            delta=common_pb2.Delta(text="".join(texts), tokens=tokens))
+            delta=common_pb2.Delta(text="".join(texts), tokens=tokens, id=last_id))
 
     async def _wait_frame(self, queue: asyncio.Queue[Queued]) -> Frame:
         """The next queued frame; a heartbeat for each marker the timer queued meanwhile."""
@@ -304,7 +311,10 @@ class StreamRelay:
             await self._ensure_started()
             self.life.text_delivered()
             self._deltas += 1
-            await self._write(self._encoder.delta(frame.delta.text, self._deltas))
+            # The prompt service's id, which a resume continues after; a downstream that does
+            # not number its deltas (0) gets the edge's count, as before ids existed.
+            await self._write(self._encoder.delta(frame.delta.text,
+                                                  frame.delta.id or self._deltas))
         elif kind == "done":
             await self._ensure_started()
             await self._write_last(self._encoder.done(frame.done))
@@ -319,6 +329,10 @@ class StreamRelay:
 
     async def _write_start(self, start: prompt_pb2.ChatStart) -> None:
         self._started = True
+        if not self._model and start.model:  # a resumed stream learns its model here
+            self._model = start.model
+            self._stall_limit = self._config.idle_timeout(start.model)
+            self.life.fields["model"] = start.model
         await self._write(self._encoder.start(start))
 
     async def _fail(self, err: PromptlineError) -> web.StreamResponse:
@@ -393,7 +407,7 @@ def _unwrap(item: Frame | PromptlineError) -> Frame:
     return item
 
 
-async def _read_into(call: ChatCall, queue: asyncio.Queue[Queued], request_id: str) -> None:
+async def _read_into(call: FrameCall, queue: asyncio.Queue[Queued], request_id: str) -> None:
     """Reader task: frames into `queue`, ending with the terminal frame or a PromptlineError."""
     try:
         async with contextlib.aclosing(

@@ -33,7 +33,8 @@ from promptline.metrics import (
 )
 from promptline.metrics_server import MetricsServer
 from promptline.redis_store import STORE_ERRORS, RedisStore, connect_redis
-from promptline.rules import check_stream_shape
+from promptline.response_format import ResponseFormat, check_reply, check_response_format
+from promptline.rules import check_stream_shape, invalid
 from promptline.streams import Context, StreamLife, serve_stream
 from promptline.tokens import count_messages_off_loop, count_tokens, get_tokenizer
 from promptline.tracing import server_interceptors, tracer
@@ -89,6 +90,12 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                                   stage=Stage.CONNECT)
         if request.HasField("stream_shape"):
             check_stream_shape(request.stream_shape, "stream_shape")
+        fmt = (await check_response_format(request.response_format)
+               if request.HasField("response_format") else None)
+        if request.json_validate and (fmt is None or not fmt.is_json):
+            raise invalid("json_validate needs a response_format of type json_object or "
+                          "json_schema")
+        check = fmt if request.json_validate else None
         clock = StreamClock.start(model.timeouts, context.time_remaining())
         route = [model, *(m for n in model.fallback if (m := config.model(n)))]
         last: PromptlineError | None = None
@@ -113,7 +120,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     clock.restart_first_token()
                 try:
                     async with aclosing(self._attempt(candidate, chosen, request, clock,
-                                                      life)) as frames:
+                                                      life, fmt, check)) as frames:
                         async for frame in frames:
                             committed = True
                             yield frame
@@ -133,9 +140,12 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
 
     async def _attempt(self, model: ModelConfig, chosen: Attempt,
                        request: llm_engine_pb2.GenerateRequest, clock: StreamClock,
-                       life: StreamLife) -> AsyncGenerator[llm_engine_pb2.GenerateResponse, None]:
+                       life: StreamLife, fmt: ResponseFormat | None = None,
+                       check: ResponseFormat | None = None
+                       ) -> AsyncGenerator[llm_engine_pb2.GenerateResponse, None]:
         """One provider call on the chosen deployment: provider chunks -> frames, bounded by the
-        stream's clock."""
+        stream's clock; with `check` (json_validate), the finished reply is checked against it
+        before `done`."""
         rid = life.request_id
         provider = chosen.provider
         shape = _shape(model, request)
@@ -147,6 +157,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             max_tokens=request.max_tokens or model.default_max_tokens,
             temperature=request.temperature if request.HasField("temperature") else None,
             pace=pace,
+            response_format=fmt,
         ))
         # Not made current: a span attached across the generator's yields would be detached in
         # another context when the caller cancels.
@@ -162,6 +173,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         first = True
         pump = ChunkPump(gen, clock, pace)
         shaper = Shaper(shape, paced=True) if shape.active else None
+        reply: list[str] | None = [] if check is not None else None  # the text to check
         loop = asyncio.get_running_loop()
         # The end-of-stream log names the deployment that answered (or was tried last).
         life.fields.update(deployment_model=model.name, deployment=chosen.name)
@@ -201,6 +213,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                         span.set_attribute("llm.ttft_ms", round((now - called) * 1000, 1))
                     last = now
                     completion += tokens
+                    if reply is not None:
+                        reply.extend(text)
                     if shaper is None:
                         yield _delta("".join(text), tokens)
                     elif out := shaper.feed("".join(text), tokens, loop.time()):
@@ -229,6 +243,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         if usage is None:
             usage = Usage(await count_messages_off_loop(request.messages), completion)
         chosen.used(usage.total_tokens)
+        if check is not None and reply is not None:
+            await _check_reply(check, "".join(reply), finish, life)
         span.set_attribute("llm.prompt_tokens", usage.prompt_tokens)
         yield llm_engine_pb2.GenerateResponse(done=common_pb2.Done(
             finish_reason=finish,
@@ -239,6 +255,16 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                                    total_tokens=usage.total_tokens,
                                    cached_prompt_tokens=usage.cached_prompt_tokens),
         ))
+
+
+async def _check_reply(check: ResponseFormat, text: str, finish: str, life: StreamLife) -> None:
+    """json_validate: the model's output, once finished, against the format. A mismatch is the
+    model's fault, not the deployment's (checked after the attempt, so no breaker counts it):
+    UPSTREAM_ERROR at mid_stream, after the whole reply was delivered."""
+    failure = await check_reply(check, text, finish)
+    life.fields["json_valid"] = failure is None
+    if failure is not None:
+        raise PromptlineError(ErrorCode.UPSTREAM_ERROR, failure, stage=Stage.MID_STREAM)
 
 
 def _delta(text: str, tokens: int) -> llm_engine_pb2.GenerateResponse:

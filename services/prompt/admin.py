@@ -1,4 +1,5 @@
-"""PromptAdmin gRPC service: prompt versions and labels, conversation history, usage.
+"""PromptAdmin gRPC service: prompt versions and labels, conversation history, usage, feedback
+and prompt stats.
 
 Every call authenticates the `authorization` metadata first and works only on the caller's own
 tenant. Registry writes (CreatePromptVersion, SetPromptLabel) need a tenant with `admin: true`
@@ -23,6 +24,7 @@ from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
 from promptline.streams import Context, abort_unary, text_metadata
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 
+from .feedback import FeedbackStore
 from .history import ConversationStore
 from .pricing import from_pico, usd_text
 from .prompts import PromptDraft, PromptRegistry
@@ -35,7 +37,7 @@ R = TypeVar("R")
 Handler = Callable[[Any, Any, Context], Awaitable[R]]
 
 
-def _unary(method: Handler[R]) -> Handler[R]:
+def unary(method: Handler[R]) -> Handler[R]:
     """Map PromptlineError (and anything unexpected) to the call's status, in one place."""
 
     @functools.wraps(method)
@@ -58,11 +60,13 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
     """Implements PromptAdmin over a PromptRegistry and a ConversationStore."""
 
     def __init__(self, live: LiveConfig, prompts: PromptRegistry,
-                 conversations: ConversationStore, usage: UsageReader) -> None:
+                 conversations: ConversationStore, usage: UsageReader, *,
+                 feedback: FeedbackStore) -> None:
         self._live = live
         self._prompts = prompts
         self._conversations = conversations
         self._usage = usage
+        self._feedback = feedback
 
     def _tenant(self, context: Context, *, admin: bool = False) -> TenantConfig:
         metadata = text_metadata(context)
@@ -74,7 +78,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
                                   stage=Stage.CONNECT)
         return tenant
 
-    @_unary
+    @unary
     async def CreatePromptVersion(self, request: prompt_admin_pb2.CreatePromptVersionRequest,
                                   context: Context
                                   ) -> prompt_admin_pb2.PromptVersion:
@@ -85,7 +89,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
                                                   "version": version.version})
         return version.to_pb()
 
-    @_unary
+    @unary
     async def ListPromptVersions(self, request: prompt_admin_pb2.ListPromptVersionsRequest,
                                  context: Context
                                  ) -> prompt_admin_pb2.ListPromptVersionsResponse:
@@ -97,7 +101,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
             labels=page.labels, latest_version=page.latest_version,
             next_before_version=page.next_before_version)
 
-    @_unary
+    @unary
     async def GetPromptVersion(self, request: prompt_admin_pb2.GetPromptVersionRequest,
                                context: Context
                                ) -> prompt_admin_pb2.PromptVersion:
@@ -106,7 +110,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
                                           request.label)
         return version.to_pb()
 
-    @_unary
+    @unary
     async def SetPromptLabel(self, request: prompt_admin_pb2.SetPromptLabelRequest,
                              context: Context
                              ) -> prompt_admin_pb2.SetPromptLabelResponse:
@@ -121,7 +125,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
             prompt_id=request.prompt_id, label=request.label, version=request.version,
             previous_version=previous)
 
-    @_unary
+    @unary
     async def GetConversation(self, request: prompt_admin_pb2.GetConversationRequest,
                               context: Context) -> prompt_admin_pb2.Conversation:
         tenant = self._tenant(context)
@@ -134,7 +138,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
                 for t in conversation.turns],
             expires_in_ms=conversation.expires_in_ms)
 
-    @_unary
+    @unary
     async def DeleteConversation(self, request: prompt_admin_pb2.DeleteConversationRequest,
                                  context: Context
                                  ) -> prompt_admin_pb2.DeleteConversationResponse:
@@ -143,7 +147,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
         return prompt_admin_pb2.DeleteConversationResponse(
             conversation_id=request.conversation_id, deleted_turns=deleted)
 
-    @_unary
+    @unary
     async def GetUsage(self, request: prompt_admin_pb2.GetUsageRequest,
                        context: Context) -> prompt_admin_pb2.UsageReport:
         caller = self._tenant(context)
@@ -165,6 +169,28 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
             tenant=report.tenant, from_ms=report.from_ms, to_ms=report.to_ms,
             group_by=report.group_by, rows=[_row(r) for r in report.rows],
             total=_row(report.total))
+
+    @unary
+    async def SubmitFeedback(self, request: prompt_admin_pb2.SubmitFeedbackRequest,
+                             context: Context) -> prompt_admin_pb2.Feedback:
+        tenant = self._tenant(context)
+        feedback = await self._feedback.submit(
+            tenant.name, request.request_id,
+            request.score if request.HasField("score") else None, request.comment)
+        return feedback.to_pb()
+
+    @unary
+    async def GetPromptStats(self, request: prompt_admin_pb2.GetPromptStatsRequest,
+                             context: Context) -> prompt_admin_pb2.PromptStats:
+        tenant = self._tenant(context)
+        # NOT_FOUND unless the caller's tenant has the prompt: stats keys are per tenant anyway,
+        # and an empty answer would not tell a typo from a quiet prompt.
+        await self._prompts.get(tenant.name, request.prompt_id)
+        start, end = usage_range(request.from_ms, request.to_ms, int(time.time() * 1000),
+                                 self._live.current.feedback.retention,
+                                 setting="feedback.retention")
+        stats = await self._feedback.stats(tenant.name, request.prompt_id, start, end)
+        return stats.to_pb()
 
 
 def _row(row: UsageRow) -> prompt_admin_pb2.UsageRow:

@@ -12,7 +12,8 @@ Messages sent to the model, in order: the rendered prompt (a system message), th
   request's user/assistant messages (the new turns, stored with the reply when the stream ends).
   A request that re-sends the stored history before its new message is recognised
   (`split_resent_history`), so a client-kept transcript is neither doubled nor stored twice.
-A prompt version's default model, max_tokens and temperature apply when the request sets none.
+A prompt version's default model, max_tokens, temperature and response_format apply when the
+request sets none, and its json_validate while its response_format is the one used.
 The model (the request's or the prompt's) may be a route; the plan holds the model it resolved to.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 
 from promptline.config import Config, ModelConfig, RouteConfig, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.response_format import ResponseFormat, check_response_format
 from promptline.rules import (
     check_conversation_id,
     check_max_tokens,
@@ -61,6 +63,10 @@ class ChatPlan:
     """The request's user/assistant messages, stored with the reply; only with a conversation."""
     route: str = ""
     """The route the request (or its prompt) named, resolved to `model`; "" for a model."""
+    response_format: ResponseFormat | None = None
+    """Structured output (a JSON format; None: free text), the request's or its prompt's."""
+    json_validate: bool = False
+    """The engine checks the finished reply against `response_format`."""
 
     def without_messages(self) -> ChatPlan:
         """This plan once the engine request is built from it.
@@ -84,6 +90,8 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
     # A named model or route is checked before any Redis read; else the prompt's default applies.
     named = _named(config, tenant, request.model) if request.model else None
     _validate(request)
+    asked = (await check_response_format(request.response_format)
+             if request.HasField("response_format") else None)
     prompt = None
     if request.prompt.id:
         if prompts is None:
@@ -134,6 +142,7 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
                                   model.context_window - fitted.prompt_tokens)
     temperature = request.temperature if request.HasField("temperature") else (
         prompt.temperature if prompt else None)
+    response_format, json_validate = _response_format(request, asked, prompt)
     return ChatPlan(
         model=model,
         messages=fitted.messages,
@@ -144,7 +153,25 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
         conversation_id=request.conversation_id,
         new_turns=tuple(new) if request.conversation_id else (),
         route=route,
+        response_format=response_format,
+        json_validate=json_validate,
     )
+
+
+def _response_format(request: prompt_pb2.StreamChatRequest, asked: ResponseFormat | None,
+                     prompt: PromptVersion | None) -> tuple[ResponseFormat | None, bool]:
+    """(format, validate): each the request's when it sets it, else the prompt version's (its
+    validate only with its format); a "text" format is None."""
+    fmt = asked if asked is not None else prompt.response_format if prompt else None
+    if fmt is not None and not fmt.is_json:
+        fmt = None  # "text": free text, as without a format
+    if request.HasField("json_validate"):
+        if request.json_validate and fmt is None:
+            raise invalid("json_validate needs a response_format of type json_object or "
+                          "json_schema (the request's or its prompt version's)")
+        return fmt, request.json_validate
+    # A version's validate goes with its format: a request that replaced it asked for no check.
+    return fmt, bool(fmt and asked is None and prompt and prompt.json_validate)
 
 
 def split_resent_history(stored: tuple[common_pb2.ChatMessage, ...],

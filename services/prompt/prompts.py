@@ -29,8 +29,9 @@ from typing import Any
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
 from promptline.redis_store import RedisClient, is_store_failure
+from promptline.response_format import ResponseFormat, check_response_format
 from promptline.rules import check_max_tokens, check_temperature, invalid, is_model_name
-from promptline.v1 import prompt_admin_pb2
+from promptline.v1 import common_pb2, prompt_admin_pb2
 
 from .templates import declared_variables
 
@@ -72,6 +73,9 @@ class PromptDraft:
     temperature: float | None = None
     message: str = ""
     author: str = ""
+    response_format: common_pb2.ResponseFormat | None = None
+    """As it came; checked by `PromptRegistry.create`."""
+    json_validate: bool = False
 
     @classmethod
     def from_pb(cls, pb: prompt_admin_pb2.CreatePromptVersionRequest) -> PromptDraft:
@@ -79,7 +83,9 @@ class PromptDraft:
             prompt_id=pb.prompt_id, template=pb.template, variables=tuple(pb.variables),
             model=pb.model, max_tokens=pb.max_tokens if pb.HasField("max_tokens") else None,
             temperature=pb.temperature if pb.HasField("temperature") else None,
-            message=pb.message, author=pb.author)
+            message=pb.message, author=pb.author,
+            response_format=pb.response_format if pb.HasField("response_format") else None,
+            json_validate=pb.json_validate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,29 +104,42 @@ class PromptVersion:
     created_at_ms: int = 0
     labels: tuple[str, ...] = field(default=())
     """Labels pointing at this version when it was read."""
+    response_format: ResponseFormat | None = None
+    """Structured output for chats that set none (docs/json-mode.md)."""
+    json_validate: bool = False
+    """Chats that do not say check their reply against `response_format`."""
 
     def to_pb(self) -> prompt_admin_pb2.PromptVersion:
         return prompt_admin_pb2.PromptVersion(
             prompt_id=self.prompt_id, version=self.version, template=self.template,
             variables=self.variables, model=self.model, max_tokens=self.max_tokens,
             temperature=self.temperature, message=self.message, author=self.author,
-            created_at_ms=self.created_at_ms, labels=self.labels)
+            created_at_ms=self.created_at_ms, labels=self.labels,
+            response_format=self.response_format.to_pb() if self.response_format else None,
+            json_validate=self.json_validate)
 
     def _record(self) -> str:
-        return json.dumps({
+        record: dict[str, Any] = {
             "template": self.template, "variables": list(self.variables), "model": self.model,
             "max_tokens": self.max_tokens, "temperature": self.temperature,
             "message": self.message, "author": self.author, "created_at_ms": self.created_at_ms,
-        }, ensure_ascii=False, separators=(",", ":"))
+        }
+        if self.response_format is not None:  # absent: records stay as they were before
+            record["response_format"] = self.response_format.record()
+            record["json_validate"] = self.json_validate
+        return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def _from_record(cls, prompt_id: str, version: int, raw: bytes | str) -> PromptVersion:
         data: dict[str, Any] = json.loads(raw)
+        fmt = data.get("response_format")
         return cls(prompt_id=prompt_id, version=version, template=data["template"],
                    variables=tuple(data["variables"]), model=data.get("model") or "",
                    max_tokens=data.get("max_tokens"), temperature=data.get("temperature"),
                    message=data.get("message") or "", author=data.get("author") or "",
-                   created_at_ms=int(data.get("created_at_ms") or 0))
+                   created_at_ms=int(data.get("created_at_ms") or 0),
+                   response_format=ResponseFormat.from_record(fmt) if fmt else None,
+                   json_validate=bool(data.get("json_validate")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +218,19 @@ class PromptRegistry:
             raise invalid(f"message must be at most {MAX_MESSAGE_CHARS} characters")
         if len(draft.author) > MAX_AUTHOR_CHARS:
             raise invalid(f"author must be at most {MAX_AUTHOR_CHARS} characters")
+        fmt = (await check_response_format(draft.response_format)
+               if draft.response_format is not None else None)
+        if fmt is not None and not fmt.is_json:
+            fmt = None  # "text" is no format
+        if draft.json_validate and fmt is None:
+            raise invalid("json_validate needs a response_format of type json_object or "
+                          "json_schema")
         record = PromptVersion(
             prompt_id=draft.prompt_id, version=0, template=draft.template, variables=variables,
             model=draft.model, max_tokens=draft.max_tokens, temperature=draft.temperature,
             message=draft.message, author=draft.author or tenant,
-            created_at_ms=int(time.time() * 1000))
+            created_at_ms=int(time.time() * 1000), response_format=fmt,
+            json_validate=draft.json_validate)
         with store_errors("prompt"):
             number = await self._create(
                 keys=[_key(tenant, draft.prompt_id, "seq"),

@@ -32,14 +32,22 @@ from promptline.auth import Authenticator
 from promptline.channels import insecure_channel
 from promptline.config import Config
 from promptline.config_reload import LiveConfig
-from promptline.errors import PromptlineError, Stage
+from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.grpc_server import RunningServer, start_grpc_server
 from promptline.metrics import QUOTA_REJECTIONS
 from promptline.metrics_server import MetricsServer
 from promptline.ratelimit import parse_quota_subject, rejection_limits
 from promptline.redis_store import STORE_ERRORS, RedisStore, connect_redis
-from promptline.rules import request_id_from
-from promptline.streams import DONE, Context, StreamLife, read_frames, serve_stream, text_metadata
+from promptline.rules import SAFE_ID, check_request_id, request_id_from
+from promptline.streams import (
+    DONE,
+    Context,
+    StreamLife,
+    error_frame,
+    read_frames,
+    serve_stream,
+    text_metadata,
+)
 from promptline.stubs import GenerateCall, LlmEngineClient
 from promptline.tokens import get_tokenizer
 from promptline.tracing import client_interceptors, server_interceptors
@@ -53,7 +61,7 @@ from promptline.v1 import (
     prompt_pb2_grpc,
 )
 
-from .admin import PromptAdminServicer
+from .admin import PromptAdminServicer, unary
 from .alerts import AlertNotifier
 from .budgets import BudgetCheck, budget_checks
 from .cache import HEADER as CACHE_HEADER
@@ -61,12 +69,15 @@ from .cache import CachedReply, CacheTicket, ResponseCache, cache_key, pieces
 from .cache import count as count_cache
 from .chat_plan import ChatPlan, plan_chat
 from .context_fit import MessageTokenCounts
+from .feedback import FeedbackStore, RequestRecord, RequestRecords
 from .history import ConversationStore
+from .journal import Journal, unavailable
 from .moderation import Moderator, build_moderator
 from .pricing import budget_reservation, cost_of, to_pico, usd_text
 from .prompts import PromptRegistry
 from .quotas import QuotaManager
 from .redis_watch import RedisWatch
+from .runs import Run, RunContext, Runs
 from .session import ChatSession
 from .usage import UsageReader
 
@@ -84,7 +95,9 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                  quotas: QuotaManager, prompts: PromptRegistry | None = None,
                  conversations: ConversationStore | None = None,
                  cache: ResponseCache | None = None,
-                 alerts: AlertNotifier | None = None) -> None:
+                 alerts: AlertNotifier | None = None,
+                 journal: Journal | None = None,
+                 records: RequestRecords | None = None) -> None:
         self._live = live
         self.alerts = alerts
         """Credit alerts this replica claimed; `PromptServer` starts and stops it."""
@@ -93,6 +106,11 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         self._prompts = prompts
         self._conversations = conversations
         self._cache = cache
+        self.journal = journal
+        """Where resumable streams' frames go (None: nowhere; resume answers NOT_FOUND)."""
+        self.runs = Runs()
+        self.records = records
+        """Where each stream's record goes when it ends (None: nowhere; feedback finds none)."""
         self.background: set[asyncio.Future[Any]] = set()
         """Sessions of cancelled streams, finishing, and response-cache writes;
         `PromptServer.stop` waits for them."""
@@ -112,12 +130,81 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         session = ChatSession(rid, self._conversations, config=config,
                               ledger=self._quotas.ledger, alerts=self.alerts)
         life.on_finish(lambda outcome: self._on_stream_end(session, life, outcome))
-        async for frame in serve_stream(
-                life, self._stream_chat(config, request, context, metadata, session, life),
-                context, prompt_pb2.StreamChatResponse,
-                error_metadata=lambda err: self._rejection(config, err, session),
-                after_error=lambda err: session.finish(err.code.value)):
-            yield frame
+        run: Run | None = None
+        if request.resumable and self._live.derived("journaled", journaled):
+            run_context = RunContext(context)
+            run = Run(rid, life, run_context, self.journal, config.resume)
+            context = run_context  # type: ignore[assignment]  # the run's view of the call
+        frames = serve_stream(
+            life, self._stream_chat(config, request, context, metadata, session, life, run),
+            context, prompt_pb2.StreamChatResponse,
+            error_metadata=lambda err: self._rejection(config, err, session),
+            after_error=lambda err: session.finish(err.code.value))
+        if run is None:
+            n = 0
+            async for frame in frames:
+                if frame.WhichOneof("frame") == "delta":
+                    n += 1
+                    frame.delta.id = n
+                yield frame
+            return
+        run.start(frames)
+        self.runs.add(run)
+        ended = False
+        try:
+            async for frame in run.frames():
+                yield frame
+            ended = True
+        finally:
+            if not ended:  # the caller went away: not a Stop
+                run.detach()
+
+    async def ResumeChat(self, request: prompt_pb2.ResumeChatRequest, context: Context
+                         ) -> AsyncIterator[prompt_pb2.StreamChatResponse]:
+        """A journaled stream's start, its deltas after `after_id`, then the live rest."""
+        metadata = text_metadata(context)
+        try:
+            auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
+            tenant = auth.tenant_for_header(metadata.get("authorization"))
+            check_request_id(request.request_id)
+            if self.journal is None:
+                raise PromptlineError(ErrorCode.NOT_FOUND, "this prompt service keeps no "
+                                      "stream journal", stage=Stage.CONNECT)
+            async with aclosing(self.journal.read(tenant.name, request.request_id,
+                                                  request.after_id)) as frames:
+                async for frame in frames:
+                    if frame.WhichOneof("frame") == "error":  # the stream's own end, as it was
+                        frame = error_frame(context, PromptlineError.from_pb(frame.error),
+                                            prompt_pb2.StreamChatResponse)
+                    yield frame
+        except PromptlineError as err:
+            # A caller's id only once it is a safe one: never echo a bad id into trailers.
+            valid = SAFE_ID.fullmatch(request.request_id) is not None
+            err.at(Stage.CONNECT, request_id=request.request_id if valid else "", origin=ORIGIN)
+            yield error_frame(context, err, prompt_pb2.StreamChatResponse)
+
+    @unary
+    async def CancelChat(self, request: prompt_pb2.CancelChatRequest, context: Context
+                         ) -> prompt_pb2.CancelChatResponse:
+        """Stop a stream at once: here when this replica runs it, else through the journal's
+        stop mark, which the replica running it reads within a tenth of a second."""
+        auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
+        tenant = auth.tenant_for_header(text_metadata(context).get("authorization"))
+        check_request_id(request.request_id)
+        run = self.runs.find(tenant.name, request.request_id)
+        if run is not None:
+            return prompt_pb2.CancelChatResponse(cancelled=run.cancel("stopped by the caller"))
+        marked = None
+        if self.journal is not None:
+            try:
+                marked = await self.journal.mark_stop(tenant.name, request.request_id)
+            except STORE_ERRORS as exc:
+                raise unavailable(exc) from None
+        if marked is None:
+            raise PromptlineError(ErrorCode.NOT_FOUND, f"no stream {request.request_id} to "
+                                  "stop (unknown, expired or not resumable)",
+                                  stage=Stage.CONNECT)
+        return prompt_pb2.CancelChatResponse(cancelled=marked)
 
     def _on_stream_end(self, session: ChatSession, life: StreamLife, outcome: str) -> None:
         """The end-of-stream log line's fields; and a stream cancelled (or closed) before its
@@ -132,6 +219,9 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
             life.fields["model"] = session.plan.model.name
             if session.plan.route:
                 life.fields["route"] = session.plan.route
+        record = RequestRecord.of(session, life.started, outcome)
+        if record is not None and self.records is not None:  # after the terminal frame
+            self._spawn(self.records.write(record))
         settling = session.finishing(outcome)
         if not settling.done():  # also one whose wait a cancel cut short: `stop` waits for it
             self.background.add(settling)
@@ -155,7 +245,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
 
     async def _stream_chat(self, config: Config, request: prompt_pb2.StreamChatRequest,
                            context: Context, metadata: dict[str, str],
-                           session: ChatSession, life: StreamLife
+                           session: ChatSession, life: StreamLife, run: Run | None
                            ) -> AsyncGenerator[prompt_pb2.StreamChatResponse, None]:
         # Cheapest checks first: auth touches nothing; the plan validates before it reads a
         # prompt or a conversation from Redis, and nothing before admission calls the model.
@@ -165,6 +255,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         plan = session.plan = await plan_chat(config, tenant, request, self._prompts,
                                               self._conversations, self.token_counts)
         session.user = request.user  # validated by the plan
+        if run is not None:
+            run.bind(tenant.name, config.resume_for(plan.model, tenant))
         if plan.conversation_id:
             session.reply = []
         moderator = self._live.derived("moderator", lambda c: build_moderator(c.moderation))
@@ -194,6 +286,9 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 temperature=plan.temperature,
                 stream_shape=(request.stream_shape if request.HasField("stream_shape")
                               else None),
+                response_format=(plan.response_format.to_pb() if plan.response_format
+                                 else None),
+                json_validate=plan.json_validate,
             ),
             timeout=context.time_remaining(),
         )
@@ -223,6 +318,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         """Where this request's reply is cached; None when its model has no cache."""
         settings = plan.model.cache
         if self._cache is None or settings is None or not settings.enabled:
+            return None
+        if plan.response_format is not None:  # the key does not hold the format (json-mode.md)
             return None
         return CacheTicket(cache_key(tenant, plan.model, plan.messages, plan.max_tokens,
                                      plan.temperature), settings, plan.model.name)
@@ -323,6 +420,13 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                     await session.finish(DONE)  # without a conversation: after `done`
 
 
+def journaled(config: Config) -> bool:
+    """Whether any stream may be journaled (a `resume.ttl` above 0 anywhere): else a resumable
+    request is served as any other, without a run of its own."""
+    return any(ttl for ttl in (config.resume.ttl, *(m.resume.ttl for m in config.models),
+                               *(t.resume.ttl for t in config.tenants)))
+
+
 def _chat_start(session: ChatSession, request: prompt_pb2.StreamChatRequest, model: str,
                 deployment: str) -> prompt_pb2.ChatStart:
     plan = session.plan
@@ -356,12 +460,15 @@ class PromptServer:
 
     async def stop(self, grace: float) -> None:
         await self.grpc.stop(grace)
+        await self.servicer.runs.stop(max(grace, 1.0))  # detached ones outlive their calls
         await self.redis_watch.stop()
         if self.servicer.background:
             # History writes of streams cancelled during the drain: short Redis calls.
             await asyncio.wait(self.servicer.background, timeout=max(grace, 1.0))
         if self.servicer.alerts is not None:
             await self.servicer.alerts.stop()
+        if self.servicer.journal is not None:
+            await self.servicer.journal.drain(1.0)
         await self.metrics.stop()
         await self.engine_channel.close()
         await self.redis.close()
@@ -398,8 +505,12 @@ async def start_prompt(config: Config, address: str | None = None, *,
                                            usage_ttl=config.usage.retention),
                               prompts, conversations,
                               ResponseCache(redis, config.quota_policy.redis_timeout),
-                              await AlertNotifier(lambda: live.current.alerts).start())
-    admin = PromptAdminServicer(live, prompts, conversations, UsageReader(redis))
+                              await AlertNotifier(lambda: live.current.alerts).start(),
+                              Journal(redis, config.quota_policy.redis_timeout),
+                              RequestRecords(redis, lambda: live.current.feedback.retention,
+                                             timeout=config.quota_policy.redis_timeout))
+    admin = PromptAdminServicer(live, prompts, conversations, UsageReader(redis),
+                                feedback=FeedbackStore(redis))
     running = await start_grpc_server(
         address or config.listen.prompt,
         _register(servicer, admin),

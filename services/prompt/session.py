@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -76,6 +77,9 @@ class ChatSession:
     """The model the engine says serves the stream (a fallback's), once `start` came."""
     cached: bool = False
     """A response-cache hit: `usage` is the stored reply's, priced; no tokens were used."""
+    first_text_at: float = 0.0
+    """`time.perf_counter()` when text first reached the caller (0: none did): the request
+    record's first-token time (`feedback.RequestRecord`)."""
     _settling: asyncio.Future[tuple[None, None]] | None = field(default=None, init=False)
 
     @property
@@ -89,6 +93,8 @@ class ChatSession:
                 and self.conversations is not None)
 
     def delivered_text(self, text: str) -> None:
+        if not self.delivered:
+            self.first_text_at = time.perf_counter()
         self.delivered = True
         if self.reply is not None:
             self.reply.append(text)

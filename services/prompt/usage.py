@@ -102,10 +102,11 @@ class UsageReport:
     total: UsageRow
 
 
-def usage_range(from_ms: int, to_ms: int, now_ms: int, retention_s: float) -> tuple[int, int]:
+def usage_range(from_ms: int, to_ms: int, now_ms: int, retention_s: float, *,
+                setting: str = "usage.retention") -> tuple[int, int]:
     """The hour-aligned range a query reads: `from_ms` rounded down (0: the start of the current
     UTC day), `to_ms` rounded up (0: now). INVALID_REQUEST naming the field when it is not a
-    range or is longer than the retention."""
+    range or is longer than the retention (the config key `setting`)."""
     if from_ms < 0 or to_ms < 0:
         raise invalid(f"{'from' if from_ms < 0 else 'to'} must not be before 1970")
     if not from_ms:
@@ -116,7 +117,7 @@ def usage_range(from_ms: int, to_ms: int, now_ms: int, retention_s: float) -> tu
     if end <= start:
         raise invalid("from must be before to")
     if end - start > retention_s * 1000 + HOUR_MS:
-        raise invalid(f"from: the range may be at most usage.retention ({retention_s / 86400:g} "
+        raise invalid(f"from: the range may be at most {setting} ({retention_s / 86400:g} "
                       "days) long")
     return start, end
 

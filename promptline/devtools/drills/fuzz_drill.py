@@ -761,15 +761,16 @@ def _report(result: Result, t: Tally, floors: tuple[int, int, int], methods: lis
 
 @fault("edge-500-on-temperature", "services.edge_http")
 def _temperature_crash() -> None:
-    """A chat body with `temperature` above 1 raises in the edge: an unexpected exception,
-    answered 500 INTERNAL."""
+    """A chat body with a valid `temperature` raises in the edge: an unexpected exception,
+    answered 500 INTERNAL. (Any temperature: the smoke run's few examples stopped meeting a
+    narrower trigger, "above 1", once the API grew.)"""
     from services.edge_http import chat_request
 
     original = chat_request._temperature
 
     def crashes(value: Any) -> float:
         checked = original(value)
-        if checked > 1:
+        if checked >= 0:
             raise ZeroDivisionError("planted")
         return checked
 

@@ -1,12 +1,15 @@
 // Promptline chat page: streams replies from POST /v1/chat/stream with fetch + a stream reader
-// (EventSource cannot POST), shows every failure as what it is, and Stop aborts the fetch, which
-// makes the edge cancel the chain down to the model. No third-party code, no external requests.
+// (EventSource cannot POST), shows every failure as what it is, resumes a reply after a dropped
+// connection (GET /v1/chat/stream/{id} with Last-Event-ID, docs/resume.md), and Stop cancels the
+// stream (POST .../cancel) down to the model. No third-party code, no external requests.
 "use strict";
 
 const KEY_STORAGE = "promptline.apiKey";
 const MODEL_STORAGE = "promptline.model";
 const RATE_LIMIT_CODES = new Set(["QPM_EXCEEDED", "TPM_EXCEEDED", "UPSTREAM_RATE_LIMITED"]);
 const TIMEOUT_CODES = new Set(["STREAM_TIMEOUT", "FIRST_TOKEN_TIMEOUT"]);
+// Waits before each reconnect after a drop; then the page gives up and says so.
+const RECONNECT_DELAYS_MS = [500, 1000, 2000, 4000];
 
 const el = (id) => document.getElementById(id);
 const ui = {
@@ -22,7 +25,7 @@ const ui = {
   conversation: el("conversation-id"),
 };
 
-const chat = { messages: [], conversationId: "", controller: null };
+const chat = { messages: [], conversationId: "", stream: null };
 
 // --- errors -------------------------------------------------------------------------------------
 
@@ -106,6 +109,7 @@ function addNotice(turn, text, requestId, kind) {
 }
 
 function showError(turn, error, requestId) {
+  showReconnecting(turn, false);
   turn.item.dataset.state = "error";
   turn.item.dataset.code = error.code || "";
   markCutOff(turn);
@@ -113,9 +117,22 @@ function showError(turn, error, requestId) {
 }
 
 function showStopped(turn, requestId) {
+  showReconnecting(turn, false);
   turn.item.dataset.state = "stopped";
   markCutOff(turn);
   addNotice(turn, "stopped — the model was cancelled", requestId, "stopped");
+}
+
+/** The "reconnecting…" line of a turn whose connection dropped, shown or removed. */
+function showReconnecting(turn, on) {
+  const shown = turn.item.querySelector(".notice.reconnecting");
+  if (on && !shown) {
+    turn.item.dataset.state = "reconnecting";
+    addNotice(turn, "reconnecting…", "", "reconnecting");
+  } else if (!on && shown) {
+    shown.remove();
+    if (turn.item.dataset.state === "reconnecting") turn.item.dataset.state = "streaming";
+  }
 }
 
 function showUsage(turn, done) {
@@ -127,6 +144,50 @@ function showUsage(turn, done) {
     (u.cost_usd && u.cost_usd !== "0" ? ` · $${u.cost_usd}` : "") +
     (done.finish_reason === "length" ? " · stopped at max_tokens" : "");
   turn.item.append(usage);
+}
+
+/** Thumbs up / down under a finished reply: POST /v1/feedback, the latest click wins. */
+function showFeedback(turn, requestId) {
+  if (!requestId) return;
+  const bar = document.createElement("span");
+  bar.className = "feedback";
+  const status = document.createElement("span");
+  status.className = "feedback-status";
+  status.setAttribute("role", "status");
+  const buttons = [[1, "\u{1F44D}", "good reply"], [-1, "\u{1F44E}", "bad reply"]].map(
+    ([score, label, title]) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "thumb";
+      button.dataset.score = String(score);
+      button.textContent = label;
+      button.title = title;
+      button.setAttribute("aria-label", title);
+      button.setAttribute("aria-pressed", "false");
+      button.addEventListener("click", () => sendFeedback(requestId, score, buttons, status));
+      return button;
+    });
+  bar.append(...buttons, status);
+  turn.item.append(bar);
+}
+
+async function sendFeedback(requestId, score, buttons, status) {
+  try {
+    const response = await fetch("/v1/feedback", {
+      method: "POST",
+      headers: { ...authHeaders(), "Content-Type": "application/json" },
+      body: JSON.stringify({ request_id: requestId, score }),
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      status.textContent = (body.error && body.error.message) || `feedback failed (${response.status})`;
+      return;
+    }
+    for (const b of buttons) b.setAttribute("aria-pressed", String(Number(b.dataset.score) === score));
+    status.textContent = "thanks";
+  } catch (err) {
+    status.textContent = "feedback not sent: network error";
+  }
 }
 
 // --- SSE over fetch -----------------------------------------------------------------------------
@@ -183,63 +244,128 @@ function setBusy(busy) {
   ui.model.disabled = busy || ui.model.options.length === 0 || !ui.model.value;
 }
 
+/** A wait that a Stop (the stream's abort signal) cuts short with an AbortError. */
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(new DOMException("stopped", "AbortError"));
+    }, { once: true });
+  });
+}
+
+/**
+ * Play one response of the stream into its turn: the POST's or a resume's. Returns "finished"
+ * (done, an error, or an HTTP error shown) or "dropped" (the connection failed, or the body
+ * ended without a terminal event: resume). A Stop's AbortError is thrown.
+ */
+async function play(stream, response, resumed) {
+  const { turn } = stream;
+  if (!response.ok) {
+    const body = await response.json().catch(() => null);
+    const error = (body && body.error) || { message: `HTTP ${response.status}` };
+    if (resumed && response.status === 404) {
+      stream.failure = { ...error, message: "connection lost — the reply can no longer be resumed" };
+      return "gone";
+    }
+    if (resumed && error.retryable) {
+      stream.failure = error;  // the journal may be back on the next attempt
+      return "dropped";
+    }
+    showError(turn, error, stream.id);
+    return "finished";
+  }
+  showReconnecting(turn, false);
+  try {
+    for await (const { event, data, id } of sseEvents(response.body)) {
+      if (event === "start") {
+        stream.id = data.request_id || stream.id;
+        turn.item.dataset.requestId = stream.id;
+      } else if (event === "delta") {
+        const n = Number(id);
+        if (n > 0 && n <= stream.lastId) continue;  // already on screen: never twice
+        if (n > 0) stream.lastId = n;
+        stream.reply += data.text;
+        turn.body.textContent = stream.reply;  // text, never HTML: model output is not trusted
+        stream.progress = true;
+      } else if (event === "done") {
+        turn.item.dataset.state = "done";
+        showUsage(turn, data);
+        showFeedback(turn, stream.id);
+        return "finished";
+      } else if (event === "error") {
+        const error = data.error || {};
+        if (error.code === "CANCELLED") showStopped(turn, stream.id);  // a Stop, maybe elsewhere
+        else showError(turn, error, stream.id);
+        return "finished";
+      }
+    }
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    stream.failure = { message: `connection lost (${err.message})` };
+    return "dropped";
+  }
+  stream.failure = { message: "the connection closed before the reply finished" };
+  return "dropped";
+}
+
 async function send(text) {
   chat.messages.push({ role: "user", content: text });
   addTurn("user", text);
   const turn = addTurn("assistant", "");
-  const controller = new AbortController();
-  chat.controller = controller;
+  // Our own request id: the stream can be resumed (or stopped) even before its `start` arrived.
+  const stream = { id: newId(), lastId: 0, reply: "", turn, controller: new AbortController(),
+                   progress: false, failure: null };
+  const { signal } = stream.controller;
+  chat.stream = stream;
+  turn.item.dataset.requestId = stream.id;
   setBusy(true);
-  let reply = "";
-  let requestId = "";
-  let finished = false;
   try {
-    const response = await fetch("/v1/chat/stream", {
-      method: "POST",
-      headers: { ...authHeaders(), "Content-Type": "application/json" },
-      body: JSON.stringify({
-        model: ui.model.value,
-        messages: chat.messages,
-        conversation_id: chat.conversationId,
-      }),
-      signal: controller.signal,
-    });
-    requestId = response.headers.get("X-Request-Id") || "";
-    turn.item.dataset.requestId = requestId;
-    if (!response.ok) {
-      const body = await response.json().catch(() => null);
-      showError(turn, (body && body.error) || { message: `HTTP ${response.status}` }, requestId);
-      finished = true;
-      return;
+    let outcome = "dropped";
+    try {
+      const response = await fetch("/v1/chat/stream", {
+        method: "POST",
+        headers: { ...authHeaders(), "Content-Type": "application/json",
+                   "X-Request-Id": stream.id },
+        body: JSON.stringify({
+          model: ui.model.value,
+          messages: chat.messages,
+          conversation_id: chat.conversationId,
+        }),
+        signal,
+      });
+      outcome = await play(stream, response, false);
+    } catch (err) {
+      if (err.name === "AbortError") throw err;
+      stream.failure = { message: `connection lost (${err.message})` };
     }
-    for await (const { event, data } of sseEvents(response.body)) {
-      if (event === "start") {
-        requestId = data.request_id || requestId;
-        turn.item.dataset.requestId = requestId;
-      } else if (event === "delta") {
-        reply += data.text;
-        turn.body.textContent = reply;  // text, never HTML: model output is not trusted
-      } else if (event === "done") {
-        turn.item.dataset.state = "done";
-        showUsage(turn, data);
-        finished = true;
-      } else if (event === "error") {
-        showError(turn, data.error || {}, requestId);
-        finished = true;
+    for (let attempt = 0; outcome === "dropped"; attempt++) {
+      if (attempt >= RECONNECT_DELAYS_MS.length) break;
+      showReconnecting(turn, true);
+      await sleep(RECONNECT_DELAYS_MS[attempt], signal);
+      stream.progress = false;
+      try {
+        const response = await fetch(`/v1/chat/stream/${encodeURIComponent(stream.id)}`, {
+          headers: { ...authHeaders(), "Last-Event-ID": String(stream.lastId) },
+          signal,
+        });
+        outcome = await play(stream, response, true);
+      } catch (err) {
+        if (err.name === "AbortError") throw err;
+        stream.failure = { message: `connection lost (${err.message})` };
       }
+      if (stream.progress) attempt = -1;  // text came through: a later drop starts afresh
     }
-    if (!finished) {
-      showError(turn, { message: "the connection closed before the reply finished" }, requestId);
-      finished = true;
-    }
+    if (outcome !== "finished") showError(turn, stream.failure || {}, stream.id);
   } catch (err) {
-    if (err.name === "AbortError") showStopped(turn, requestId);
-    else showError(turn, { message: `connection lost (${err.message})` }, requestId);
+    if (err.name === "AbortError") showStopped(turn, stream.id);
+    else showError(turn, { message: `something went wrong (${err.message})` }, stream.id);
   } finally {
     turn.item.classList.remove("streaming");
-    chat.controller = null;
-    if (reply) {
-      chat.messages.push({ role: "assistant", content: reply });
+    chat.stream = null;
+    if (stream.reply) {
+      chat.messages.push({ role: "assistant", content: stream.reply });
     } else {
       // Nothing came back: keep the transcript honest and let the user resend the same text.
       chat.messages.pop();
@@ -247,6 +373,17 @@ async function send(text) {
     }
     setBusy(false);
   }
+}
+
+/** Stop: cancel the stream on the server (a dropped connection alone would leave it its resume
+ * grace), and abort the local fetch. */
+function stop() {
+  const stream = chat.stream;
+  if (!stream) return;
+  fetch(`/v1/chat/stream/${encodeURIComponent(stream.id)}/cancel`, {
+    method: "POST", headers: authHeaders(), keepalive: true,
+  }).catch(() => {});  // best effort: the abort below still ends the reply here
+  stream.controller.abort();
 }
 
 // --- models, key, conversation ------------------------------------------------------------------
@@ -288,16 +425,17 @@ function setStatus(text, problem = false) {
   ui.status.classList.toggle("problem", problem);
 }
 
-function newConversationId() {
+/** A fresh id that follows the request-id rule (letters, digits, `. _ : -`). */
+function newId() {
   if (crypto.randomUUID) return crypto.randomUUID();  // secure contexts only
   return Array.from(crypto.getRandomValues(new Uint8Array(16)),
                     (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
 function newChat() {
-  if (chat.controller) chat.controller.abort();
+  stop();
   chat.messages = [];
-  chat.conversationId = newConversationId();
+  chat.conversationId = newId();
   ui.conversation.textContent = chat.conversationId;
   ui.transcript.replaceChildren();
   ui.prompt.focus();
@@ -314,11 +452,11 @@ ui.key.addEventListener("input", () => {
 });
 ui.model.addEventListener("change", () => localStorage.setItem(MODEL_STORAGE, ui.model.value));
 ui.newChat.addEventListener("click", newChat);
-ui.stop.addEventListener("click", () => chat.controller && chat.controller.abort());
+ui.stop.addEventListener("click", stop);
 ui.composer.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.prompt.value.trim();
-  if (!text || chat.controller) return;
+  if (!text || chat.stream) return;
   if (!ui.model.value) {
     setStatus("Pick a model first (enter an API key to load them).", true);
     return;

@@ -12,6 +12,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from promptline.response_format import ResponseFormat
 from promptline.v1 import common_pb2
 
 
@@ -56,6 +57,8 @@ class GenerationRequest:
     temperature: float | None = None
     pace: ReadPacer | None = None
     """Read the upstream at this pace once the first text went out (None: as it comes)."""
+    response_format: ResponseFormat | None = None
+    """Structured output asked for (None: free text)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,6 +98,8 @@ class OpenAIProvider:
         }
         if request.temperature is not None:
             params["temperature"] = request.temperature
+        if request.response_format is not None and request.response_format.is_json:
+            params["response_format"] = request.response_format.to_openai()
         return params
 
     async def open_stream(self, params: dict[str, Any]) -> aiohttp.ClientResponse:

@@ -3,7 +3,8 @@
 Streams `reply` (or a built-in paragraph) one tiktoken token at a time at `tokens_per_second`
 after `ttft_ms`. `fail_after_tokens: N` makes it fail with UPSTREAM_ERROR after N tokens (0: the
 request is refused before any token); `stall_after_tokens: N` makes it go silent after N tokens
-until it is cancelled, which is what idle and first-token timeout drills need.
+until it is cancelled, which is what idle and first-token timeout drills need. Asked for JSON
+(`response_format`), it streams JSON that fits, the same way (`json_reply`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from promptline.errors import ErrorCode, PromptlineError
 from promptline.tokens import count_messages_off_loop, get_tokenizer
 
 from .base import Chunk, GenerationRequest, Usage
+from .json_reply import json_reply
 
 BUILTIN_REPLY = (
     "Promptline streams this reply from its simulated model so you can watch tokens arrive one "
@@ -42,7 +44,9 @@ class SimulatedProvider:
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         s = self.settings
-        pieces = _pieces(s.reply if s.reply is not None else BUILTIN_REPLY)
+        fmt = request.response_format
+        pieces = _pieces(json_reply(fmt, s.reply, BUILTIN_REPLY) if fmt and fmt.is_json
+                         else s.reply if s.reply is not None else BUILTIN_REPLY)
         if s.ttft_ms:
             await asyncio.sleep(s.ttft_ms / 1000)
         loop = asyncio.get_running_loop()

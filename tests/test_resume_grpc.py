@@ -1,0 +1,311 @@
+"""Resumable streams at the prompt service (gRPC): the journal, ResumeChat, CancelChat and the
+grace of a stream whose caller dropped. Real Redis, real gRPC servers, a fake OpenAI upstream
+that records when its client closes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from promptline.devtools.fake_openai import FakeOpenAI
+from promptline.v1 import common_pb2, prompt_pb2
+from tests.chain import Chain, running_chain
+from tests.conftest import make_config
+from tests.eventually import eventually
+from tests.test_redis_modes import Mode, mode  # noqa: F401 - the fixture, for every mode
+
+AUTH = (("authorization", "Bearer dev-key"),)
+OTHER = (("authorization", "Bearer other-key"),)
+REPLY = " ".join(f"word{i}" for i in range(60))
+
+
+def slow_sim(grace: str = "0s", **resume: Any) -> dict[str, Any]:
+    """The config: a simulated model at 100 tokens/s (60 tokens: 0.6 s), and `resume`."""
+    return {"resume": {"ttl": "1m", "grace": grace, **resume}}
+
+
+def request(model: str = "slow", **fields: Any) -> prompt_pb2.StreamChatRequest:
+    return prompt_pb2.StreamChatRequest(
+        model=model, messages=[{"role": "user", "content": "Hi"}], resumable=True,
+        request_id=fields.pop("request_id", uuid.uuid4().hex), **fields)
+
+
+MODELS = [{"name": "slow", "provider": "simulated",
+           "simulated": {"ttft_ms": 20, "tokens_per_second": 100, "reply": REPLY},
+           "stream": {"coalesce_ms": 0}}]
+
+
+@contextlib.asynccontextmanager
+async def chain_with(redis_url: str, grace: str = "0s", models: list[dict[str, Any]] | None = None
+                     ) -> AsyncIterator[Chain]:
+    config = make_config(slow_sim(grace), redis_url=redis_url, models=models or MODELS)
+    async with running_chain(config, with_edge=False) as chain:
+        yield chain
+
+
+def text_of(frames: list[prompt_pb2.StreamChatResponse]) -> str:
+    return "".join(f.delta.text for f in frames if f.WhichOneof("frame") == "delta")
+
+
+async def collect(call: Any) -> list[prompt_pb2.StreamChatResponse]:
+    frames = []
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        async for frame in call:
+            frames.append(frame)
+    return frames
+
+
+async def test_deltas_are_numbered_and_a_finished_stream_replays_whole(redis_server: Any) -> None:
+    async with chain_with(redis_server.url) as chain:
+        req = request()
+        frames = await collect(chain.prompt_stub.StreamChat(req, metadata=AUTH))
+        deltas = [f.delta for f in frames if f.WhichOneof("frame") == "delta"]
+        assert [d.id for d in deltas] == list(range(1, len(deltas) + 1))
+        assert frames[-1].WhichOneof("frame") == "done"
+        await asyncio.sleep(0.05)  # the journal's flush
+        for after in (0, 1, len(deltas) // 2, len(deltas)):
+            replay = await collect(chain.prompt_stub.ResumeChat(
+                prompt_pb2.ResumeChatRequest(request_id=req.request_id, after_id=after),
+                metadata=AUTH))
+            assert replay[0].WhichOneof("frame") == "start"
+            assert replay[0].start.request_id == req.request_id
+            assert replay[-1].WhichOneof("frame") == "done"
+            assert text_of(frames[:1] + [f for f in frames if f.WhichOneof("frame") == "delta"
+                                         and f.delta.id <= after]) + text_of(replay) == REPLY
+
+
+async def test_a_resume_follows_the_live_stream_to_its_end(redis_server: Any) -> None:
+    async with chain_with(redis_server.url) as chain:
+        req = request()
+        call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+        first: list[prompt_pb2.StreamChatResponse] = []
+        async for frame in call:
+            first.append(frame)
+            if frame.WhichOneof("frame") == "delta" and frame.delta.id == 5:
+                break
+        await asyncio.sleep(0.03)
+        resumed = await collect(chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=req.request_id, after_id=5), metadata=AUTH))
+        assert resumed[-1].WhichOneof("frame") == "done"
+        assert text_of(first) + text_of(resumed) == REPLY
+        call.cancel()
+
+
+async def test_without_grace_a_dropped_caller_cancels_and_the_journal_says_so(
+        redis_server: Any) -> None:
+    async with chain_with(redis_server.url) as chain:
+        req = request()
+        call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+        async for frame in call:
+            if frame.WhichOneof("frame") == "delta":
+                break
+        call.cancel()
+        await eventually(lambda: chain.engine_streams == 0, what="the engine stream ending")
+        await asyncio.sleep(0.05)
+        replay = await collect(chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=AUTH))
+        assert replay[-1].WhichOneof("frame") == "error"
+        assert replay[-1].error.code == common_pb2.ERROR_CODE_CANCELLED
+        assert len(text_of(replay)) < len(REPLY)
+
+
+async def test_with_grace_a_dropped_stream_goes_on_and_resumes_to_its_end(
+        redis_server: Any) -> None:
+    async with chain_with(redis_server.url, grace="5s") as chain:
+        req = request()
+        call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+        got = []
+        async for frame in call:
+            got.append(frame)
+            if frame.WhichOneof("frame") == "delta" and frame.delta.id == 3:
+                break
+        call.cancel()
+        await asyncio.sleep(0.3)  # the reader is away; the stream goes on
+        resumed = await collect(chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=req.request_id, after_id=3), metadata=AUTH))
+        assert resumed[-1].WhichOneof("frame") == "done", resumed[-1]
+        assert text_of(got) + text_of(resumed) == REPLY
+
+
+async def test_grace_expiry_cancels_down_to_the_provider(redis_server: Any) -> None:
+    async with FakeOpenAI(reply=REPLY, delay=0.05) as upstream:
+        models = [{"name": "up", "provider": "openai", "base_url": upstream.base_url,
+                   "stream": {"coalesce_ms": 0}}]
+        async with chain_with(redis_server.url, grace="500ms", models=models) as chain:
+            req = request("up")
+            call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+            async for frame in call:
+                if frame.WhichOneof("frame") == "delta":
+                    break
+            call.cancel()
+            dropped = time.monotonic()
+            await asyncio.sleep(0.2)
+            assert upstream.active_streams == 1  # within the grace: still generating
+            await upstream.wait_idle(within=5)
+            waited = time.monotonic() - dropped
+            assert 0.45 < waited < 3.0, waited  # the grace, then one check and the close
+            await eventually(lambda: chain.engine_streams == 0, what="the engine stream ending")
+
+
+async def test_a_reader_keeps_a_detached_stream_alive_past_the_grace(redis_server: Any) -> None:
+    async with FakeOpenAI(reply=REPLY, delay=0.04) as upstream:  # 60 chunks: 2.4 s
+        models = [{"name": "up", "provider": "openai", "base_url": upstream.base_url,
+                   "stream": {"coalesce_ms": 0}}]
+        async with chain_with(redis_server.url, grace="1s", models=models) as chain:
+            req = request("up")
+            call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+            async for frame in call:
+                if frame.WhichOneof("frame") == "delta":
+                    break
+            call.cancel()
+            resumed = await collect(chain.prompt_stub.ResumeChat(
+                prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=AUTH))
+            assert resumed[-1].WhichOneof("frame") == "done"
+            assert text_of(resumed) == REPLY
+
+
+async def test_cancel_chat_stops_a_stream_at_once(redis_server: Any) -> None:
+    async with FakeOpenAI(reply=REPLY, delay=0.05) as upstream:
+        models = [{"name": "up", "provider": "openai", "base_url": upstream.base_url,
+                   "stream": {"coalesce_ms": 0}}]
+        async with chain_with(redis_server.url, grace="30s", models=models) as chain:
+            req = request("up")
+            call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+            async for frame in call:
+                if frame.WhichOneof("frame") == "delta":
+                    break
+            call.cancel()  # dropped, not stopped: it goes on for 30 s
+            await asyncio.sleep(0.1)
+            assert upstream.active_streams == 1
+            answer = await chain.prompt_stub.CancelChat(
+                prompt_pb2.CancelChatRequest(request_id=req.request_id), metadata=AUTH)
+            assert answer.cancelled
+            await upstream.wait_idle(within=2)
+            await asyncio.sleep(0.05)
+            again = await chain.prompt_stub.CancelChat(
+                prompt_pb2.CancelChatRequest(request_id=req.request_id), metadata=AUTH)
+            assert not again.cancelled  # already ended
+            replay = await collect(chain.prompt_stub.ResumeChat(
+                prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=AUTH))
+            assert replay[-1].error.code == common_pb2.ERROR_CODE_CANCELLED
+
+
+async def test_an_attached_caller_sees_its_stop_as_a_cancelled_frame(redis_server: Any) -> None:
+    async with chain_with(redis_server.url) as chain:
+        req = request()
+        call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+        frames = []
+        with pytest.raises(grpc.aio.AioRpcError):  # the error frame, then the status
+            async for frame in call:
+                frames.append(frame)
+                if frame.WhichOneof("frame") == "delta" and frame.delta.id == 2:
+                    await chain.prompt_stub.CancelChat(
+                        prompt_pb2.CancelChatRequest(request_id=req.request_id), metadata=AUTH)
+        assert frames[-1].error.code == common_pb2.ERROR_CODE_CANCELLED
+        assert await call.code() == grpc.StatusCode.CANCELLED
+
+
+async def test_another_tenant_finds_nothing(redis_server: Any) -> None:
+    async with chain_with(redis_server.url) as chain:
+        req = request()
+        await collect(chain.prompt_stub.StreamChat(req, metadata=AUTH))
+        await asyncio.sleep(0.05)
+        call = chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=OTHER)
+        frames = await collect(call)
+        assert [f.WhichOneof("frame") for f in frames] == ["error"]
+        assert frames[0].error.code == common_pb2.ERROR_CODE_NOT_FOUND
+        assert await call.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await chain.prompt_stub.CancelChat(
+                prompt_pb2.CancelChatRequest(request_id=req.request_id), metadata=OTHER)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_bad_ids_are_invalid_requests(redis_server: Any) -> None:
+    async with chain_with(redis_server.url) as chain:
+        call = chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id="no spaces"), metadata=AUTH)
+        frames = await collect(call)
+        assert frames[0].error.code == common_pb2.ERROR_CODE_INVALID_REQUEST
+        assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_duplicate_request_id_never_mixes_into_the_first_journal(
+        redis_server: Any) -> None:
+    async with chain_with(redis_server.url) as chain:
+        req = request()
+        first = await collect(chain.prompt_stub.StreamChat(req, metadata=AUTH))
+        second = await collect(chain.prompt_stub.StreamChat(request(request_id=req.request_id,
+                                                                    model="sim"), metadata=AUTH))
+        assert second[-1].WhichOneof("frame") == "done"
+        await asyncio.sleep(0.05)
+        replay = await collect(chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=AUTH))
+        assert text_of(replay) == text_of(first) == REPLY
+
+
+async def test_without_redis_streams_work_and_resume_is_unavailable() -> None:
+    config = make_config(slow_sim("5s"), redis_url="redis://127.0.0.1:1/0", models=MODELS)
+    config = type(config)(**{**{f: getattr(config, f) for f in config.__dataclass_fields__},
+                             "quota_policy": type(config.quota_policy)(on_redis_error="fail_open")})
+    async with running_chain(config, with_edge=False) as chain:
+        req = request()
+        frames = await collect(chain.prompt_stub.StreamChat(req, metadata=AUTH))
+        assert frames[-1].WhichOneof("frame") == "done" and text_of(frames) == REPLY
+        call = chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=AUTH)
+        got = await collect(call)
+        assert got[0].error.code == common_pb2.ERROR_CODE_UNAVAILABLE
+        assert "unreachable" in got[0].error.message
+        assert await call.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_resume_and_cancel_in_every_redis_mode(mode: Mode) -> None:  # noqa: F811
+    config = make_config({**mode.overrides, **slow_sim("5s")}, models=MODELS)
+    async with running_chain(config, with_edge=False) as chain:
+        req = request()
+        call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+        got = []
+        async for frame in call:
+            got.append(frame)
+            if frame.WhichOneof("frame") == "delta" and frame.delta.id == 3:
+                break
+        call.cancel()
+        resumed = await collect(chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=req.request_id, after_id=3), metadata=AUTH))
+        assert text_of(got) + text_of(resumed) == REPLY
+        stopped = request()
+        call = chain.prompt_stub.StreamChat(stopped, metadata=AUTH)
+        async for frame in call:
+            if frame.WhichOneof("frame") == "delta":
+                break
+        call.cancel()
+        # The stop mark path (a replica that does not run the stream) in this mode's Redis.
+        assert await chain.prompt.servicer.journal.mark_stop("dev", stopped.request_id)
+        replay = await collect(chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=stopped.request_id), metadata=AUTH))
+        assert replay[-1].error.code == common_pb2.ERROR_CODE_CANCELLED
+        assert len(text_of(replay)) < len(REPLY)
+
+
+async def test_many_journaled_streams_at_once_all_finish(redis_server: Any) -> None:
+    """One flusher serves every stream of a replica in one pipeline: each stream's replies are
+    its own (a reply misread as another's stop mark once stopped streams at random)."""
+    async with chain_with(redis_server.url, grace="5s") as chain:
+        reqs = [request() for _ in range(12)]
+        ends = await asyncio.gather(*(collect(chain.prompt_stub.StreamChat(r, metadata=AUTH))
+                                      for r in reqs))
+        assert [e[-1].WhichOneof("frame") for e in ends] == ["done"] * len(reqs)
+        assert all(text_of(e) == REPLY for e in ends)
+        await asyncio.sleep(0.05)
+        replays = await asyncio.gather(*(collect(chain.prompt_stub.ResumeChat(
+            prompt_pb2.ResumeChatRequest(request_id=r.request_id), metadata=AUTH)) for r in reqs))
+        assert all(text_of(r) == REPLY for r in replays)
