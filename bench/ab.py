@@ -11,6 +11,7 @@ itself (`--root .`) for the spread of the moment.
     python -m bench.ab --root /tmp/before                      # SSE, up-200x0ms, ~30 s
     python -m bench.ab --root /tmp/before --endpoint openai --model sim-200x0ms
     python -m bench.ab --root /tmp/before --quick              # a few seconds (smoke test)
+    python -m bench.ab --root . --resume-off B                 # resume on (A) vs off (B)
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="up-200x0ms",
                         help="a bench model name: up-NxDms (upstream) or sim-NxDms")
     parser.add_argument("--quick", action="store_true", help="a few streams (smoke test)")
+    parser.add_argument("--resume-off", choices=("A", "B"), default=None,
+                        help="that side without a stream journal (`resume: {ttl: 0}`)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tempfile.mkdtemp(prefix=f"promptline-ab-{side}-"))
             stack = stacks[side] = Stack(workdir, [Load("ab", 1, tokens, 0, 1)], root=root)
             stack.start_base()
-            stack.start_chain("ab")
+            stack.start_chain("ab", journal=side != args.resume_off)
             edges[side] = yaml.safe_load((workdir / "config-ab.yaml").read_text()
                                          )["listen"]["edge_http"]
         ttfts = asyncio.run(interleave(edges, kind, args.model, tokens, sizes["rounds"],

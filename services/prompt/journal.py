@@ -3,19 +3,21 @@
 Keys, per tenant and request (the hash tag is the request, so a stream's keys share a slot and
 streams spread over a cluster's shards):
 
-    pl:resume:<tenant>:{<rid>}          the Redis Stream; each entry holds `f`: a batch of
-                                        serialized StreamChatResponse frames, each prefixed by
-                                        its length (a varint), or `h`: a heartbeat
-    pl:resume:<tenant>:{<rid>}:own      the writer's claim (SET NX): a second stream with the same
-                                        request id never interleaves its frames into the first's
+    pl:resume:<tenant>:{<rid>}          the Redis Stream; each entry holds `o`: its writer's
+                                        token, and `f`: a batch of serialized StreamChatResponse
+                                        frames, each prefixed by its length (a varint), or `h`: a
+                                        heartbeat. Readers take the first entry's writer as the
+                                        stream's: a second stream with the same request id (a
+                                        reused X-Request-Id) never mixes into the first's
     pl:resume:<tenant>:{<rid>}:stop     CancelChat's mark, for a stream run by another replica
     pl:resume:<tenant>:{<rid>}:reader   a resuming reader's presence (renewed while it reads)
 
 The tenant is in every key, so another tenant's request id names nothing.
 
 Writing never delays a frame: `Writer.append` only buffers the bytes; one flusher per process
-writes every buffer at most `FLUSH_S` after its first frame, in one pipeline (XADD with MAXLEN,
-PEXPIRE to `resume.ttl`), and with it checks each stream's stop mark every `STOP_CHECK_S`. A
+writes every buffer at most `FLUSH_S` after its first frame, in one pipeline (an XADD with
+MAXLEN per stream; PEXPIRE to `resume.ttl` on its first and last write and every half ttl), and
+with it checks each stream's stop mark every `STOP_CHECK_S`. A
 stream with nothing to write gets a heartbeat entry every `HEARTBEAT_S`, so a reader can tell a
 slow model from a replica that died. A failed write drops that batch (counted and logged once per
 outage); the stream itself goes on.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,10 +43,16 @@ from promptline.v1 import prompt_pb2
 
 log = logging.getLogger("promptline.journal")
 
-FLUSH_S = 0.005
-"""Longest a frame waits in its buffer before the flusher writes it."""
-STOP_CHECK_S = 0.1
-"""How often a stream's stop mark is read (with its writes, or alone when it writes nothing)."""
+FLUSH_S = 0.01
+"""Longest a frame waits in its buffer before the flusher writes it: all streams' frames of that
+time go in one pipeline (a shorter wait costs the prompt service more CPU per token)."""
+OPEN_S = 0.2
+"""A stream with no frame yet is written (a heartbeat) this long after it began; a reader that
+finds nothing waits as long for it (`FIND_S`), so even a drop before `start` can be resumed."""
+FIND_S = OPEN_S + 0.2
+STOP_CHECK_S = 0.2
+"""How often a stream's stop mark is read (with its writes, or alone when it writes nothing): a
+Stop that reaches another replica than the stream's takes this long at most."""
 HEARTBEAT_S = 2.0
 """A stream with nothing to write gets a heartbeat entry this often."""
 GONE_S = 10.0
@@ -53,7 +62,7 @@ READER_RENEW_S = 1.0
 BLOCK_MS = 500
 """XREAD BLOCK per wait: under redis_store.SOCKET_TIMEOUT, so a wait is never a socket timeout."""
 MAX_ENTRIES = 100_000
-"""XADD MAXLEN ~: far above any stream's batches (a 5-minute stream flushing every 5 ms)."""
+"""XADD MAXLEN ~: far above any stream's batches (a 5-minute stream flushing every 10 ms: 30,000)."""
 READ_TIMEOUT_S = 5.0
 """Longest a reader waits on one Redis call that is not a blocking read."""
 TERMINAL = frozenset({"done", "error"})
@@ -103,12 +112,17 @@ class Writer:
     poke: Callable[[], None]
     """Wakes the flusher."""
     """Called (once) when a CancelChat on another replica marked the stream to stop."""
+    token: bytes = field(default_factory=lambda: uuid.uuid4().hex[:12].encode())
     buffer: list[bytes] = field(default_factory=list)
     since: float = 0.0
     """When the oldest buffered frame came."""
-    claimed: bool = False
+    fresh: bool = True
+    """Nothing written yet: the first write opens the stream (a heartbeat after OPEN_S if no
+    frame came by then)."""
+    opened: float = field(default_factory=time.monotonic)
+    expire_due: float = 0.0
     dead: bool = False
-    """No more writes: the claim failed (a duplicate request id) or the stream ended."""
+    """No more writes: the stream ended (or Redis failed at its end)."""
     closing: bool = False
     last_write: float = 0.0
     last_stop_check: float = 0.0
@@ -122,7 +136,9 @@ class Writer:
                 self.poke()
 
     def heartbeat_due(self, now: float) -> bool:
-        return not self.buffer and now - self.last_write >= HEARTBEAT_S
+        if self.buffer:
+            return False
+        return now - self.opened >= OPEN_S if self.fresh else now - self.last_write >= HEARTBEAT_S
 
 
 class Journal:
@@ -138,10 +154,9 @@ class Journal:
 
     def open(self, tenant: str, request_id: str, ttl: float, on_stop: Callable[[], object]
              ) -> Writer:
-        """A writer for a new stream; its first flush claims the key and writes a heartbeat, so
-        a reader that comes before the first frame finds the stream."""
+        """A writer for a new stream; its first flush opens it (see `Writer.fresh`)."""
         writer = Writer(journal_key(tenant, request_id), max(1, round(ttl * 1000)), on_stop,
-                        self.poke)
+                        self.poke, last_stop_check=time.monotonic())
         self._writers.add(writer)
         self.poke()
         return writer
@@ -190,8 +205,7 @@ class Journal:
             return
         try:
             async with asyncio.timeout(self._timeout * 4):
-                await self._claim([w for w in writers if not w.claimed])
-                await self._write([w for w in writers if w.claimed], now)
+                await self._write(writers, now)
             if self._failing:
                 self._failing = False
                 log.info("stream journal writes resumed")
@@ -209,24 +223,6 @@ class Journal:
             if w.closing and not w.buffer:
                 w.dead = True
 
-    async def _claim(self, writers: list[Writer]) -> None:
-        if not writers:
-            return
-        pipe = self._redis.pipeline(transaction=False)
-        for w in writers:
-            pipe.set(w.key + ":own", "1", nx=True, px=w.ttl_ms)
-        claims = await store_call(pipe.execute())
-        for w, ok in zip(writers, claims, strict=True):
-            if ok:
-                w.claimed = True
-                if not w.buffer:  # the stream exists from now on, for an early reader
-                    w.buffer.append(b"")
-            else:
-                w.dead = True
-                w.buffer.clear()
-                log.warning("a stream with this request id is journaled already: this one is "
-                            "not resumable", extra={"journal_key": w.key})
-
     async def _write(self, writers: list[Writer], now: float) -> None:
         if not writers:
             return
@@ -236,15 +232,18 @@ class Journal:
         queued = 0
         for w in writers:
             if w.buffer or w.heartbeat_due(now):
-                frames = [f for f in w.buffer if f]
-                entry: dict[Any, Any] = {"f": encode(frames)} if frames else {"h": "1"}
+                entry: dict[Any, Any] = {"o": w.token, **({"f": encode(w.buffer)} if w.buffer
+                                                          else {"h": b"1"})}
                 pipe.xadd(w.key, entry, maxlen=MAX_ENTRIES, approximate=True)
-                pipe.pexpire(w.key, w.ttl_ms)
-                pipe.pexpire(w.key + ":own", w.ttl_ms)
-                queued += 3
-                if frames:
+                queued += 1
+                if w.fresh or w.closing or now >= w.expire_due:
+                    pipe.pexpire(w.key, w.ttl_ms)
+                    queued += 1
+                    w.expire_due = now + w.ttl_ms / 2000
+                if w.buffer:
                     waited.append(w.since)
                 w.buffer.clear()
+                w.fresh = False
                 w.last_write = now
             if not w.closing and now - w.last_stop_check >= STOP_CHECK_S:
                 pipe.exists(w.key + ":stop")
@@ -264,14 +263,25 @@ class Journal:
         """CancelChat for a stream another replica runs: True when it was marked to stop, False
         when it had already ended, None when there is no such stream."""
         key = journal_key(tenant, request_id)
+        last = await self._find(key, lambda: self._redis.xrevrange(key, count=1))
+        if not last:
+            return None
+        if _ends(last[0][1]):
+            return False
         async with asyncio.timeout(READ_TIMEOUT_S):
-            last: Any = await store_call(self._redis.xrevrange(key, count=1))
-            if not last:
-                return None
-            if _ends(last[0][1]):
-                return False
             await store_call(self._redis.set(key + ":stop", "1", px=round(HEARTBEAT_S * 5000)))
         return True
+
+    async def _find(self, key: str, read: Callable[[], Any]) -> Any:
+        """`read()` of a stream's entries; when there are none, read again for FIND_S: a stream
+        that began just now is written within OPEN_S."""
+        began = time.monotonic()
+        while True:
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                entries = await store_call(read())
+            if entries or time.monotonic() - began >= FIND_S:
+                return entries
+            await asyncio.sleep(0.1)
 
     async def reader_present(self, writer: Writer) -> bool:
         """A resuming reader is attached somewhere (a detached stream's grace)."""
@@ -289,16 +299,19 @@ class Journal:
                 # Present first: a detached stream's grace must not run out while this reads.
                 await store_call(self._redis.set(key + ":reader", "1",
                                                  px=round(READER_TTL_S * 1000)))
-                renewed = time.monotonic()
-                entries: Any = await store_call(self._redis.xrange(key))
+            renewed = time.monotonic()
+            entries: Any = await self._find(key, lambda: self._redis.xrange(key))
             if not entries:
                 raise PromptlineError(ErrorCode.NOT_FOUND,
                                       f"no stream {request_id} to resume (unknown, expired or "
                                       "not resumable)", stage=Stage.CONNECT)
             last_id, seen = entries[-1][0], time.monotonic()
+            owner = entries[0][1].get(b"o")
             started = False
             while True:
                 for _, fields in entries:
+                    if fields.get(b"o") != owner:
+                        continue  # a later stream that reused the request id
                     for frame in decode(fields.get(b"f", b"")):
                         kind = frame.WhichOneof("frame")
                         if kind == "start":
