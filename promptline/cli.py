@@ -6,7 +6,16 @@ HTTP API; `promptline config ...`: the config file's JSON Schema and reference.
                               [--author NAME] [--response-format-file PATH [--json-validate]]
     promptline prompts list ID [--limit N] [--before N]
     promptline prompts get ID (VERSION | --label LABEL)
-    promptline prompts label ID LABEL VERSION          # promote or roll back
+    promptline prompts label ID LABEL VERSION          # promote (a split of 100)
+    promptline prompts label ID LABEL --split 3=90,4=10  # A/B: weights by version, sum 100
+    promptline prompts label ID LABEL --rollback       # the label's state before its last move
+                                                       # (--require-eval: refuse versions new to
+                                                       # the label without a passing eval run)
+    promptline prompts eval ID --version N [--against LABEL] --cases CASES.jsonl
+                            [--concurrency 8] [--judge-model M] [--json REPORT.json|-]
+                            [--no-store]               # cases through the chain, a table per
+                                                       # version, the run stored on N; exit 1
+                                                       # on a regression (promptline/evals.py)
     promptline prompts stats ID [--from DATE] [--to DATE]  # per version: requests, errors,
                                                        # first token, tokens, feedback
     promptline usage [--from DATE] [--to DATE] [--group-by model|day|api_key|user]
@@ -71,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     def verb(name: str, help_text: str) -> argparse.ArgumentParser:
         return verbs.add_parser(name, help=help_text, parents=[common])
 
+    # `eval` takes `--json PATH` (the report file), so its parent has no `--json` flag.
+    connection = argparse.ArgumentParser(add_help=False)
+    for action in common._actions:
+        if action.dest in ("url", "api_key"):
+            connection._add_action(action)
+
     create = verb("create", "create a new version of a prompt")
     create.add_argument("prompt_id")
     source = create.add_mutually_exclusive_group(required=True)
@@ -100,10 +115,33 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("version", nargs="?", type=int, help="version number")
     which.add_argument("--label", help="label to resolve, e.g. prod")
 
-    label = verb("label", "point a label at a version (promote / roll back)")
+    label = verb("label", "point a label at a version or split it between versions "
+                          "(promote / roll back)")
     label.add_argument("prompt_id")
     label.add_argument("label")
-    label.add_argument("version", type=int)
+    move = label.add_mutually_exclusive_group(required=True)
+    move.add_argument("version", nargs="?", type=int, help="version number")
+    move.add_argument("--split", default=None, metavar="V=W,...",
+                      help="weights by version adding up to 100, e.g. 3=90,4=10")
+    move.add_argument("--rollback", action="store_true",
+                      help="restore the label's state before its last move")
+    label.add_argument("--require-eval", action="store_true",
+                       help="refuse unless each version new to the label has a passing eval "
+                            "run")
+
+    run = verbs.add_parser("eval", parents=[connection],
+                           help="run a cases file against a version through the chain")
+    run.add_argument("prompt_id")
+    run.add_argument("--version", type=int, required=True, help="the version to evaluate")
+    run.add_argument("--against", default=None, metavar="LABEL",
+                     help="also run the label's version; exit 1 on a regression")
+    run.add_argument("--cases", required=True, metavar="PATH", help="JSON Lines, one case a line")
+    run.add_argument("--concurrency", type=int, default=8, help="cases at a time (default 8)")
+    run.add_argument("--judge-model", default="", help="the model that answers `judge` cases")
+    run.add_argument("--json", dest="report", default=None, metavar="PATH",
+                     help="write the JSON report to PATH ('-': stdout)")
+    run.add_argument("--no-store", action="store_true",
+                     help="do not store the run on the version")
 
     stats = verb("stats", "per-version requests, errors, first-token times, tokens and "
                           "feedback of a prompt")
@@ -157,6 +195,8 @@ def main(argv: Sequence[str] | None = None, *, env: dict[str, str] | None = None
         if not url.startswith(("http://", "https://")):
             raise CliError(f"--url must be an http:// or https:// URL, got {url!r}", 2)
         client = _Client(url, api_key)
+        if args.group == "prompts" and args.verb == "eval":
+            return _eval(args, client, stdout, stderr)
         data, text = _usage(args, client) if args.group == "usage" else _run(args, client, stdin)
     except CliError as exc:
         print(f"promptline: {exc}", file=stderr)
@@ -224,10 +264,114 @@ def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any,
         data = client.request("GET", path)
         return data, _stats_table(data)
     label = urllib.parse.quote(args.label, safe="")
-    data = client.request("PUT", f"/v1/prompts/{pid}/labels/{label}", {"version": args.version})
-    before = data.get("previous_version")
+    if args.rollback:
+        data = client.request("POST", f"/v1/prompts/{pid}/labels/{label}/rollback", {})
+    else:
+        move: dict[str, Any] = ({"split": _split_arg(args.split)} if args.split is not None
+                                else {"version": args.version})
+        if args.require_eval:
+            move["require_eval"] = True
+        data = client.request("PUT", f"/v1/prompts/{pid}/labels/{label}", move)
+    before = data.get("previous_version") or _split_text(data.get("previous_split"))
     moved = f" (was {before})" if before else " (new label)"
-    return data, f"{data['prompt_id']}: {data['label']} -> version {data['version']}{moved}"
+    return data, f"{data['prompt_id']}: {data['label']} -> {_split_text(data['split'])}{moved}"
+
+
+def _split_arg(text: str) -> dict[str, int]:
+    """`3=90,4=10` as the API's split; the server checks versions and weights."""
+    split: dict[str, int] = {}
+    for part in text.split(","):
+        version, _, weight = part.strip().partition("=")
+        if not (version.strip().isdigit() and weight.strip().isdigit()):
+            raise CliError(f"--split wants VERSION=WEIGHT pairs separated by commas, e.g. "
+                           f"3=90,4=10; got {part.strip()!r}", 2)
+        split[str(int(version))] = int(weight)
+    return split
+
+
+def _split_text(split: dict[str, int] | None) -> str:
+    """`version 3`, or `3=90% 4=10%` for a split."""
+    if not split:
+        return ""
+    if len(split) == 1:
+        return f"version {next(iter(split))}"
+    return " ".join(f"{v}={w}%" for v, w in split.items())
+
+
+def _eval(args: argparse.Namespace, client: _Client, stdout: TextIO, stderr: TextIO) -> int:
+    """Run the cases on --version (and --against's version), print the table, store the run;
+    1 on a regression (without --against: on any failed case)."""
+    from promptline import evals
+
+    pid = urllib.parse.quote(args.prompt_id, safe="")
+    if not 1 <= args.concurrency <= 256:
+        raise CliError("--concurrency must be between 1 and 256", 2)
+    try:
+        with open(args.cases, "rb") as handle:
+            raw = handle.read()
+    except OSError as exc:
+        raise CliError(f"cannot read {args.cases}: {exc.strerror}", 2) from None
+    try:
+        cases = evals.load_cases(raw, args.cases, judge_model=args.judge_model)
+    except evals.EvalInputError as exc:
+        raise CliError(str(exc), 2) from None
+    client.request("GET", f"/v1/prompts/{pid}/versions/{args.version}")  # 404 before any case
+    versions = [(args.version, "")]
+    if args.against:
+        label = urllib.parse.quote(args.against, safe="")
+        against = client.request("GET", f"/v1/prompts/{pid}/labels/{label}")["version"]
+        versions.append((against, args.against))
+    runner = evals.Runner(client.base_url, client.api_key, args.prompt_id,
+                          judge_model=args.judge_model, concurrency=args.concurrency,
+                          progress=stderr)
+    runs = runner.run(cases, versions)
+    candidate = runs[0]
+    lost = evals.regressions(candidate, runs[1]) if len(runs) > 1 else []
+    regressed = len(runs) > 1 and (bool(lost) or candidate.pass_rate < runs[1].pass_rate)
+    failed = regressed if len(runs) > 1 else candidate.passed < len(candidate.results)
+    report: dict[str, Any] = {
+        "object": "eval_report", "prompt_id": args.prompt_id, "cases_file": args.cases,
+        "cases_sha256": evals.cases_digest(raw),
+        "versions": [{**r.summary(), "results": [x.to_json() for x in r.results]}
+                     for r in runs],
+        "regressions": [{"line": r.case.line, "name": r.case.name, "failures": r.failures}
+                        for r in lost],
+        "regressed": regressed, "stored": None}
+    if not args.no_store:
+        summary = candidate.summary()
+        body = {k: summary[k] for k in ("cases", "passed", "first_token_p50_ms", "total_p50_ms",
+                                        "prompt_tokens", "completion_tokens", "cost_usd")}
+        body.update(regressions=len(lost), cases_sha256=report["cases_sha256"],
+                    author=_login(), judge_model=args.judge_model or None)
+        if len(runs) > 1:
+            body.update(against_label=args.against, against_version=runs[1].version)
+        report["stored"] = client.request("POST", f"/v1/prompts/{pid}/versions/"
+                                                  f"{args.version}/evals", body)
+    lines = [f"prompt {args.prompt_id}, {len(cases)} cases from {args.cases}",
+             evals.table(runs)]
+    for run in runs:
+        for result in run.results:
+            if not result.passed:
+                lines.append(f"FAIL version {run.version} line {result.case.line} "
+                             f"({result.case.name}): {'; '.join(result.failures)}")
+    if lost:
+        lines.append("regressions: " + ", ".join(f"line {r.case.line} ({r.case.name})"
+                                                 for r in lost))
+    elif regressed:
+        lines.append("regression: a lower pass rate than " + args.against)
+    if report["stored"]:
+        lines.append(f"stored as eval {report['stored']['eval_id']} on version {args.version}")
+    if args.report == "-":
+        print(json.dumps(report, indent=2, ensure_ascii=False), file=stdout)
+    else:
+        print("\n".join(lines), file=stdout)
+        if args.report:
+            try:
+                with open(args.report, "w", encoding="utf-8") as handle:
+                    json.dump(report, handle, indent=2, ensure_ascii=False)
+            except OSError as exc:
+                raise CliError(f"cannot write {args.report}: {exc.strerror}", 2) from None
+    return 1 if failed else 0
 
 
 def _usage(args: argparse.Namespace, client: _Client) -> tuple[Any, str]:

@@ -86,3 +86,19 @@ class PromptAdminClient(Protocol):
     @property
     def GetPromptStats(self) -> UnaryUnaryMultiCallable[
             prompt_admin_pb2.GetPromptStatsRequest, prompt_admin_pb2.PromptStats]: ...
+
+    @property
+    def CreateEvalRun(self) -> UnaryUnaryMultiCallable[
+            prompt_admin_pb2.CreateEvalRunRequest, prompt_admin_pb2.EvalRun]: ...
+
+    @property
+    def ListEvalRuns(self) -> UnaryUnaryMultiCallable[
+            prompt_admin_pb2.ListEvalRunsRequest, prompt_admin_pb2.ListEvalRunsResponse]: ...
+
+    @property
+    def GetPromptPolicy(self) -> UnaryUnaryMultiCallable[
+            prompt_admin_pb2.GetPromptPolicyRequest, prompt_admin_pb2.PromptPolicy]: ...
+
+    @property
+    def SetPromptPolicy(self) -> UnaryUnaryMultiCallable[
+            prompt_admin_pb2.PromptPolicy, prompt_admin_pb2.PromptPolicy]: ...

@@ -304,6 +304,7 @@ def test_prompt_service_rules_match_their_owners() -> None:
     assert openapi.MAX_AUTHOR_CHARS == prompts.MAX_AUTHOR_CHARS
     assert openapi.DEFAULT_PAGE_SIZE == prompts.DEFAULT_PAGE_SIZE
     assert openapi.MAX_PAGE_SIZE == prompts.MAX_PAGE_SIZE
+    assert openapi.MAX_SPLIT == prompts.MAX_SPLIT
     assert openapi.VARIABLE_NAME == templates.NAME.pattern
     assert openapi.MAX_VARIABLES == templates.MAX_VARIABLES
     assert openapi.MAX_MESSAGES == chat_plan.MAX_MESSAGES

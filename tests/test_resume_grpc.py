@@ -62,6 +62,19 @@ async def collect(call: Any) -> list[prompt_pb2.StreamChatResponse]:
     return frames
 
 
+async def drop_after(chain: Chain, req: prompt_pb2.StreamChatRequest, delta_id: int = 1
+                     ) -> list[prompt_pb2.StreamChatResponse]:
+    """Read the stream up to delta `delta_id`, then drop the call (a lost connection)."""
+    got = []
+    call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
+    async for frame in call:
+        got.append(frame)
+        if frame.WhichOneof("frame") == "delta" and frame.delta.id >= delta_id:
+            break
+    call.cancel()
+    return got
+
+
 async def test_deltas_are_numbered_and_a_finished_stream_replays_whole(redis_server: Any) -> None:
     async with chain_with(redis_server.url) as chain:
         req = request()
@@ -102,11 +115,7 @@ async def test_without_grace_a_dropped_caller_cancels_and_the_journal_says_so(
         redis_server: Any) -> None:
     async with chain_with(redis_server.url) as chain:
         req = request()
-        call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
-        async for frame in call:
-            if frame.WhichOneof("frame") == "delta":
-                break
-        call.cancel()
+        await drop_after(chain, req)
         await eventually(lambda: chain.engine_streams == 0, what="the engine stream ending")
         await asyncio.sleep(0.05)
         replay = await collect(chain.prompt_stub.ResumeChat(
@@ -120,13 +129,7 @@ async def test_with_grace_a_dropped_stream_goes_on_and_resumes_to_its_end(
         redis_server: Any) -> None:
     async with chain_with(redis_server.url, grace="5s") as chain:
         req = request()
-        call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
-        got = []
-        async for frame in call:
-            got.append(frame)
-            if frame.WhichOneof("frame") == "delta" and frame.delta.id == 3:
-                break
-        call.cancel()
+        got = await drop_after(chain, req, 3)
         await asyncio.sleep(0.3)  # the reader is away; the stream goes on
         resumed = await collect(chain.prompt_stub.ResumeChat(
             prompt_pb2.ResumeChatRequest(request_id=req.request_id, after_id=3), metadata=AUTH))
@@ -140,11 +143,7 @@ async def test_grace_expiry_cancels_down_to_the_provider(redis_server: Any) -> N
                    "stream": {"coalesce_ms": 0}}]
         async with chain_with(redis_server.url, grace="500ms", models=models) as chain:
             req = request("up")
-            call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
-            async for frame in call:
-                if frame.WhichOneof("frame") == "delta":
-                    break
-            call.cancel()
+            await drop_after(chain, req)
             dropped = time.monotonic()
             await asyncio.sleep(0.2)
             assert upstream.active_streams == 1  # within the grace: still generating
@@ -160,11 +159,7 @@ async def test_a_reader_keeps_a_detached_stream_alive_past_the_grace(redis_serve
                    "stream": {"coalesce_ms": 0}}]
         async with chain_with(redis_server.url, grace="1s", models=models) as chain:
             req = request("up")
-            call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
-            async for frame in call:
-                if frame.WhichOneof("frame") == "delta":
-                    break
-            call.cancel()
+            await drop_after(chain, req)
             resumed = await collect(chain.prompt_stub.ResumeChat(
                 prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=AUTH))
             assert resumed[-1].WhichOneof("frame") == "done"
@@ -272,22 +267,12 @@ async def test_resume_and_cancel_in_every_redis_mode(mode: Mode) -> None:  # noq
     config = make_config({**mode.overrides, **slow_sim("5s")}, models=MODELS)
     async with running_chain(config, with_edge=False) as chain:
         req = request()
-        call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
-        got = []
-        async for frame in call:
-            got.append(frame)
-            if frame.WhichOneof("frame") == "delta" and frame.delta.id == 3:
-                break
-        call.cancel()
+        got = await drop_after(chain, req, 3)
         resumed = await collect(chain.prompt_stub.ResumeChat(
             prompt_pb2.ResumeChatRequest(request_id=req.request_id, after_id=3), metadata=AUTH))
         assert text_of(got) + text_of(resumed) == REPLY
         stopped = request()
-        call = chain.prompt_stub.StreamChat(stopped, metadata=AUTH)
-        async for frame in call:
-            if frame.WhichOneof("frame") == "delta":
-                break
-        call.cancel()
+        await drop_after(chain, stopped)
         # The stop mark path (a replica that does not run the stream) in this mode's Redis.
         assert await chain.prompt.servicer.journal.mark_stop("dev", stopped.request_id)
         replay = await collect(chain.prompt_stub.ResumeChat(

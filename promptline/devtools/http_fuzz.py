@@ -118,7 +118,18 @@ version_bodies = st.fixed_dictionaries(
               "author": json_values, "parameters": maybe(st.fixed_dictionaries({}, optional={
                   "max_tokens": maybe(st.integers()), "temperature": maybe(st.floats()),
                   "top_p": json_values}))})
-label_bodies = st.fixed_dictionaries({}, optional={"version": maybe(st.integers(-2, 2**33))})
+label_bodies = st.fixed_dictionaries({}, optional={
+    "version": maybe(st.integers(-2, 2**33)),
+    "split": maybe(st.dictionaries(st.one_of(st.sampled_from(["1", "2", "0", "x"]), any_text),
+                                   st.one_of(st.integers(-2, 2**33), json_values), max_size=3)),
+    "require_eval": maybe(st.one_of(st.booleans(), json_values))})
+eval_bodies = st.fixed_dictionaries({}, optional={
+    "cases": maybe(st.integers(-2, 2**33)), "passed": maybe(st.integers(-2, 2**33)),
+    "regressions": maybe(st.integers(-2, 2**33)), "cost_usd": maybe(any_text),
+    "against_label": maybe(any_text), "cases_sha256": maybe(any_text)})
+policy_bodies = st.fixed_dictionaries({}, optional={
+    "require_eval": maybe(st.one_of(st.booleans(), json_values)),
+    "min_pass_rate": maybe(st.one_of(st.floats(allow_nan=False), json_values))})
 
 
 @st.composite
@@ -150,7 +161,8 @@ def quoted(text: str) -> bytes:
     return urllib.parse.quote(text.encode("utf-8", "surrogatepass"), safe="").encode()
 
 
-ADMIN_ROUTES = ("create", "list", "get", "label_get", "label_put", "conv_get", "conv_delete")
+ADMIN_ROUTES = ("create", "list", "get", "label_get", "label_put", "rollback", "eval_post",
+                "eval_get", "policy_get", "policy_put", "conv_get", "conv_delete")
 
 
 @st.composite
@@ -169,10 +181,18 @@ def admin_requests(draw: st.DrawFn) -> tuple[bytes, bytes, bytes]:
         return b"POST", b"/v1/prompts/" + pid + b"/versions", draw(damaged(version_bodies))
     if route == "label_put":
         return b"PUT", b"/v1/prompts/" + pid + b"/labels/" + arg, draw(damaged(label_bodies))
+    if route == "eval_post":
+        return (b"POST", b"/v1/prompts/" + pid + b"/versions/" + arg + b"/evals",
+                draw(damaged(eval_bodies)))
+    if route == "policy_put":
+        return b"PUT", b"/v1/prompts/" + pid + b"/policy", draw(damaged(policy_bodies))
     return {
         "list": (b"GET", b"/v1/prompts/" + pid + b"/versions?" + qs, b""),
         "get": (b"GET", b"/v1/prompts/" + pid + b"/versions/" + arg, b""),
         "label_get": (b"GET", b"/v1/prompts/" + pid + b"/labels/" + arg, b""),
+        "rollback": (b"POST", b"/v1/prompts/" + pid + b"/labels/" + arg + b"/rollback", b""),
+        "eval_get": (b"GET", b"/v1/prompts/" + pid + b"/versions/" + arg + b"/evals", b""),
+        "policy_get": (b"GET", b"/v1/prompts/" + pid + b"/policy", b""),
         "conv_get": (b"GET", b"/v1/conversations/" + pid, b""),
         "conv_delete": (b"DELETE", b"/v1/conversations/" + pid, b""),
     }[route]
@@ -183,6 +203,8 @@ ENDPOINT_PATHS = (b"/v1/chat/stream", b"/v1/chat/stream/r-1", b"/v1/chat/stream/
                   b"/v1/chat/completions", b"/v1/models",
                   b"/v1/prompts/p/versions", b"/v1/prompts/p/versions/1",
                   b"/v1/prompts/p/labels/prod", b"/v1/prompts/p/stats", b"/v1/feedback",
+                  b"/v1/prompts/p/labels/prod/rollback", b"/v1/prompts/p/versions/1/evals",
+                  b"/v1/prompts/p/policy",
                   b"/v1/usage", b"/v1/conversations/c-1", b"/",
                   b"/static/chat.js", b"/healthz", b"/readyz", b"/metrics", b"/openapi.json")
 METHODS = (b"GET", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"HEAD")

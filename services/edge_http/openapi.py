@@ -52,7 +52,14 @@ from services.edge_http import sse
 from services.edge_http.chat_request import DECODED_ENCODINGS
 from services.edge_http.http_errors import CHAT_COMPLETIONS_PATH, MODELS_PATH
 from services.edge_http.openai_api import ROLE_ALIASES
-from services.edge_http.prompts_api import FEEDBACK_PATH, STATS_PATH, USAGE_PATH
+from services.edge_http.prompts_api import (
+    EVALS_PATH,
+    FEEDBACK_PATH,
+    POLICY_PATH,
+    ROLLBACK_PATH,
+    STATS_PATH,
+    USAGE_PATH,
+)
 from services.edge_http.resume_api import (
     CANCEL_PATH,
     LAST_EVENT_ID,
@@ -74,6 +81,7 @@ MAX_MESSAGE_CHARS = 1000  # services/prompt/prompts.py
 MAX_AUTHOR_CHARS = 200  # services/prompt/prompts.py
 DEFAULT_PAGE_SIZE = 50  # services/prompt/prompts.py
 MAX_PAGE_SIZE = 200  # services/prompt/prompts.py
+MAX_SPLIT = 10  # services/prompt/prompts.py
 VARIABLE_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"  # services/prompt/templates.py NAME
 MAX_VARIABLES = 64  # services/prompt/templates.py
 MAX_MESSAGES = 1000  # services/prompt/chat_plan.py
@@ -157,6 +165,10 @@ _USER = {**string(pattern=anchored(USER_ID.pattern)), "description": (
     "`user_budget` (docs/costs.md).")}
 _DEPLOYMENT = string(description="The deployment of the model's pool that answered "
                                  "(docs/provider-pools.md).")
+_SPLIT: Schema = {"type": "object", "propertyNames": {"pattern": "^[1-9][0-9]{0,9}$"},
+                  "additionalProperties": {"type": "integer", "minimum": 1, "maximum": 100},
+                  "maxProperties": MAX_SPLIT,
+                  "description": "Weights by version number, adding up to 100."}
 _CACHED = {"type": "boolean", "const": True, "description": (
     "Present (true) only when the reply was replayed from the response cache (docs/cache.md): "
     "no provider call; `usage` is the stored reply's.")}
@@ -296,7 +308,34 @@ def _request_schemas() -> dict[str, Schema]:
             "author": string(maxLength=MAX_AUTHOR_CHARS, description="Default: the tenant."),
             **_FORMAT_FIELDS,
         }, "template"),
-        "SetPromptLabelRequest": obj({"version": integer(1, UINT32_MAX)}, "version"),
+        "SetPromptLabelRequest": {**obj({
+            "version": integer(1, UINT32_MAX, description="One version (a split of 100)."),
+            "split": {**_SPLIT, "minProperties": 1, "description": (
+                "Weights by version number: positive integers adding up to 100; a "
+                "conversation (else an end user, else a request) keeps its version.")},
+            "require_eval": {"type": "boolean", "description": (
+                "Refuse unless each version new to the label has a passing eval run.")},
+        }, additionalProperties=False), "oneOf": [{"required": ["version"]},
+                                                   {"required": ["split"]}]},
+        "EvalRunRequest": obj({
+            "cases": integer(1, 1_000_000), "passed": integer(0, 1_000_000),
+            "against_label": nullable(string(pattern=anchored(LABEL))),
+            "against_version": nullable(integer(0, UINT32_MAX)),
+            "regressions": integer(0, 1_000_000),
+            "first_token_p50_ms": nullable(integer(0, 2**53)),
+            "total_p50_ms": nullable(integer(0, 2**53)),
+            "prompt_tokens": integer(0, 2**53), "completion_tokens": integer(0, 2**53),
+            "cost_usd": nullable(string(pattern="^[0-9]{1,12}([.][0-9]{1,12})?$")),
+            "judge_model": nullable(string()),
+            "cases_sha256": nullable(string(pattern="^[0-9a-f]{64}$")),
+            "author": nullable(string(maxLength=MAX_AUTHOR_CHARS)),
+        }, "cases", "passed", additionalProperties=False,
+            description="`passed` and `regressions` at most `cases`."),
+        "PromptPolicyRequest": obj({
+            "require_eval": {"type": "boolean"},
+            "min_pass_rate": {"type": "number", "minimum": 0, "maximum": 1,
+                              "description": "Default 1: every case."},
+        }, "require_eval", additionalProperties=False),
         "ResponseFormat": {"oneOf": [
             obj({"type": string(enum=["text", "json_object"])}, "type"),
             obj({"type": string(const="json_schema"), "json_schema": obj({
@@ -361,7 +400,10 @@ def _response_schemas() -> dict[str, Schema]:
                          "usage": ref("Usage"),
                          "model": string(description="The model that answered (a fallback's "
                                                      "name if one did)."),
-                         "deployment": _DEPLOYMENT, "cached": _CACHED},
+                         "deployment": _DEPLOYMENT, "cached": _CACHED,
+                         "prompt_id": string(),
+                         "prompt_version": integer(1, description=(
+                             "The version that answered (a split label's pick)."))},
                         "finish_reason", "usage"),
         "StartEvent": obj({"event": string(const="start"), "data": ref("StartData")},
                           "event", "data", description="Once, first: the request was admitted."),
@@ -426,6 +468,8 @@ def _response_schemas() -> dict[str, Schema]:
                        "description": "Labels pointing here when it was read."},
             "response_format": nullable(ref("ResponseFormat")),
             "json_validate": {"type": "boolean"},
+            "split": nullable({**_SPLIT, "description": (
+                "Read by a label that splits: its weights (this version is the heaviest).")}),
         }, "prompt_id", "version", "template", "variables", "model", "parameters", "message",
             "author", "created_at_ms", "labels"),
         "PromptVersionList": obj({
@@ -434,10 +478,38 @@ def _response_schemas() -> dict[str, Schema]:
             "versions": {"type": "array", "items": ref("PromptVersion"),
                          "description": "Newest first."},
             "next_before": integer(1, description="`before` for the next page, if any."),
+            "splits": {"type": "object", "additionalProperties": _SPLIT,
+                       "description": "The labels that split, with their weights."},
         }, "prompt_id", "latest_version", "labels", "versions"),
         "PromptLabelMove": obj({"prompt_id": string(), "label": string(),
-                                "version": integer(1), "previous_version": nullable(integer(1))},
-                               "prompt_id", "label", "version", "previous_version"),
+                                "version": nullable(integer(1, description=(
+                                    "null when the label splits."))),
+                                "split": _SPLIT,
+                                "previous_version": nullable(integer(1)),
+                                "previous_split": nullable(_SPLIT)},
+                               "prompt_id", "label", "version", "split", "previous_version",
+                               "previous_split"),
+        "EvalRun": obj({
+            "object": string(const="eval_run"), "eval_id": string(), "prompt_id": string(),
+            "version": integer(1), "created_at_ms": integer(0), "cases": integer(1),
+            "passed": integer(0), "pass_rate": {"type": "number", "minimum": 0, "maximum": 1},
+            "against_label": nullable(string()), "against_version": nullable(integer(1)),
+            "regressions": integer(0), "first_token_p50_ms": nullable(integer(0)),
+            "total_p50_ms": nullable(integer(0)), "prompt_tokens": integer(0),
+            "completion_tokens": integer(0), "cost_usd": nullable(string()),
+            "judge_model": nullable(string()), "cases_sha256": nullable(string()),
+            "author": string(),
+        }, "object", "eval_id", "prompt_id", "version", "created_at_ms", "cases", "passed",
+            "pass_rate", "regressions"),
+        "EvalRunList": obj({"object": string(const="list"), "prompt_id": string(),
+                            "version": integer(1),
+                            "data": {"type": "array", "items": ref("EvalRun"),
+                                     "description": "Newest first."}},
+                           "object", "prompt_id", "version", "data"),
+        "PromptPolicy": obj({"object": string(const="prompt_policy"), "prompt_id": string(),
+                             "require_eval": {"type": "boolean"},
+                             "min_pass_rate": {"type": "number", "minimum": 0, "maximum": 1}},
+                            "object", "prompt_id", "require_eval", "min_pass_rate"),
         "Conversation": obj({
             "conversation_id": string(), "expires_in_ms": integer(0),
             "messages": {"type": "array", "description": "Oldest first.", "items": obj({
@@ -773,10 +845,46 @@ def _admin_paths() -> dict[str, Schema]:
                  **error_responses(ADMIN_READ_CODES)},
                 parameters=label),
             "put": api_operation(
-                "setPromptLabel", "prompts", "Point a label at a version (promote, roll back)",
+                "setPromptLabel", "prompts",
+                "Point a label at a version or split it between versions",
                 {**answer("PromptLabelMove", "Where the label points now, and before."),
                  **error_responses(ADMIN_WRITE_CODES, body=True)},
                 parameters=label, body=request_body("SetPromptLabelRequest", {"version": 1}),
+                description=writes + " An unknown `version` is 404; an unknown version in a "
+                "`split`, bad weights, or a version without the passing eval run the prompt's "
+                "policy (or `require_eval`) asks for is 400 (docs/prompt-lifecycle.md)."),
+        },
+        ROLLBACK_PATH: {"post": api_operation(
+            "rollbackPromptLabel", "prompts", "Restore a label's state before its last move",
+            {**answer("PromptLabelMove", "Where the label points now, and before."),
+             **error_responses(ADMIN_WRITE_CODES)},
+            parameters=label, description=writes + " A second rollback rolls forward again; "
+            "400 when the label has no previous state. Not gated by the eval policy.")},
+        EVALS_PATH: {
+            "post": api_operation(
+                "createEvalRun", "prompts", "Store an eval run's summary on a version",
+                {**answer("EvalRun", "The stored run.", 201),
+                 **error_responses(ADMIN_WRITE_CODES, body=True)},
+                parameters=version, body=request_body("EvalRunRequest",
+                                                      {"cases": 20, "passed": 19}),
+                description=writes + " `promptline prompts eval` posts its run here."),
+            "get": api_operation(
+                "listEvalRuns", "prompts", "A version's eval runs, newest first",
+                {**answer("EvalRunList", "The last 100 runs at most."),
+                 **error_responses(ADMIN_READ_CODES)}, parameters=version),
+        },
+        POLICY_PATH: {
+            "get": api_operation(
+                "getPromptPolicy", "prompts", "What a label move of the prompt needs",
+                {**answer("PromptPolicy", "The policy (defaults when none was set)."),
+                 **error_responses(ADMIN_READ_CODES)}, parameters=["PromptId"]),
+            "put": api_operation(
+                "setPromptPolicy", "prompts", "Replace the prompt's policy",
+                {**answer("PromptPolicy", "The policy now."),
+                 **error_responses(ADMIN_WRITE_CODES, body=True)},
+                parameters=["PromptId"], body=request_body("PromptPolicyRequest",
+                                                           {"require_eval": True,
+                                                            "min_pass_rate": 0.9}),
                 description=writes),
         },
         USAGE_PATH: {"get": api_operation(

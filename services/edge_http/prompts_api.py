@@ -4,7 +4,13 @@
     GET    /v1/prompts/{id}/versions           list versions, newest first (?limit=&before=)
     GET    /v1/prompts/{id}/versions/{n}       one version
     GET    /v1/prompts/{id}/labels/{label}     the version a label points at
-    PUT    /v1/prompts/{id}/labels/{label}     move a label: {"version": n}    (admin keys)
+    PUT    /v1/prompts/{id}/labels/{label}     move a label: {"version": n} or {"split":
+                                               {"3": 90, "4": 10}}, "require_eval"? (admin keys)
+    POST   /v1/prompts/{id}/labels/{label}/rollback   restore its previous state (admin keys)
+    POST   /v1/prompts/{id}/versions/{n}/evals store an eval run's summary (admin keys) -> 201
+    GET    /v1/prompts/{id}/versions/{n}/evals a version's eval runs, newest first
+    GET    /v1/prompts/{id}/policy             what a label move needs
+    PUT    /v1/prompts/{id}/policy             {"require_eval", "min_pass_rate"?} (admin keys)
     GET    /v1/conversations/{id}              the caller's conversation history
     DELETE /v1/conversations/{id}              delete it                           -> 204
     GET    /v1/usage?from=&to=&group_by=&tenant=   the tenant's usage (tenant=: admin keys)
@@ -19,7 +25,7 @@ the prompt service checks admin rights, validates and owns the data. Errors are 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +54,12 @@ USAGE_PARAMS = ("from", "to", "group_by", "tenant")
 FEEDBACK_PATH = "/v1/feedback"
 STATS_PATH = "/v1/prompts/{prompt_id}/stats"
 STATS_PARAMS = ("from", "to")
+ROLLBACK_PATH = "/v1/prompts/{prompt_id}/labels/{label}/rollback"
+EVALS_PATH = "/v1/prompts/{prompt_id}/versions/{version}/evals"
+POLICY_PATH = "/v1/prompts/{prompt_id}/policy"
+EVAL_FIELDS = ("cases", "passed", "against_label", "against_version", "regressions",
+               "first_token_p50_ms", "total_p50_ms", "prompt_tokens", "completion_tokens",
+               "cost_usd", "judge_model", "cases_sha256", "author")
 _UINT32_MAX = 2**32 - 1
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,6 +71,11 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/prompts/{prompt_id}/versions/{version}", _admin(get_version))
     app.router.add_get("/v1/prompts/{prompt_id}/labels/{label}", _admin(get_label))
     app.router.add_put("/v1/prompts/{prompt_id}/labels/{label}", _admin(set_label))
+    app.router.add_post(ROLLBACK_PATH, _admin(rollback_label))
+    app.router.add_post(EVALS_PATH, _admin(create_eval_run))
+    app.router.add_get(EVALS_PATH, _admin(list_eval_runs))
+    app.router.add_get(POLICY_PATH, _admin(get_policy))
+    app.router.add_put(POLICY_PATH, _admin(set_policy))
     app.router.add_get("/v1/conversations/{conversation_id}", _admin(get_conversation))
     app.router.add_delete("/v1/conversations/{conversation_id}", _admin(delete_conversation))
     app.router.add_get(USAGE_PATH, _admin(get_usage))
@@ -137,6 +154,9 @@ async def list_versions(stub: PromptAdminClient, request: web.Request,
         "labels": dict(sorted(page.labels.items())),
         "versions": [version_json(v) for v in page.versions],
     }
+    if page.splits:
+        body["splits"] = {label: _split_json(split.weights)
+                          for label, split in sorted(page.splits.items())}
     if page.next_before_version:
         body["next_before"] = page.next_before_version
     return web.json_response(body)
@@ -166,16 +186,160 @@ async def get_label(stub: PromptAdminClient, request: web.Request,
 
 async def set_label(stub: PromptAdminClient, request: web.Request,
                     metadata: tuple[tuple[str, str], ...]) -> web.Response:
-    """PUT /v1/prompts/{id}/labels/{label} with {"version": n}."""
+    """PUT /v1/prompts/{id}/labels/{label} with {"version": n} or {"split": {"3": 90, "4": 10}}
+    (weights adding up to 100), and "require_eval"?: true."""
     data = await _json_body(request)
-    if data.get("version") is None:
-        raise invalid("version is required")
+    for name in data:
+        if name not in ("version", "split", "require_eval"):
+            raise invalid(f"{name[:40]} is not a field of a label move (use version or split, "
+                          "and require_eval)")
+    pb = prompt_admin_pb2.SetPromptLabelRequest(
+        prompt_id=request.match_info["prompt_id"], label=request.match_info["label"])
+    if (data.get("version") is None) == (data.get("split") is None):
+        raise invalid("give either version or split")
+    if data.get("version") is not None:
+        pb.version = _uint(data["version"], "version")
+    else:
+        split = _object(data["split"], "split")
+        for key, weight in split.items():
+            version = _positive_uint32(key)
+            if version is None:
+                raise invalid(f"split keys must be version numbers (1 or more), got {key[:40]!r}")
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise invalid(f"split.{key} must be a positive integer weight, got "
+                              f"{json_kind(weight) if not isinstance(weight, int) else weight}")
+            pb.split[version] = min(weight, _UINT32_MAX)  # the prompt service says what is wrong
+        if not pb.split:
+            raise invalid("split must name at least one version")
+    if data.get("require_eval") is not None:
+        pb.require_eval = bool_field(data["require_eval"], "require_eval")
+    moved = await stub.SetPromptLabel(pb, metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(_label_move(moved))
+
+
+async def rollback_label(stub: PromptAdminClient, request: web.Request,
+                         metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """POST /v1/prompts/{id}/labels/{label}/rollback: the label's state before its last move."""
     moved = await stub.SetPromptLabel(prompt_admin_pb2.SetPromptLabelRequest(
         prompt_id=request.match_info["prompt_id"], label=request.match_info["label"],
-        version=_uint(data["version"], "version")), metadata=metadata, timeout=ADMIN_TIMEOUT)
-    return web.json_response({"prompt_id": moved.prompt_id, "label": moved.label,
-                              "version": moved.version,
-                              "previous_version": moved.previous_version or None})
+        rollback=True), metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(_label_move(moved))
+
+
+def _label_move(moved: prompt_admin_pb2.SetPromptLabelResponse) -> dict[str, Any]:
+    return {"prompt_id": moved.prompt_id, "label": moved.label,
+            "version": moved.version or None, "split": _split_json(moved.split),
+            "previous_version": moved.previous_version or None,
+            "previous_split": _split_json(moved.previous_split) or None}
+
+
+def _split_json(split: Mapping[int, int]) -> dict[str, int]:
+    return {str(v): w for v, w in sorted(split.items())}
+
+
+# --- eval runs and policy ----------------------------------------------------------------------
+
+
+async def create_eval_run(stub: PromptAdminClient, request: web.Request,
+                          metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """POST /v1/prompts/{id}/versions/{n}/evals: an eval run's summary (`EVAL_FIELDS`)."""
+    data = await _json_body(request)
+    run = prompt_admin_pb2.EvalRun()
+    for name, value in data.items():
+        if name not in EVAL_FIELDS:
+            raise invalid(f"{name[:40]} is not a field of an eval run (use "
+                          f"{', '.join(EVAL_FIELDS)})")
+        if value is None:
+            continue
+        if name in ("against_label", "cost_usd", "judge_model", "cases_sha256", "author"):
+            setattr(run, name, string_field(value, name, allow_empty=True))
+        elif name in ("prompt_tokens", "completion_tokens", "first_token_p50_ms",
+                      "total_p50_ms"):
+            setattr(run, name, _count(value, name, 2**53))
+        else:
+            setattr(run, name, _count(value, name, _UINT32_MAX))
+    if "cases" not in data or "passed" not in data:
+        raise invalid("cases and passed are required")
+    stored = await stub.CreateEvalRun(prompt_admin_pb2.CreateEvalRunRequest(
+        prompt_id=request.match_info["prompt_id"], version=_path_version(request), run=run),
+        metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(eval_json(stored), status=201)
+
+
+async def list_eval_runs(stub: PromptAdminClient, request: web.Request,
+                         metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """GET /v1/prompts/{id}/versions/{n}/evals: the version's runs, newest first."""
+    runs = await stub.ListEvalRuns(prompt_admin_pb2.ListEvalRunsRequest(
+        prompt_id=request.match_info["prompt_id"], version=_path_version(request)),
+        metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response({"object": "list", "prompt_id": runs.prompt_id,
+                              "version": runs.version,
+                              "data": [eval_json(r) for r in runs.runs]})
+
+
+def eval_json(run: prompt_admin_pb2.EvalRun) -> dict[str, Any]:
+    """An eval run as the HTTP API shows it."""
+    return {
+        "object": "eval_run", "eval_id": run.eval_id, "prompt_id": run.prompt_id,
+        "version": run.version, "created_at_ms": run.created_at_ms, "cases": run.cases,
+        "passed": run.passed, "pass_rate": run.pass_rate,
+        "against_label": run.against_label or None,
+        "against_version": run.against_version or None, "regressions": run.regressions,
+        "first_token_p50_ms": (run.first_token_p50_ms if run.HasField("first_token_p50_ms")
+                               else None),
+        "total_p50_ms": run.total_p50_ms if run.HasField("total_p50_ms") else None,
+        "prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
+        "cost_usd": run.cost_usd or None, "judge_model": run.judge_model or None,
+        "cases_sha256": run.cases_sha256 or None, "author": run.author,
+    }
+
+
+async def get_policy(stub: PromptAdminClient, request: web.Request,
+                     metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """GET /v1/prompts/{id}/policy."""
+    policy = await stub.GetPromptPolicy(prompt_admin_pb2.GetPromptPolicyRequest(
+        prompt_id=request.match_info["prompt_id"]), metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(_policy_json(policy))
+
+
+async def set_policy(stub: PromptAdminClient, request: web.Request,
+                     metadata: tuple[tuple[str, str], ...]) -> web.Response:
+    """PUT /v1/prompts/{id}/policy: {"require_eval": bool, "min_pass_rate"?: 0..1 (default 1)}."""
+    data = await _json_body(request)
+    for name in data:
+        if name not in ("require_eval", "min_pass_rate"):
+            raise invalid(f"{name[:40]} is not a field of a policy (use require_eval, "
+                          "min_pass_rate)")
+    if data.get("require_eval") is None:
+        raise invalid("require_eval is required")
+    pb = prompt_admin_pb2.PromptPolicy(
+        prompt_id=request.match_info["prompt_id"],
+        require_eval=bool_field(data["require_eval"], "require_eval"))
+    if data.get("min_pass_rate") is not None:
+        pb.min_pass_rate = number_field(data["min_pass_rate"], "min_pass_rate")
+    policy = await stub.SetPromptPolicy(pb, metadata=metadata, timeout=ADMIN_TIMEOUT)
+    return web.json_response(_policy_json(policy))
+
+
+def _policy_json(policy: prompt_admin_pb2.PromptPolicy) -> dict[str, Any]:
+    return {"object": "prompt_policy", "prompt_id": policy.prompt_id,
+            "require_eval": policy.require_eval, "min_pass_rate": policy.min_pass_rate}
+
+
+def _path_version(request: web.Request) -> int:
+    raw = request.match_info["version"]
+    number = _positive_uint32(raw)
+    if number is None:
+        raise invalid(f"version must be a version number (1 or more), got {raw[:40]!r}")
+    return number
+
+
+def _count(value: Any, path: str, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"{path} must be an integer, got {json_kind(value)}")
+    if not 0 <= value <= most:
+        raise invalid(f"{path} must be between 0 and {most}, got {value}")
+    return value
 
 
 def version_json(version: prompt_admin_pb2.PromptVersion) -> dict[str, Any]:
@@ -200,6 +364,8 @@ def version_json(version: prompt_admin_pb2.PromptVersion) -> dict[str, Any]:
         "response_format": (ResponseFormat.trusted(version.response_format).to_openai()
                             if version.HasField("response_format") else None),
         "json_validate": version.json_validate,
+        # read by a label that splits: its weights (this version is its heaviest)
+        "split": _split_json(version.split) or None,
     }
 
 

@@ -398,6 +398,9 @@ def done_data(done: common_pb2.Done) -> dict[str, Any]:
         data["deployment"] = done.deployment
     if done.cached:
         data["cached"] = True
+    if done.prompt_id:
+        data["prompt_id"] = done.prompt_id
+        data["prompt_version"] = done.prompt_version
     return data
 
 

@@ -2,7 +2,8 @@
 and prompt stats.
 
 Every call authenticates the `authorization` metadata first and works only on the caller's own
-tenant. Registry writes (CreatePromptVersion, SetPromptLabel) need a tenant with `admin: true`
+tenant. Registry writes (CreatePromptVersion, SetPromptLabel, CreateEvalRun, SetPromptPolicy)
+need a tenant with `admin: true`
 (PERMISSION_DENIED otherwise); reads need any key of the tenant. Usage is the caller's tenant's;
 only an admin tenant may name another (`tenant`). Failures end the call with the
 rich status of `PromptlineError` (`abort_unary`); anything unexpected becomes INTERNAL with a safe
@@ -21,13 +22,14 @@ from promptline.auth import Authenticator
 from promptline.config import TenantConfig
 from promptline.config_reload import LiveConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage, internal_error
+from promptline.rules import invalid
 from promptline.streams import Context, abort_unary, text_metadata
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 
 from .feedback import FeedbackStore
 from .history import ConversationStore
 from .pricing import from_pico, usd_text
-from .prompts import PromptDraft, PromptRegistry
+from .prompts import PromptDraft, PromptPolicy, PromptRegistry, check_split, encode_split
 from .usage import UsageReader, UsageRow, usage_range
 
 log = logging.getLogger("promptline.prompt.admin")
@@ -99,7 +101,9 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
         return prompt_admin_pb2.ListPromptVersionsResponse(
             prompt_id=page.prompt_id, versions=[v.to_pb() for v in page.versions],
             labels=page.labels, latest_version=page.latest_version,
-            next_before_version=page.next_before_version)
+            next_before_version=page.next_before_version,
+            splits={label: prompt_admin_pb2.LabelSplit(weights=dict(split))
+                    for label, split in page.splits.items()})
 
     @unary
     async def GetPromptVersion(self, request: prompt_admin_pb2.GetPromptVersionRequest,
@@ -115,15 +119,73 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
                              context: Context
                              ) -> prompt_admin_pb2.SetPromptLabelResponse:
         tenant = self._tenant(context, admin=True)
-        previous = await self._prompts.set_label(tenant.name, request.prompt_id, request.label,
-                                                 request.version)
-        log.info("prompt label moved", extra={"tenant": tenant.name,
-                                              "prompt_id": request.prompt_id,
-                                              "label": request.label, "version": request.version,
-                                              "previous_version": previous})
+        given = [name for name, on in (("version", request.version), ("split", request.split),
+                                        ("rollback", request.rollback)) if on]
+        if len(given) != 1:
+            raise invalid("give exactly one of version, split and rollback"
+                          + (f" (got {', '.join(given)})" if given else ""))
+        if request.rollback:
+            move = await self._prompts.rollback_label(tenant.name, request.prompt_id,
+                                                      request.label)
+        else:
+            field_name = "split" if request.split else "version"
+            weights = dict(request.split) or {request.version: 100}
+            move = await self._prompts.move_label(
+                tenant.name, request.prompt_id, request.label,
+                check_split(weights, field_name), require_eval=request.require_eval,
+                field_name=field_name)
+        log.info("prompt label moved", extra={
+            "tenant": tenant.name, "prompt_id": request.prompt_id, "label": request.label,
+            "split": encode_split(move.split), "rollback": request.rollback,
+            "previous_split": encode_split(move.previous) if move.previous else ""})
         return prompt_admin_pb2.SetPromptLabelResponse(
-            prompt_id=request.prompt_id, label=request.label, version=request.version,
-            previous_version=previous)
+            prompt_id=request.prompt_id, label=request.label,
+            version=move.split[0][0] if len(move.split) == 1 else 0,
+            previous_version=move.previous[0][0] if len(move.previous) == 1 else 0,
+            split=dict(move.split), previous_split=dict(move.previous))
+
+    @unary
+    async def CreateEvalRun(self, request: prompt_admin_pb2.CreateEvalRunRequest,
+                            context: Context) -> prompt_admin_pb2.EvalRun:
+        tenant = self._tenant(context, admin=True)
+        run = await self._prompts.add_eval(tenant.name, request.prompt_id, request.version,
+                                           request.run)
+        log.info("eval run stored", extra={"tenant": tenant.name, "prompt_id": run.prompt_id,
+                                           "version": run.version, "eval_id": run.eval_id,
+                                           "pass_rate": run.pass_rate})
+        return run
+
+    @unary
+    async def ListEvalRuns(self, request: prompt_admin_pb2.ListEvalRunsRequest,
+                           context: Context) -> prompt_admin_pb2.ListEvalRunsResponse:
+        tenant = self._tenant(context)
+        runs = await self._prompts.list_evals(tenant.name, request.prompt_id, request.version)
+        return prompt_admin_pb2.ListEvalRunsResponse(
+            prompt_id=request.prompt_id, version=request.version, runs=runs)
+
+    @unary
+    async def GetPromptPolicy(self, request: prompt_admin_pb2.GetPromptPolicyRequest,
+                              context: Context) -> prompt_admin_pb2.PromptPolicy:
+        tenant = self._tenant(context)
+        policy = await self._prompts.policy(tenant.name, request.prompt_id)
+        return prompt_admin_pb2.PromptPolicy(prompt_id=request.prompt_id,
+                                             require_eval=policy.require_eval,
+                                             min_pass_rate=policy.min_pass_rate)
+
+    @unary
+    async def SetPromptPolicy(self, request: prompt_admin_pb2.PromptPolicy,
+                              context: Context) -> prompt_admin_pb2.PromptPolicy:
+        tenant = self._tenant(context, admin=True)
+        policy = await self._prompts.set_policy(tenant.name, request.prompt_id, PromptPolicy(
+            request.require_eval,
+            request.min_pass_rate if request.HasField("min_pass_rate") else 1.0))
+        log.info("prompt policy set", extra={"tenant": tenant.name,
+                                             "prompt_id": request.prompt_id,
+                                             "require_eval": policy.require_eval,
+                                             "min_pass_rate": policy.min_pass_rate})
+        return prompt_admin_pb2.PromptPolicy(prompt_id=request.prompt_id,
+                                             require_eval=policy.require_eval,
+                                             min_pass_rate=policy.min_pass_rate)
 
     @unary
     async def GetConversation(self, request: prompt_admin_pb2.GetConversationRequest,

@@ -19,6 +19,7 @@ The model (the request's or the prompt's) may be a route; the plan holds the mod
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -85,7 +86,8 @@ class ChatPlan:
 async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.StreamChatRequest,
                     prompts: PromptRegistry | None = None,
                     conversations: ConversationStore | None = None,
-                    token_counts: MessageTokenCounts | None = None) -> ChatPlan:
+                    token_counts: MessageTokenCounts | None = None,
+                    request_id: str = "") -> ChatPlan:
     """Validate, render, load history and fit; raises PromptlineError at stage `connect`."""
     # A named model or route is checked before any Redis read; else the prompt's default applies.
     named = _named(config, tenant, request.model) if request.model else None
@@ -97,8 +99,10 @@ async def plan_chat(config: Config, tenant: TenantConfig, request: prompt_pb2.St
         if prompts is None:
             raise PromptlineError(ErrorCode.NOT_FOUND, f"unknown prompt {request.prompt.id!r}",
                                   stage=Stage.CONNECT)
+        # A split label keeps a conversation (else an end user, else one request) on one version.
+        sticky = request.conversation_id or request.user or request_id or uuid.uuid4().hex
         prompt = await prompts.get(tenant.name, request.prompt.id, request.prompt.version,
-                                   request.prompt.label)
+                                   request.prompt.label, sticky=sticky)
     if named is None:
         named = _named(config, tenant, prompt.model if prompt else "")
     system: list[common_pb2.ChatMessage] = []

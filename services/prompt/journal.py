@@ -62,7 +62,7 @@ READER_RENEW_S = 1.0
 BLOCK_MS = 500
 """XREAD BLOCK per wait: under redis_store.SOCKET_TIMEOUT, so a wait is never a socket timeout."""
 MAX_ENTRIES = 100_000
-"""XADD MAXLEN ~: far above any stream's batches (a 5-minute stream flushing every 10 ms: 30,000)."""
+"""XADD MAXLEN ~: far above any stream's batches (5 minutes flushed every 10 ms: 30,000)."""
 READ_TIMEOUT_S = 5.0
 """Longest a reader waits on one Redis call that is not a blocking read."""
 TERMINAL = frozenset({"done", "error"})

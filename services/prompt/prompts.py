@@ -5,26 +5,40 @@ unambiguous)::
 
     {pl:p|<tenant>|<prompt id>}:seq       string  the newest version number
     {pl:p|<tenant>|<prompt id>}:versions  hash    version number -> JSON record
-    {pl:p|<tenant>|<prompt id>}:labels    hash    label -> version number
+    {pl:p|<tenant>|<prompt id>}:labels    hash    label -> "3" or a split "3=90,4=10"
+    {pl:p|<tenant>|<prompt id>}:labels_prev  hash label -> its state before the last move
+    {pl:p|<tenant>|<prompt id>}:policy    hash    require_eval "1"/"0", min_pass_ppm
+    {pl:p|<tenant>|<prompt id>}:evals:<n> list    eval runs of version n (JSON), newest first
+    {pl:p|<tenant>|<prompt id>}:eval_best hash    version -> best pass rate (ppm) of a run
+                                                  without regressions
 
 The hash tag `{pl:p|<tenant>|<prompt id>}` keeps one prompt's keys in one Redis Cluster slot, so
 the scripts below may touch all of them atomically. A version number is assigned and its record
 stored by one Lua script (INCR + HSETNX): concurrent creates get distinct numbers 1, 2, 3, ...
 and nothing ever overwrites a stored version. Moving a label checks that the version exists and
-sets the label in one script, so a label never points at a missing version. Prompts never
+sets the label in one script, so a label never points at a missing version; the same script
+keeps the label's previous state (a rollback swaps the two) and enforces the prompt's eval
+policy, so a gate and the move it guards never race. A split label picks a version per
+conversation (else per end user, else per request) by hashing (`pick_version`), the same on
+every replica and after restarts. Prompts never
 expire. Every Redis failure is UNAVAILABLE (retryable); the tenant is part of every key, so one
 tenant can never read another's prompts.
 """
 
 from __future__ import annotations
 
+import builtins
+import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from google.protobuf import json_format
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
@@ -52,13 +66,67 @@ end
 return n
 """
 
-# KEYS: versions, labels. ARGV: label, version. Returns {ok(0/1), previous version or 0}.
+MAX_SPLIT = 10
+"""Versions one label may split between."""
+MAX_EVAL_RUNS = 100
+"""Eval runs kept per version (the newest)."""
+PPM = 1_000_000
+
+# KEYS: versions, labels, labels_prev, policy, eval_best. ARGV: label, encoded split,
+# require_eval ("1"/"0"), then each version of the split. Returns {status, detail}: 1 moved
+# (detail: the previous state or ""), 0 unknown version (detail: it), 2 a version new to the
+# label without a passing eval (detail: "version:best ppm or -1:min ppm").
 _SET_LABEL_LUA = """
-if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then return {0, 0} end
-local previous = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return {1, previous}
+for i = 4, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then return {0, ARGV[i]} end
+end
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if ARGV[3] == '1' or redis.call('HGET', KEYS[4], 'require_eval') == '1' then
+  local min = tonumber(redis.call('HGET', KEYS[4], 'min_pass_ppm') or '1000000')
+  local serving = {}
+  if old and not string.find(old, '=') then serving[old] = true end
+  for v in string.gmatch(old or '', '([0-9]+)=') do serving[v] = true end
+  for i = 4, #ARGV do
+    if not serving[ARGV[i]] then
+      local best = tonumber(redis.call('HGET', KEYS[5], ARGV[i]) or '-1')
+      if best < min then return {2, ARGV[i] .. ':' .. best .. ':' .. min} end
+    end
+  end
+end
+if old ~= ARGV[2] then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+  if old then redis.call('HSET', KEYS[3], ARGV[1], old) end
+end
+return {1, old or ''}
 """
+
+# KEYS: labels, labels_prev. ARGV: label. Swaps the label's state with its previous one.
+# Returns {1, now, was} or {0} without a previous state.
+_ROLLBACK_LUA = """
+local previous = redis.call('HGET', KEYS[2], ARGV[1])
+if not previous then return {0} end
+local now = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], previous)
+if now then redis.call('HSET', KEYS[2], ARGV[1], now) end
+return {1, previous, now or ''}
+"""
+
+# KEYS: versions, evals list, eval_best. ARGV: version, run JSON, pass ppm (-1: has
+# regressions, never counts as passing), kept runs. Returns 0 for an unknown version, else 1.
+_ADD_EVAL_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+local ppm = tonumber(ARGV[3])
+if ppm >= tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '-1') then
+  redis.call('HSET', KEYS[3], ARGV[1], ppm)
+end
+return 1
+"""
+
+
+Split = tuple[tuple[int, int], ...]
+"""A label's state: (version, weight) pairs by version; weights are percents adding up to 100."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +176,8 @@ class PromptVersion:
     """Structured output for chats that set none (docs/json-mode.md)."""
     json_validate: bool = False
     """Chats that do not say check their reply against `response_format`."""
+    split: Split = ()
+    """The split of the label it was read by, when that label splits; else empty."""
 
     def to_pb(self) -> prompt_admin_pb2.PromptVersion:
         return prompt_admin_pb2.PromptVersion(
@@ -116,7 +186,7 @@ class PromptVersion:
             temperature=self.temperature, message=self.message, author=self.author,
             created_at_ms=self.created_at_ms, labels=self.labels,
             response_format=self.response_format.to_pb() if self.response_format else None,
-            json_validate=self.json_validate)
+            json_validate=self.json_validate, split=dict(self.split))
 
     def _record(self) -> str:
         record: dict[str, Any] = {
@@ -149,8 +219,83 @@ class VersionPage:
     prompt_id: str
     versions: tuple[PromptVersion, ...]
     labels: dict[str, int]
+    """Each label's version (a split label's heaviest)."""
     latest_version: int
     next_before_version: int
+    splits: dict[str, Split] = field(default_factory=dict)
+    """The labels that split, with their weights."""
+
+
+@dataclass(frozen=True, slots=True)
+class LabelMove:
+    """A label's state after a move or rollback, and before it."""
+
+    split: Split
+    previous: Split
+
+
+@dataclass(frozen=True, slots=True)
+class PromptPolicy:
+    """What moving a label of a prompt needs."""
+
+    require_eval: bool = False
+    min_pass_rate: float = 1.0
+
+
+def check_split(weights: Mapping[int, int], path: str = "split") -> Split:
+    """A split from the wire, by version; INVALID_REQUEST naming the field otherwise."""
+    if not weights:
+        raise invalid(f"{path} must name at least one version")
+    if len(weights) > MAX_SPLIT:
+        raise invalid(f"{path} may name at most {MAX_SPLIT} versions, got {len(weights)}")
+    for version, weight in weights.items():
+        if not 1 <= version <= _MAX_VERSION:
+            raise invalid(f"{path} keys must be version numbers (1 or more), got {version}")
+        if not 1 <= weight <= 100:
+            raise invalid(f"{path}.{version} must be a weight from 1 to 100, got {weight}")
+    total = sum(weights.values())
+    if total != 100:
+        raise invalid(f"{path} weights must add up to 100, got {total}")
+    return tuple(sorted(weights.items()))
+
+
+def encode_split(split: Split) -> str:
+    """"3" for a single version (as labels were stored before splits), else "3=90,4=10"."""
+    if len(split) == 1:
+        return str(split[0][0])
+    return ",".join(f"{v}={w}" for v, w in split)
+
+
+def decode_split(raw: bytes | str) -> Split:
+    text = _text(raw)
+    if "=" not in text:
+        return ((int(text), 100),)
+    pairs = (part.split("=", 1) for part in text.split(","))
+    return tuple((int(v), int(w)) for v, w in pairs)
+
+
+def heaviest(split: Split) -> int:
+    """The version with the largest weight, the lowest number on a tie."""
+    return min(split, key=lambda pair: (-pair[1], pair[0]))[0]
+
+
+def pick_version(split: Split, prompt_id: str, label: str, key: str) -> int:
+    """The version of `split` that serves `key` (a conversation id, an end user, a request id).
+
+    sha256 of the prompt id, label and key, read as a number, picks a point in 0..9999 that falls
+    in one version's share of the weights laid end to end by version number: the same on every
+    replica and after restarts, and a change of weights moves only the keys at the borders.
+    """
+    if len(split) == 1:
+        return split[0][0]
+    digest = hashlib.sha256(f"{prompt_id}\x00{label}\x00{key}".encode()).digest()
+    point = int.from_bytes(digest[:8], "big") % 10_000
+    edge = 0
+    for version, weight in split:
+        edge += weight * 100
+        if point < edge:
+            return version
+    return split[-1][0]
 
 
 def validate_prompt_id(prompt_id: str) -> str:
@@ -197,6 +342,8 @@ class PromptRegistry:
         self.max_template_bytes = max_template_bytes
         self._create = redis.register_script(_CREATE_LUA)
         self._set_label = redis.register_script(_SET_LABEL_LUA)
+        self._rollback = redis.register_script(_ROLLBACK_LUA)
+        self._add_eval = redis.register_script(_ADD_EVAL_LUA)
 
     async def create(self, tenant: str, draft: PromptDraft) -> PromptVersion:
         """Validate `draft` and store it as the prompt's next version."""
@@ -239,21 +386,25 @@ class PromptRegistry:
         return replace(record, version=int(number))
 
     async def get(self, tenant: str, prompt_id: str, version: int = 0,
-                  label: str = "") -> PromptVersion:
+                  label: str = "", sticky: str = "") -> PromptVersion:
         """A version by number, by label, or (neither) the latest; NOT_FOUND naming what is
-        missing."""
+        missing. A label that splits gives the version `pick_version` picks for `sticky` (a
+        conversation id, end user or request id), or without one its heaviest version."""
         validate_prompt_id(prompt_id)
         if version and label:
             raise invalid("prompt takes either a version or a label, not both")
         if label:
             validate_label(label)
+        split: Split = ()
         with store_errors("prompt"):
             if label:
                 raw = await self._redis.hget(_key(tenant, prompt_id, "labels"), label)
                 if raw is None:
                     await self._require_prompt(tenant, prompt_id)
                     raise not_found(f"prompt {prompt_id!r} has no label {label!r}")
-                version = int(raw)
+                split = decode_split(raw)
+                version = (pick_version(split, prompt_id, label, sticky) if sticky
+                           else heaviest(split))
             elif not version:
                 raw = await self._redis.get(_key(tenant, prompt_id, "seq"))
                 if raw is None:
@@ -265,8 +416,9 @@ class PromptRegistry:
                 raise not_found(f"prompt {prompt_id!r} has no version {version}")
             labels = await self._redis.hgetall(_key(tenant, prompt_id, "labels"))
         found = PromptVersion._from_record(prompt_id, version, record)
-        pointing = sorted(_text(k) for k, v in labels.items() if int(v) == version)
-        return replace(found, labels=tuple(pointing))
+        pointing = sorted(_text(k) for k, v in labels.items()
+                          if any(n == version for n, _ in decode_split(v)))
+        return replace(found, labels=tuple(pointing), split=split if len(split) > 1 else ())
 
     async def list(self, tenant: str, prompt_id: str, page_size: int = 0,
                    before_version: int = 0) -> VersionPage:
@@ -287,35 +439,167 @@ class PromptRegistry:
             numbers = list(range(top, max(0, top - size), -1))
             records = (await self._redis.hmget(_key(tenant, prompt_id, "versions"),
                                                [str(n) for n in numbers])) if numbers else []
-        labels = {_text(k): int(v) for k, v in raw_labels.items()}
+        states = {_text(k): decode_split(v) for k, v in raw_labels.items()}
+        labels = {k: heaviest(v) for k, v in states.items()}
         versions = []
         for number, record in zip(numbers, records, strict=True):
             if record is not None:
-                pointing = tuple(sorted(k for k, v in labels.items() if v == number))
+                pointing = tuple(sorted(k for k, v in states.items()
+                                        if any(n == number for n, _ in v)))
                 versions.append(replace(PromptVersion._from_record(prompt_id, number, record),
                                         labels=pointing))
         oldest = numbers[-1] if numbers else 1
         return VersionPage(prompt_id, tuple(versions), labels, latest,
-                           oldest if oldest > 1 else 0)
+                           oldest if oldest > 1 else 0,
+                           {k: v for k, v in states.items() if len(v) > 1})
 
     async def set_label(self, tenant: str, prompt_id: str, label: str, version: int) -> int:
-        """Point `label` at an existing `version`; returns the previous version (0: new label)."""
-        validate_prompt_id(prompt_id)
-        validate_label(label)
+        """Point `label` at one existing `version`; returns the previous version (0: new label;
+        a split's heaviest)."""
         if not 1 <= version <= _MAX_VERSION:
             raise invalid("version must be a version number (1 or more)")
+        move = await self.move_label(tenant, prompt_id, label, ((version, 100),),
+                                     field_name="version")
+        return heaviest(move.previous) if move.previous else 0
+
+    async def move_label(self, tenant: str, prompt_id: str, label: str, split: Split, *,
+                         require_eval: bool = False, field_name: str = "split") -> LabelMove:
+        """Point `label` at the versions of a checked `split` (`check_split`), in one script
+        that checks they exist, applies the eval gate and keeps the previous state.
+
+        An unknown version is NOT_FOUND for a single `version` (as before splits) and
+        INVALID_REQUEST naming `field_name`.N in a split; a version new to the label without a
+        passing eval run, when the policy or `require_eval` wants one, is INVALID_REQUEST."""
+        validate_prompt_id(prompt_id)
+        validate_label(label)
         with store_errors("prompt"):
-            ok, previous = await self._set_label(
-                keys=[_key(tenant, prompt_id, "versions"), _key(tenant, prompt_id, "labels")],
-                args=[label, version])
+            status, detail = await self._set_label(
+                keys=[_key(tenant, prompt_id, "versions"), _key(tenant, prompt_id, "labels"),
+                      _key(tenant, prompt_id, "labels_prev"), _key(tenant, prompt_id, "policy"),
+                      _key(tenant, prompt_id, "eval_best")],
+                args=[label, encode_split(split), "1" if require_eval else "0",
+                      *(str(v) for v, _ in split)])
+            if int(status) == 0:
+                await self._require_prompt(tenant, prompt_id)
+                missing = _text(detail)
+                if len(split) == 1 and field_name == "version":
+                    raise not_found(f"prompt {prompt_id!r} has no version {missing}")
+                raise invalid(f"{field_name}.{missing}: prompt {prompt_id!r} has no version "
+                              f"{missing}")
+        if int(status) == 2:
+            version, best, least = _text(detail).split(":")
+            had = ("no eval run without regressions" if int(best) < 0
+                   else f"a best pass rate of {int(best) / PPM:g}")
+            raise invalid(f"{field_name}: version {version} has no passing eval run (it has "
+                          f"{had}; a label move needs a pass rate of at least "
+                          f"{int(least) / PPM:g}); run `promptline prompts eval "
+                          f"{prompt_id} --version {version}` first")
+        previous = _text(detail)
+        return LabelMove(split, decode_split(previous) if previous else ())
+
+    async def rollback_label(self, tenant: str, prompt_id: str, label: str) -> LabelMove:
+        """Swap the label's state with the one before its last move (a second rollback rolls
+        forward again). Not gated by the eval policy: it restores a state that served."""
+        validate_prompt_id(prompt_id)
+        validate_label(label)
+        with store_errors("prompt"):
+            result = await self._rollback(
+                keys=[_key(tenant, prompt_id, "labels"), _key(tenant, prompt_id, "labels_prev")],
+                args=[label])
+            if not int(result[0]):
+                await self._require_prompt(tenant, prompt_id)
+                if not await self._redis.hexists(_key(tenant, prompt_id, "labels"), label):
+                    raise not_found(f"prompt {prompt_id!r} has no label {label!r}")
+                raise invalid(f"rollback: label {label!r} of prompt {prompt_id!r} has no "
+                              "previous state to roll back to")
+        now, was = _text(result[1]), _text(result[2])
+        return LabelMove(decode_split(now), decode_split(was) if was else ())
+
+    async def add_eval(self, tenant: str, prompt_id: str, version: int,
+                       run: prompt_admin_pb2.EvalRun) -> prompt_admin_pb2.EvalRun:
+        """Validate and store an eval run's summary on an existing version."""
+        validate_prompt_id(prompt_id)
+        if not 1 <= version <= _MAX_VERSION:
+            raise invalid("version must be a version number (1 or more)")
+        _check_eval(run)
+        stored = prompt_admin_pb2.EvalRun()
+        stored.CopyFrom(run)
+        stored.eval_id = uuid.uuid4().hex
+        stored.prompt_id = prompt_id
+        stored.version = version
+        stored.created_at_ms = int(time.time() * 1000)
+        stored.pass_rate = round(run.passed / run.cases, 6)
+        stored.author = run.author or tenant
+        ppm = -1 if run.regressions else run.passed * PPM // run.cases
+        record = json_format.MessageToJson(stored, preserving_proto_field_name=True, indent=None)
+        with store_errors("prompt"):
+            ok = await self._add_eval(
+                keys=[_key(tenant, prompt_id, "versions"),
+                      _key(tenant, prompt_id, f"evals:{version}"),
+                      _key(tenant, prompt_id, "eval_best")],
+                args=[version, record, ppm, MAX_EVAL_RUNS])
             if not int(ok):
                 await self._require_prompt(tenant, prompt_id)
                 raise not_found(f"prompt {prompt_id!r} has no version {version}")
-        return int(previous)
+        return stored
+
+    async def list_evals(self, tenant: str, prompt_id: str, version: int
+                         ) -> builtins.list[prompt_admin_pb2.EvalRun]:
+        """The version's stored eval runs, newest first; NOT_FOUND for an unknown version."""
+        await self.get(tenant, prompt_id, version)
+        with store_errors("prompt"):
+            raw = await self._redis.lrange(_key(tenant, prompt_id, f"evals:{version}"), 0, -1)
+        return [json_format.Parse(_text(r), prompt_admin_pb2.EvalRun()) for r in raw]
+
+    async def policy(self, tenant: str, prompt_id: str) -> PromptPolicy:
+        """The prompt's policy for label moves; NOT_FOUND for an unknown prompt."""
+        validate_prompt_id(prompt_id)
+        with store_errors("prompt"):
+            await self._require_prompt(tenant, prompt_id)
+            raw = await self._redis.hgetall(_key(tenant, prompt_id, "policy"))
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return PromptPolicy(require_eval=fields.get("require_eval") == "1",
+                            min_pass_rate=int(fields.get("min_pass_ppm", PPM)) / PPM)
+
+    async def set_policy(self, tenant: str, prompt_id: str, policy: PromptPolicy
+                         ) -> PromptPolicy:
+        """Replace the prompt's policy (the prompt must exist)."""
+        validate_prompt_id(prompt_id)
+        if not 0 <= policy.min_pass_rate <= 1:
+            raise invalid(f"min_pass_rate must be between 0 and 1, got {policy.min_pass_rate}")
+        ppm = round(policy.min_pass_rate * PPM)
+        with store_errors("prompt"):
+            await self._require_prompt(tenant, prompt_id)
+            await self._redis.hset(_key(tenant, prompt_id, "policy"), mapping={
+                "require_eval": "1" if policy.require_eval else "0", "min_pass_ppm": ppm})
+        return PromptPolicy(policy.require_eval, ppm / PPM)
 
     async def _require_prompt(self, tenant: str, prompt_id: str) -> None:
         if not await self._redis.exists(_key(tenant, prompt_id, "seq")):
             raise not_found(f"unknown prompt {prompt_id!r}")
+
+
+def _check_eval(run: prompt_admin_pb2.EvalRun) -> None:
+    """An eval run's summary as a caller sent it; INVALID_REQUEST naming the field."""
+    if not 1 <= run.cases <= 1_000_000:
+        raise invalid(f"cases must be between 1 and 1000000, got {run.cases}")
+    if run.passed > run.cases:
+        raise invalid(f"passed must be at most cases ({run.cases}), got {run.passed}")
+    if run.regressions > run.cases:
+        raise invalid(f"regressions must be at most cases ({run.cases}), got {run.regressions}")
+    if run.against_label:
+        validate_label(run.against_label)
+    if run.judge_model and not is_model_name(run.judge_model):
+        raise invalid("judge_model must be a model name")
+    if run.cases_sha256 and not re.fullmatch(r"[0-9a-f]{64}", run.cases_sha256):
+        raise invalid("cases_sha256 must be 64 lower-case hex digits")
+    if run.cost_usd and not re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,12})?", run.cost_usd):
+        raise invalid(f"cost_usd must be a decimal number of USD, got {run.cost_usd[:40]!r}")
+    if len(run.author) > MAX_AUTHOR_CHARS:
+        raise invalid(f"author must be at most {MAX_AUTHOR_CHARS} characters")
+    for name in ("first_token_p50_ms", "total_p50_ms"):
+        if run.HasField(name) and getattr(run, name) < 0:
+            raise invalid(f"{name} must not be negative")
 
 
 def _text(value: bytes | str) -> str:

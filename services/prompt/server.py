@@ -187,7 +187,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
     async def CancelChat(self, request: prompt_pb2.CancelChatRequest, context: Context
                          ) -> prompt_pb2.CancelChatResponse:
         """Stop a stream at once: here when this replica runs it, else through the journal's
-        stop mark, which the replica running it reads within a tenth of a second."""
+        stop mark, which the replica running it reads within `journal.STOP_CHECK_S`."""
         auth = self._live.derived("auth", lambda c: Authenticator(c.tenants))
         tenant = auth.tenant_for_header(text_metadata(context).get("authorization"))
         check_request_id(request.request_id)
@@ -219,6 +219,9 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
             life.fields["model"] = session.plan.model.name
             if session.plan.route:
                 life.fields["route"] = session.plan.route
+            if session.plan.prompt is not None:
+                life.fields.update(prompt_id=session.plan.prompt.prompt_id,
+                                   prompt_version=session.plan.prompt.version)
         record = RequestRecord.of(session, life.started, outcome)
         if record is not None and self.records is not None:  # after the terminal frame
             self._spawn(self.records.write(record))
@@ -253,7 +256,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         tenant, session.key_id = auth.identify(metadata.get("authorization"))
         session.tenant = tenant
         plan = session.plan = await plan_chat(config, tenant, request, self._prompts,
-                                              self._conversations, self.token_counts)
+                                              self._conversations, self.token_counts,
+                                              request_id=session.request_id)
         session.user = request.user  # validated by the plan
         if run is not None:
             run.bind(tenant.name, config.resume_for(plan.model, tenant))
@@ -374,6 +378,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                                                                        tokens=tokens))
         if session.keeps_history:
             await session.finish(DONE)  # as for a fresh reply: stored before `done`
+        _name_prompt(done, plan)
         yield prompt_pb2.StreamChatResponse(done=done)
         await session.finish(DONE)
 
@@ -416,6 +421,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                     if session.keeps_history:
                         # Stored before `done`, so a caller's next request already sees it.
                         await session.finish(DONE)
+                    _name_prompt(frame.done, plan)
                     yield prompt_pb2.StreamChatResponse(done=frame.done)
                     await session.finish(DONE)  # without a conversation: after `done`
 
@@ -425,6 +431,13 @@ def journaled(config: Config) -> bool:
     request is served as any other, without a run of its own."""
     return any(ttl for ttl in (config.resume.ttl, *(m.resume.ttl for m in config.models),
                                *(t.resume.ttl for t in config.tenants)))
+
+
+def _name_prompt(done: common_pb2.Done, plan: ChatPlan) -> None:
+    """`done` names the prompt version that answered (a split label picks one per request)."""
+    if plan.prompt is not None:
+        done.prompt_id = plan.prompt.prompt_id
+        done.prompt_version = plan.prompt.version
 
 
 def _chat_start(session: ChatSession, request: prompt_pb2.StreamChatRequest, model: str,
