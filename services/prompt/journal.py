@@ -63,6 +63,8 @@ BLOCK_MS = 500
 """XREAD BLOCK per wait: under redis_store.SOCKET_TIMEOUT, so a wait is never a socket timeout."""
 MAX_ENTRIES = 100_000
 """XADD MAXLEN ~: far above any stream's batches (5 minutes flushed every 10 ms: 30,000)."""
+STORE_RETRY_S = 1.0
+"""After a failed write the journal skips Redis this long (as quota admissions do)."""
 READ_TIMEOUT_S = 5.0
 """Longest a reader waits on one Redis call that is not a blocking read."""
 TERMINAL = frozenset({"done", "error"})
@@ -151,6 +153,8 @@ class Journal:
         self._flusher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._failing = False
+        self._retry_at = 0.0
+        """After a failed write, Redis is not tried again before this (monotonic) time."""
 
     def open(self, tenant: str, request_id: str, ttl: float, on_stop: Callable[[], object]
              ) -> Writer:
@@ -203,6 +207,9 @@ class Journal:
             self._writers.discard(w)
         if not writers:
             return
+        if now < self._retry_at:  # Redis failed just now: no storm of doomed writes
+            self._drop(writers)
+            return
         try:
             async with asyncio.timeout(self._timeout * 4):
                 await self._write(writers, now)
@@ -211,16 +218,22 @@ class Journal:
                 log.info("stream journal writes resumed")
         except STORE_ERRORS as exc:
             REDIS_ERRORS.labels("journal").inc()
+            self._retry_at = max(self._retry_at, time.monotonic() + STORE_RETRY_S)
             if not self._failing:
                 self._failing = True
                 log.warning("Redis unavailable (%s): stream journal batches dropped until it "
                             "is back (resume answers 503 meanwhile)", type(exc).__name__)
-            for w in writers:
-                w.buffer.clear()
-                if w.closing:
-                    w.dead = True
+            self._drop(writers)
         for w in writers:
             if w.closing and not w.buffer:
+                w.dead = True
+
+    @staticmethod
+    def _drop(writers: list[Writer]) -> None:
+        """What could not be written is lost (the streams go on); ended streams are done."""
+        for w in writers:
+            w.buffer.clear()
+            if w.closing:
                 w.dead = True
 
     async def _write(self, writers: list[Writer], now: float) -> None:
