@@ -27,6 +27,7 @@ from promptline.stubs import ChatCall
 from promptline.v1 import common_pb2, prompt_pb2
 from services.edge_http import sse
 from services.edge_http.chat_request import (
+    bool_field,
     cache_bypass,
     chat_request_from,
     decode_json_object,
@@ -95,7 +96,7 @@ def parse_completion_request(body: bytes) -> tuple[prompt_pb2.StreamChatRequest,
     n = data.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n != 1):
         raise invalid(f"n must be 1 (one choice per request is supported), got {n!r}")
-    stream = _bool(data.get("stream"), "stream")
+    stream = data.get("stream") is not None and bool_field(data["stream"], "stream")
     include_usage = False
     stream_options = data.get("stream_options")
     if stream_options is not None:
@@ -103,7 +104,8 @@ def parse_completion_request(body: bytes) -> tuple[prompt_pb2.StreamChatRequest,
             raise invalid("stream_options is only allowed when stream is true")
         if not isinstance(stream_options, dict):
             raise invalid(f"stream_options must be an object, got {json_kind(stream_options)}")
-        include_usage = _bool(stream_options.get("include_usage"), "stream_options.include_usage")
+        include_usage = stream_options.get("include_usage") is not None and bool_field(
+            stream_options["include_usage"], "stream_options.include_usage")
 
     native: dict[str, Any] = {"model": data.get("model"),
                               "messages": _messages(data.get("messages"))}
@@ -119,14 +121,6 @@ def parse_completion_request(body: bytes) -> tuple[prompt_pb2.StreamChatRequest,
         if shaping:
             native["stream_options"] = shaping
     return chat_request_from(native), CompletionOptions(stream, include_usage)
-
-
-def _bool(value: Any, path: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise invalid(f"{path} must be a boolean, got {json_kind(value)}")
-    return value
 
 
 def _max_tokens(data: dict[str, Any]) -> Any:

@@ -38,6 +38,16 @@ Frame = prompt_pb2.StreamChatResponse
 TERMINAL = frozenset({"done", "error"})
 
 
+async def numbered(frames: AsyncIterator[Frame]) -> AsyncGenerator[Frame, None]:
+    """`frames` with each delta's `id` set: its number in the stream, from 1 (the SSE `id:`)."""
+    n = 0
+    async for frame in frames:
+        if frame.WhichOneof("frame") == "delta":
+            n += 1
+            frame.delta.id = n
+        yield frame
+
+
 class RunContext:
     """The handler's gRPC context as the run sees it: forwarded while the caller is attached,
     ignored after (a detached run has nobody to send metadata or a status to)."""
@@ -156,13 +166,9 @@ class Run:
                     await task
 
     async def _run(self, frames: AsyncGenerator[Frame, None]) -> None:
-        n = 0
         try:
             async with contextlib.aclosing(frames) as stream:
-                async for frame in stream:
-                    if frame.WhichOneof("frame") == "delta":
-                        n += 1
-                        frame.delta.id = n
+                async for frame in numbered(stream):
                     if self._writer is not None:
                         self._writer.append(frame)
                     if self.attached:

@@ -77,7 +77,7 @@ from .pricing import budget_reservation, cost_of, to_pico, usd_text
 from .prompts import PromptRegistry
 from .quotas import QuotaManager
 from .redis_watch import RedisWatch
-from .runs import Run, RunContext, Runs
+from .runs import Run, RunContext, Runs, numbered
 from .session import ChatSession
 from .usage import UsageReader
 
@@ -141,12 +141,9 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
             error_metadata=lambda err: self._rejection(config, err, session),
             after_error=lambda err: session.finish(err.code.value))
         if run is None:
-            n = 0
-            async for frame in frames:
-                if frame.WhichOneof("frame") == "delta":
-                    n += 1
-                    frame.delta.id = n
-                yield frame
+            async with aclosing(frames) as stream:  # closed at once however the call ends
+                async for frame in numbered(stream):
+                    yield frame
             return
         run.start(frames)
         self.runs.add(run)
