@@ -628,7 +628,7 @@ def _campaigns(env: Env, schema: SchemaCases, grpc_methods: list[GrpcMethod]
     n = env.scale.n
     per_method = n(1300, 40)
     campaigns = [
-        Campaign("schema-positive", n(1000, 40),
+        Campaign("schema-positive", n(2000, 40),
                  _seeded("schema-positive", lambda: schema.strategy(False)), SCHEMA_CHUNK),
         Campaign("schema-negative", n(1000, 40),
                  _seeded("schema-negative", lambda: schema.strategy(True)), SCHEMA_CHUNK),
