@@ -21,7 +21,9 @@ the same to them. Socket timeouts are a backstop: each caller bounds its own wai
 
 from __future__ import annotations
 
+import logging
 import ssl
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -52,6 +54,10 @@ TLS_ARGS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
 
 _CERT_REQS = ("none", "optional", "required")
 _BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+STORE_RETRY_S = 1.0
+"""After a failed call a Redis user skips the store this long, so a hung Redis costs one
+timeout a second instead of one per request; the next call finds it back."""
 
 STORE_ERRORS = (RedisError, TimeoutError, OSError)
 """What a Redis call raises when the store is down, slow or failing over."""
@@ -84,6 +90,46 @@ async def store_call(call: Awaitable[T]) -> T:
         if not is_store_failure(exc):
             raise
         raise RedisError(f"redis client failed: {type(exc).__name__}") from exc
+
+
+class StoreOutage:
+    """The rule every Redis user shares while the store fails: after a failed call it is skipped
+    for STORE_RETRY_S, and the outage is logged once when it begins and once when it ends. Each
+    user keeps one, with its own words (`lost` has one `%s`: the failure's name)."""
+
+    __slots__ = ("_down", "_retry_at", "back", "log", "lost")
+
+    def __init__(self, logger: logging.Logger, lost: str, back: str) -> None:
+        self.log = logger
+        self.lost = lost
+        self.back = back
+        self._down = False
+        self._retry_at = 0.0
+
+    def skipping(self) -> bool:
+        """The store failed a moment ago: do not call it."""
+        return time.monotonic() < self._retry_at
+
+    def failed(self, exc: BaseException | None, request_id: str = "",
+               lost: str | None = None) -> bool:
+        """A call failed (`exc`) or was skipped (None); True when this begins an outage (then
+        logged, with `lost` instead of the usual words when given)."""
+        if exc is not None:
+            self._retry_at = time.monotonic() + STORE_RETRY_S
+        if self._down:
+            return False
+        self._down = True
+        self.log.warning(lost or self.lost, type(exc).__name__ if exc else "skipped",
+                         extra={"request_id": request_id} if request_id else None)
+        return True
+
+    def answered(self) -> bool:
+        """The store answered; True when that ends an outage (then logged)."""
+        if not self._down:
+            return False
+        self._down = False
+        self.log.warning(self.back)
+        return True
 
 
 @dataclass

@@ -25,8 +25,9 @@ from prometheus_client import REGISTRY
 from promptline import cli
 from promptline.devtools.embedded_redis import EmbeddedRedis
 from promptline.errors import ErrorCode, PromptlineError
+from promptline.redis_store import STORE_RETRY_S
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
-from services.prompt.feedback import STORE_RETRY_S, VersionStats, record_key, stats_key
+from services.prompt.feedback import VersionStats, record_key, stats_key
 from services.prompt.usage import HOUR_MS
 from tests.chain import Chain, running_chain
 from tests.conftest import BASE_CONFIG, make_config

@@ -15,7 +15,8 @@ from prometheus_client import REGISTRY
 from promptline.config import ModelConfig, QuotaPolicy, Quotas, TenantConfig
 from promptline.devtools.embedded_redis import EmbeddedRedis
 from promptline.errors import ErrorCode, PromptlineError
-from services.prompt.quotas import STORE_RETRY_S, QuotaManager
+from promptline.redis_store import STORE_RETRY_S
+from services.prompt.quotas import QuotaManager
 
 LOCAL = QuotaPolicy(on_redis_error="local", redis_timeout=0.2, replicas=2)
 

@@ -49,7 +49,7 @@ from typing import Any
 from promptline.config import Budget, QuotaPolicy, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
-from promptline.redis_store import STORE_ERRORS, RedisClient, store_call
+from promptline.redis_store import STORE_ERRORS, RedisClient, StoreOutage, store_call
 
 from .alerts import Alert
 from .pricing import from_pico, to_pico
@@ -60,8 +60,6 @@ log = logging.getLogger("promptline.budgets")
 PERIOD_GRACE_S = 2 * 86400
 """Budget and alert keys outlive their period this long: a stream admitted just before the end
 still settles into it, and the period's alerts stay claimed."""
-STORE_RETRY_S = 1.0
-"""After a failed settlement the next ones skip Redis this long (like quota admissions)."""
 
 # Amounts are decimal strings of non-negative integers up to 2^63; a double holds integers
 # exactly only up to 2^53, so they are compared and added as {high, low} limbs of base 1e9.
@@ -312,8 +310,7 @@ NO_HOLD = Hold()
 class Ledger:
     """Settles budgets and writes usage, one script call per stream on the tenant's slot."""
 
-    __slots__ = ("_outage", "_retry_store_at", "_script", "clock", "local", "policy", "redis",
-                 "usage_ttl")
+    __slots__ = ("_outage", "_script", "clock", "local", "policy", "redis", "usage_ttl")
 
     def __init__(self, redis: RedisClient, policy: QuotaPolicy, *, usage_ttl: float,
                  clock: Callable[[], float] = time.time) -> None:
@@ -323,8 +320,9 @@ class Ledger:
         self.clock = clock
         self.local = LocalBudgets()
         self._script = redis.register_script(_SPEND_LUA)
-        self._retry_store_at = 0.0
-        self._outage = False
+        self._outage = StoreOutage(
+            log, "Redis unavailable (%s): budget and usage settlements are not recorded until "
+                 "it is back", "budget and usage settlements are recorded again")
 
     async def settle(self, tenant: str, hold: Hold, cost: int, usage: UsageRecord | None,
                      request_id: str) -> list[Alert]:
@@ -335,8 +333,8 @@ class Ledger:
         reserved = hold.where == HELD_IN_REDIS
         if usage is None and not (hold.checks and (cost or reserved)):
             return []  # nothing to write
-        if time.monotonic() < self._retry_store_at:
-            self._failed("skipped", request_id)
+        if self._outage.skipping():
+            self._failed(None, request_id)
             return []
         keys = [c.key for c in hold.checks]
         args: list[Any] = [len(hold.checks), 1 if usage else 0]
@@ -352,21 +350,16 @@ class Ledger:
             async with asyncio.timeout(self.policy.redis_timeout):
                 raw = await store_call(self._script(keys=keys, args=[str(a) for a in args]))
         except STORE_ERRORS as exc:
-            self._retry_store_at = time.monotonic() + STORE_RETRY_S
-            self._failed(type(exc).__name__, request_id)
+            self._failed(exc, request_id)
             return []
-        if self._outage:
-            self._outage = False
-            log.warning("budget and usage settlements are recorded again")
+        self._outage.answered()
         return _claimed(hold.checks, [int(x) for x in raw])
 
-    def _failed(self, reason: str, request_id: str) -> None:
-        """Count a settlement Redis did not take; one warning per outage."""
+    def _failed(self, exc: BaseException | None, request_id: str) -> None:
+        """Count a settlement Redis did not take (`exc`; None: skipped); one warning per
+        outage."""
         REDIS_ERRORS.labels("quota_spend").inc()
-        if not self._outage:
-            self._outage = True
-            log.warning("Redis unavailable (%s): budget and usage settlements are not recorded "
-                        "until it is back", reason, extra={"request_id": request_id})
+        self._outage.failed(exc, request_id)
 
     async def release(self, hold: Hold, request_id: str) -> None:
         """Give back what admission reserved (the other side of admission refused)."""

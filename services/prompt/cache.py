@@ -18,8 +18,9 @@ blocks, cancels) never reaches the store.
 
 Redis trouble is a miss, never an error: every call is bounded by `quota_policy.redis_timeout`;
 a failure is counted (`promptline_redis_errors_total{operation="cache_get|cache_set"}`), logged
-once per outage, and for STORE_RETRY_S afterwards the cache is not asked at all, so a hung Redis
-costs one timeout a second rather than one per request.
+once per outage, and for a second afterwards the cache is not asked at all
+(`redis_store.StoreOutage`), so a hung Redis costs one timeout a second rather than one per
+request.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from promptline.config import CacheConfig, ModelConfig
 from promptline.metrics import CACHE_REQUESTS, REDIS_ERRORS
-from promptline.redis_store import STORE_ERRORS, RedisClient, store_call
+from promptline.redis_store import STORE_ERRORS, RedisClient, StoreOutage, store_call
 from promptline.v1 import common_pb2
 
 log = logging.getLogger("promptline.cache")
@@ -46,8 +46,6 @@ STORED_FINISH_REASONS = frozenset({"stop", "length"})
 REPLAY_PIECE_CHARS = 64
 """Text per replayed delta, cut after the last whitespace in it: a replay is shaped like a
 stream (the browser's typewriter, clients counting deltas), at no pace of its own."""
-STORE_RETRY_S = 1.0
-"""After a cache failure the cache is skipped this long (the quotas' rule too)."""
 HEADER = "x-promptline-cache"
 """Initial metadata the edge passes on as a response header: `hit` or `miss`."""
 
@@ -153,17 +151,18 @@ class CacheTicket:
 class ResponseCache:
     """Reads and writes entries; every failure is a miss (module docstring)."""
 
-    __slots__ = ("_outage", "_redis", "_retry_at", "timeout")
+    __slots__ = ("_outage", "_redis", "timeout")
 
     def __init__(self, redis: RedisClient, timeout: float) -> None:
         self._redis = redis
         self.timeout = timeout
-        self._outage = False
-        self._retry_at = 0.0
+        self._outage = StoreOutage(
+            log, "response cache unavailable (%s): every request is a miss until it answers",
+            "response cache reachable again")
 
     async def get(self, key: str, request_id: str) -> CachedReply | None:
         """The stored reply, or None (absent, unreadable, or the store failed)."""
-        if time.monotonic() < self._retry_at:
+        if self._outage.skipping():
             return None
         try:
             async with asyncio.timeout(self.timeout):
@@ -171,7 +170,7 @@ class ResponseCache:
         except STORE_ERRORS as exc:
             self._failed("get", exc, request_id)
             return None
-        self._answered()
+        self._outage.answered()
         if raw is None:
             return None
         try:
@@ -183,7 +182,7 @@ class ResponseCache:
     async def put(self, key: str, entry: bytes, ttl: float, model: str,
                   request_id: str) -> None:
         """Store `entry` for `ttl` seconds; never raises."""
-        if time.monotonic() < self._retry_at:
+        if self._outage.skipping():
             return
         try:
             async with asyncio.timeout(self.timeout):
@@ -191,18 +190,9 @@ class ResponseCache:
         except STORE_ERRORS as exc:
             self._failed("set", exc, request_id)
             return
-        self._answered()
+        self._outage.answered()
         count(model, "store")
 
     def _failed(self, operation: str, exc: BaseException, request_id: str) -> None:
         REDIS_ERRORS.labels(f"cache_{operation}").inc()
-        self._retry_at = time.monotonic() + STORE_RETRY_S
-        if not self._outage:
-            self._outage = True
-            log.warning("response cache unavailable (%s): every request is a miss until it "
-                        "answers", type(exc).__name__, extra={"request_id": request_id})
-
-    def _answered(self) -> None:
-        if self._outage:
-            self._outage = False
-            log.warning("response cache reachable again")
+        self._outage.failed(exc, request_id)

@@ -8,8 +8,8 @@ Records (`RequestRecords.write`, once per stream, in a task of its own after the
     tokens and a first-token histogram. Both expire `feedback.retention` after the stream (the
     hash: after its hour). Nothing is written per token. Redis down or slow: the record is
     dropped, counted (`promptline_redis_errors_total{operation="request_record"}`), one warning
-    per outage, and for `STORE_RETRY_S` after a failure the store is not tried: the stream never
-    waits for any of it.
+    per outage, and for a second after a failure the store is not tried
+    (`redis_store.StoreOutage`): the stream never waits for any of it.
 
 Feedback (`FeedbackStore.submit`)
     One script call on the tenant's slot swaps the request's score and adds the difference to
@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from promptline.metrics import FEEDBACK, REDIS_ERRORS
-from promptline.redis_store import STORE_ERRORS, RedisClient, store_call
+from promptline.redis_store import STORE_ERRORS, RedisClient, StoreOutage, store_call
 from promptline.rules import check_request_id, invalid
 from promptline.streams import CANCELLED, DONE
 from promptline.v1 import prompt_admin_pb2
@@ -50,8 +50,6 @@ log = logging.getLogger("promptline.feedback")
 MAX_COMMENT_CHARS = 2000
 SCORE_SCALE = 1000
 """Scores are kept as integer thousandths: Redis counts integers, and 0..1 needs no finer."""
-STORE_RETRY_S = 1.0
-"""After a failed record write the next ones skip Redis this long (like quota admissions)."""
 FIRST_TOKEN_BUCKETS_MS = (10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000,
                           3000, 5000, 7500, 10_000, 15_000, 20_000, 30_000, 60_000, 120_000,
                           300_000)
@@ -214,7 +212,7 @@ class RequestRecord:
 class RequestRecords:
     """Writes each stream's record (and its prompt's stats): one script call per stream."""
 
-    __slots__ = ("_outage", "_retention", "_retry_store_at", "_script", "timeout")
+    __slots__ = ("_outage", "_retention", "_script", "timeout")
 
     def __init__(self, redis: RedisClient, retention: Callable[[], float], *,
                  timeout: float) -> None:
@@ -222,13 +220,14 @@ class RequestRecords:
         """`feedback.retention` in seconds, read per write (a live reload applies)."""
         self.timeout = timeout
         self._script = redis.register_script(_WRITE_LUA)
-        self._retry_store_at = 0.0
-        self._outage = False
+        self._outage = StoreOutage(
+            log, "Redis unavailable (%s): request records and prompt stats are not written "
+                 "until it is back", "request records are written again")
 
     async def write(self, record: RequestRecord) -> None:
         """Store `record`; never raises (the stream has ended already)."""
-        if time.monotonic() < self._retry_store_at:
-            self._failed("skipped", record.request_id)
+        if self._outage.skipping():
+            self._failed(None, record.request_id)
             return
         keep_ms = int(self._retention() * 1000)
         fields = record.fields()
@@ -241,20 +240,14 @@ class RequestRecords:
             async with asyncio.timeout(self.timeout):
                 await store_call(self._script(keys=keys, args=[str(a) for a in args]))
         except STORE_ERRORS as exc:
-            self._retry_store_at = time.monotonic() + STORE_RETRY_S
-            self._failed(type(exc).__name__, record.request_id)
+            self._failed(exc, record.request_id)
             return
-        if self._outage:
-            self._outage = False
-            log.warning("request records are written again")
+        self._outage.answered()
 
-    def _failed(self, reason: str, request_id: str) -> None:
-        """Count a record Redis did not take; one warning per outage."""
+    def _failed(self, exc: BaseException | None, request_id: str) -> None:
+        """Count a record Redis did not take (`exc`; None: skipped); one warning per outage."""
         REDIS_ERRORS.labels("request_record").inc()
-        if not self._outage:
-            self._outage = True
-            log.warning("Redis unavailable (%s): request records and prompt stats are not "
-                        "written until it is back", reason, extra={"request_id": request_id})
+        self._outage.failed(exc, request_id)
 
 
 # --- feedback --------------------------------------------------------------------------------

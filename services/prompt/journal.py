@@ -38,7 +38,7 @@ from typing import Any
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import JOURNAL_LAG, REDIS_ERRORS
-from promptline.redis_store import STORE_ERRORS, RedisClient, store_call
+from promptline.redis_store import STORE_ERRORS, RedisClient, StoreOutage, store_call
 from promptline.v1 import prompt_pb2
 
 log = logging.getLogger("promptline.journal")
@@ -63,8 +63,6 @@ BLOCK_MS = 500
 """XREAD BLOCK per wait: under redis_store.SOCKET_TIMEOUT, so a wait is never a socket timeout."""
 MAX_ENTRIES = 100_000
 """XADD MAXLEN ~: far above any stream's batches (5 minutes flushed every 10 ms: 30,000)."""
-STORE_RETRY_S = 1.0
-"""After a failed write the journal skips Redis this long (as quota admissions do)."""
 READ_TIMEOUT_S = 5.0
 """Longest a reader waits on one Redis call that is not a blocking read."""
 TERMINAL = frozenset({"done", "error"})
@@ -152,9 +150,9 @@ class Journal:
         self._writers: set[Writer] = set()
         self._flusher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._failing = False
-        self._retry_at = 0.0
-        """After a failed write, Redis is not tried again before this (monotonic) time."""
+        self._outage = StoreOutage(
+            log, "Redis unavailable (%s): stream journal batches dropped until it is back "
+                 "(resume answers 503 meanwhile)", "stream journal writes resumed")
 
     def open(self, tenant: str, request_id: str, ttl: float, on_stop: Callable[[], object]
              ) -> Writer:
@@ -207,22 +205,16 @@ class Journal:
             self._writers.discard(w)
         if not writers:
             return
-        if now < self._retry_at:  # Redis failed just now: no storm of doomed writes
+        if self._outage.skipping():  # Redis failed just now: no storm of doomed writes
             self._drop(writers)
             return
         try:
             async with asyncio.timeout(self._timeout * 4):
                 await self._write(writers, now)
-            if self._failing:
-                self._failing = False
-                log.info("stream journal writes resumed")
+            self._outage.answered()
         except STORE_ERRORS as exc:
             REDIS_ERRORS.labels("journal").inc()
-            self._retry_at = max(self._retry_at, time.monotonic() + STORE_RETRY_S)
-            if not self._failing:
-                self._failing = True
-                log.warning("Redis unavailable (%s): stream journal batches dropped until it "
-                            "is back (resume answers 503 meanwhile)", type(exc).__name__)
+            self._outage.failed(exc)
             self._drop(writers)
         for w in writers:
             if w.closing and not w.buffer:

@@ -80,7 +80,7 @@ from promptline.config import ModelConfig, QuotaPolicy, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import QUOTA_DEGRADED, QUOTA_DEGRADED_ADMISSIONS, REDIS_ERRORS
 from promptline.ratelimit import RateLimitInfo
-from promptline.redis_store import STORE_ERRORS, RedisClient, store_call
+from promptline.redis_store import STORE_ERRORS, RedisClient, StoreOutage, store_call
 
 from .budgets import (
     BIG_LUA,
@@ -98,9 +98,6 @@ from .local_quotas import LocalWindows
 log = logging.getLogger("promptline.quotas")
 
 WINDOW_MS = 60_000
-STORE_RETRY_S = 1.0
-"""After a store failure admissions skip the store this long, so a hung Redis costs one
-`redis_timeout` a second instead of one per request; the next call finds it back."""
 KEY_PREFIX = "{pl:quota:"
 
 # --- Lua -------------------------------------------------------------------------------------
@@ -338,8 +335,7 @@ class QuotaManager:
     `time.time`). `usage_ttl`: how long an hour's usage is kept (`usage.retention`).
     """
 
-    __slots__ = ("_local", "_outage", "_retry_store_at", "_scripts", "clock", "ledger", "policy",
-                 "redis")
+    __slots__ = ("_local", "_outage", "_scripts", "clock", "ledger", "policy", "redis")
 
     def __init__(self, redis: RedisClient, policy: QuotaPolicy, *,
                  clock: Callable[[], float] | None = None,
@@ -350,10 +346,9 @@ class QuotaManager:
         self.ledger = Ledger(redis, policy, usage_ttl=usage_ttl, clock=clock or time.time)
         """Budgets and usage: settles what admission reserved against budgets."""
         self._local = LocalWindows()
-        self._outage = False
-        """The store failed and has not answered since (one warning each way)."""
-        self._retry_store_at = 0.0
-        """Monotonic time before which admissions do not call the store (STORE_RETRY_S)."""
+        self._outage = StoreOutage(log, "quota store unavailable (%s)",
+                                   "quota store reachable again: quotas are shared again")
+        """Admissions skip the store for a second after a failure (one warning each way)."""
         self._scripts = {
             "admit": redis.register_script(_ADMIT_LUA),
             "settle": redis.register_script(_SETTLE_LUA),
@@ -391,7 +386,7 @@ class QuotaManager:
                                              tuple(budgets)),
                                             ([c for c in checks if c.scope == "model"], ()))
             if side or held]
-        if time.monotonic() < self._retry_store_at:
+        if self._outage.skipping():
             return self._without_store(tenant, sides, reserve, request_id, None)
         now = self._now_arg()
         calls = [asyncio.ensure_future(self._admit_side(side, now)) for side in sides]
@@ -424,7 +419,6 @@ class QuotaManager:
             assert failure is not None
             if not isinstance(failure, STORE_ERRORS):
                 raise failure
-            self._retry_store_at = time.monotonic() + STORE_RETRY_S
             return self._without_store(tenant, sides, reserve, request_id, failure)
         per_check: dict[str, list[int]] = {}
         charged = []
@@ -485,18 +479,14 @@ class QuotaManager:
         the call was skipped). One warning per outage, whatever the policy."""
         if exc is not None:
             _record_store_error("admit", exc, request_id)
-        if not self._outage:
-            self._outage = True
-            policy = self.policy.on_redis_error
-            effect = {"local": f"enforcing limit / {self.policy.replicas} in memory until it "
-                               "is back (local)",
-                      "fail_open": "admitting without quota check until it is back (fail_open)",
-                      }.get(policy, "rejecting requests until it is back (fail_closed)")
-            log.warning("quota store unavailable (%s): %s",
-                        type(exc).__name__ if exc else "skipped", effect,
-                        extra={"request_id": request_id})
-            if policy == "local":
-                QUOTA_DEGRADED.set(1)
+        policy = self.policy.on_redis_error
+        effect = {"local": f"enforcing limit / {self.policy.replicas} in memory until it is "
+                           "back (local)",
+                  "fail_open": "admitting without quota check until it is back (fail_open)",
+                  }.get(policy, "rejecting requests until it is back (fail_closed)")
+        if self._outage.failed(exc, request_id, f"{self._outage.lost}: {effect}") \
+                and policy == "local":
+            QUOTA_DEGRADED.set(1)
         if self.policy.on_redis_error == "local":
             return self._admit_locally(tenant, sides, reserve, request_id)
         if not self.policy.fail_open:
@@ -532,12 +522,10 @@ class QuotaManager:
                            hold=Hold(budgets, HELD_LOCALLY))
 
     def _store_is_back(self) -> None:
-        if self._outage:
-            self._outage = False
+        if self._outage.answered():
             self._local.clear()  # the shared budget counts again
             self.ledger.local.clear()
             QUOTA_DEGRADED.set(0)
-            log.warning("quota store reachable again: quotas are shared again")
 
     def _settle_local(self, keys: tuple[str, ...], window: int, delta: int) -> None:
         now = int((self.clock or time.time)() * 1000)
