@@ -243,11 +243,8 @@ def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any,
         data = client.request("POST", f"/v1/prompts/{pid}/versions", body)
         return data, f"created {data['prompt_id']} version {data['version']}"
     if args.verb == "list":
-        query = {k: v for k, v in (("limit", args.limit), ("before", args.before)) if v}
-        path = f"/v1/prompts/{pid}/versions"
-        if query:
-            path += "?" + urllib.parse.urlencode(query)
-        data = client.request("GET", path)
+        data = client.request("GET", _with_query(f"/v1/prompts/{pid}/versions",
+                                                 limit=args.limit, before=args.before))
         return data, _version_table(data)
     if args.verb == "get":
         if args.label is not None:
@@ -257,11 +254,8 @@ def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any,
         data = client.request("GET", path)
         return data, _version_text(data)
     if args.verb == "stats":
-        query = {k: v for k, v in (("from", args.start), ("to", args.end)) if v}
-        path = f"/v1/prompts/{pid}/stats"
-        if query:
-            path += "?" + urllib.parse.urlencode(query)
-        data = client.request("GET", path)
+        data = client.request("GET", _with_query(f"/v1/prompts/{pid}/stats",
+                                                 **{"from": args.start, "to": args.end}))
         return data, _stats_table(data)
     label = urllib.parse.quote(args.label, safe="")
     if args.rollback:
@@ -374,10 +368,16 @@ def _eval(args: argparse.Namespace, client: _Client, stdout: TextIO, stderr: Tex
     return 1 if failed else 0
 
 
+def _with_query(path: str, **params: Any) -> str:
+    """`path` with the parameters that have a value as its query string."""
+    query = {k: v for k, v in params.items() if v}
+    return f"{path}?{urllib.parse.urlencode(query)}" if query else path
+
+
 def _usage(args: argparse.Namespace, client: _Client) -> tuple[Any, str]:
-    query = {k: v for k, v in (("from", args.start), ("to", args.end),
-                               ("group_by", args.group_by), ("tenant", args.tenant)) if v}
-    data = client.request("GET", "/v1/usage?" + urllib.parse.urlencode(query))
+    data = client.request("GET", _with_query("/v1/usage", group_by=args.group_by,
+                                             tenant=args.tenant,
+                                             **{"from": args.start, "to": args.end}))
     if args.csv:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
