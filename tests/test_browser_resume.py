@@ -3,17 +3,14 @@ the real chain (docs/resume.md). A small TCP proxy between the browser and the e
 chat stream's socket in the middle of an event; the page must say "reconnecting…", resume with
 `Last-Event-ID`, and end with exactly the undisturbed reply. Stop must use the cancel endpoint.
 
-Needs a Chromium binary, as tests/test_browser.py (the same skip rule).
+Needs a Chromium binary: the browser and its skip rule are tests/test_browser.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,15 +20,7 @@ from promptline.devtools.sse_client import SseStream, without_comments
 from tests.chain import Chain, running_chain
 from tests.conftest import BASE_CONFIG, make_config
 from tests.eventually import eventually
-
-CHROMIUM = os.environ.get("PROMPTLINE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
-    pytest.skip(f"browser tests skipped: no Chromium at {CHROMIUM} (apt-get install chromium, "
-                "or set PROMPTLINE_CHROMIUM to a Chromium binary)", allow_module_level=True)
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
-TIMEOUT_MS = 15_000
+from tests.test_browser import TIMEOUT_MS, browser  # noqa: F401 - the fixture; its skip rule
 
 REPLY = ("Every character of this reply must reach the page exactly once, even when the "
          "connection drops in the middle of it.")
@@ -151,20 +140,8 @@ async def proxy(chain: Chain) -> AsyncIterator[DroppingProxy]:
         yield running
 
 
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        launched = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
 @pytest.fixture
-async def page(browser: Any, chain: Chain) -> AsyncIterator[Any]:
+async def page(browser: Any, chain: Chain) -> AsyncIterator[Any]:  # noqa: F811
     """A fresh page with every request it makes recorded in `page.requests` (method, url,
     headers)."""
     context = await browser.new_context()
