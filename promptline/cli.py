@@ -283,6 +283,15 @@ def _split_arg(text: str) -> dict[str, int]:
     return split
 
 
+def _check_judge_model(client: _Client, model: str) -> None:
+    """The judge model is one this key's tenant may use (`GET /v1/models`), before any case
+    runs: else every judged case would fail on it, after the whole run."""
+    allowed = [m.get("id") for m in client.request("GET", "/v1/models").get("data", [])]
+    if model not in allowed:
+        raise CliError(f"--judge-model {model!r} is not a model this API key may use; "
+                       f"GET /v1/models lists: {', '.join(map(str, allowed)) or 'none'}", 2)
+
+
 def _split_text(split: dict[str, int] | None) -> str:
     """`version 3`, or `3=90% 4=10%` for a split."""
     if not split:
@@ -310,6 +319,8 @@ def _eval(args: argparse.Namespace, client: _Client, stdout: TextIO, stderr: Tex
     except evals.EvalInputError as exc:
         raise CliError(str(exc), 2) from None
     client.request("GET", f"/v1/prompts/{pid}/versions/{args.version}")  # 404 before any case
+    if any("judge" in case.checks for case in cases):
+        _check_judge_model(client, args.judge_model)
     versions = [(args.version, "")]
     if args.against:
         label = urllib.parse.quote(args.against, safe="")

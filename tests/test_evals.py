@@ -159,6 +159,18 @@ async def test_the_judge_can_fail_a_case(chain: Chain, http: aiohttp.ClientSessi
     assert result["failures"] == ["judge: the judge answered neither PASS nor FAIL: 'Go away.'"]
 
 
+async def test_an_unknown_judge_model_stops_before_any_case(
+        chain: Chain, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    pid = await _prompt(chain, http, "good")
+    code, out, err = await _cli(chain, "prompts", "eval", pid, "--version", "1", "--cases",
+                                _cases(tmp_path, [{"judge": "polite"}]), "--judge-model",
+                                "no-such-model", "--no-store")
+    assert (code, out) == (2, "")
+    assert "--judge-model 'no-such-model' is not a model this API key may use" in err, err
+    assert "judge" in err.split("lists:")[1]  # what the key may use instead
+    assert "0/1" not in err  # the run's progress bar never started: no case ran
+
+
 async def test_the_label_gate(chain: Chain, http: aiohttp.ClientSession, tmp_path: Path) -> None:
     pid = await _prompt(chain, http, "good", "good", "rude")
     assert (await _put(chain, http, pid, {"version": 1}))[0] == 200
