@@ -390,20 +390,10 @@ class Stack:
                "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
                "LITELLM_TELEMETRY": "False", "NO_DOCS": "True"}
         env.pop("PYTHONPATH", None)
-        self.litellm = procstat.Child(
+        self.litellm = self._start_peer_process(
             "litellm", [os.path.abspath(binary), "--config", str(cfg_path), "--host",
                         "127.0.0.1", "--port", str(self.litellm_port), "--num_workers", "1"],
-            env=env, cwd=str(self.workdir), log_path=self.workdir / "litellm.log",
-            own_session=self.own_sessions)
-        try:
-            procstat.wait_port(self.litellm_port, self.litellm.proc, "litellm", 120)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n--- litellm log ---\n{self.litellm.tail()}") from None
-        deadline = time.monotonic() + 60
-        while not _http_ok(f"http://127.0.0.1:{self.litellm_port}/health/liveliness"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("litellm did not answer /health/liveliness within 60s")
-            time.sleep(0.2)
+            env, self.litellm_port, "/health/liveliness", port_wait=120, http_wait=60)
 
     def stop_litellm(self) -> None:
         if self.litellm is not None:
@@ -427,20 +417,32 @@ class Stack:
         self.portkey_port = procstat.free_port()
         env = {k: v for k, v in self.env.items() if not k.startswith("PYTHON")}
         env["NODE_ENV"] = "production"
-        self.portkey = procstat.Child(
+        self.portkey = self._start_peer_process(
             "portkey", [node, "--import", PORTKEY_LOOPBACK.as_uri(), str(script),
                         f"--port={self.portkey_port}", "--headless"],
-            env=env, cwd=str(self.workdir), log_path=self.workdir / "portkey.log",
-            own_session=self.own_sessions)
+            env, self.portkey_port, "/", port_wait=60, http_wait=30)
+
+    def _start_peer_process(self, name: str, argv: list[str], env: dict[str, str], port: int,
+                            health: str, *, port_wait: float, http_wait: float
+                            ) -> procstat.Child:
+        """A peer's process, once it listens on `port` and answers GET `health` with a 2xx;
+        a start that fails raises with the tail of its log."""
+        child = procstat.Child(name, argv, env=env, cwd=str(self.workdir),
+                               log_path=self.workdir / f"{name}.log",
+                               own_session=self.own_sessions)
         try:
-            procstat.wait_port(self.portkey_port, self.portkey.proc, "portkey", 60)
+            procstat.wait_port(port, child.proc, name, port_wait)
         except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n--- portkey log ---\n{self.portkey.tail()}") from None
-        deadline = time.monotonic() + 30
-        while not _http_ok(f"http://127.0.0.1:{self.portkey_port}/"):
+            child.stop(grace=1)
+            raise RuntimeError(f"{exc}\n--- {name} log ---\n{child.tail()}") from None
+        deadline = time.monotonic() + http_wait
+        while not _http_ok(f"http://127.0.0.1:{port}{health}"):
             if time.monotonic() > deadline:
-                raise RuntimeError("portkey did not answer GET / within 30s")
+                child.stop(grace=1)
+                raise RuntimeError(f"{name} did not answer GET {health} within "
+                                   f"{http_wait:.0f}s\n--- {name} log ---\n{child.tail()}")
             time.sleep(0.2)
+        return child
 
     def stop_portkey(self) -> None:
         if self.portkey is not None:

@@ -81,3 +81,21 @@ async def running_chain(config: Config, *, with_edge: bool = True,
         if prompt is not None:
             await prompt.stop(0.5)
         await engine.stop(0.5)
+
+
+def chain_fixture(overrides: dict[str, Any] | None = None,
+                  models: list[dict[str, Any]] | None = None) -> Any:
+    """A test module's `chain` fixture: the whole chain, once per module, on
+    `make_config(overrides, models=models)` and the session's Redis (`chain = chain_fixture(...)`
+    at module level)."""
+    import pytest
+
+    from tests.conftest import make_config
+
+    @pytest.fixture(scope="module")
+    async def chain(redis_server: Any) -> AsyncIterator[Chain]:
+        config = make_config(overrides, redis_url=redis_server.url, models=models)
+        async with running_chain(config) as running:
+            yield running
+
+    return chain

@@ -6,6 +6,7 @@ import copy
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
@@ -72,6 +73,13 @@ def redis_sentinel() -> Iterator[LocalRedisSentinel]:
     own)."""
     with LocalRedisSentinel() as sentinel:
         yield sentinel
+
+
+@pytest.fixture(scope="module")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """One HTTP client per test module, for the chain's edge (a module may define its own)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
 
 
 @pytest.fixture

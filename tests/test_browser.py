@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from services.prompt.feedback import record_key
-from tests.chain import Chain, running_chain
-from tests.conftest import BASE_CONFIG, make_config
+from tests.chain import Chain, chain_fixture
+from tests.conftest import BASE_CONFIG
 from tests.eventually import eventually
 
 CHROMIUM = os.environ.get("PROMPTLINE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -48,11 +48,7 @@ MODELS = [
 ]
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    config = make_config({"tenants": TENANTS}, redis_url=redis_server.url, models=MODELS)
-    async with running_chain(config) as running:
-        yield running
+chain = chain_fixture({"tenants": TENANTS}, MODELS)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -17,8 +15,8 @@ from promptline.client import (
     TextDelta,
 )
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from tests.chain import Chain, running_chain
-from tests.conftest import BASE_CONFIG, make_config
+from tests.chain import Chain, chain_fixture
+from tests.conftest import BASE_CONFIG
 from tests.eventually import eventually
 
 REPLY = BASE_CONFIG["models"][0]["simulated"]["reply"]
@@ -30,11 +28,7 @@ MODELS = [{"name": "slow", "provider": "simulated",
            "simulated": {"ttft_ms": 0, "tokens_per_second": 10, "reply": "tick " * 200}}]
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    config = make_config({"tenants": TENANTS}, redis_url=redis_server.url, models=MODELS)
-    async with running_chain(config) as running:
-        yield running
+chain = chain_fixture({"tenants": TENANTS}, MODELS)
 
 
 def target(chain: Chain) -> str:

@@ -10,7 +10,6 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +25,7 @@ from promptline.errors import ErrorCode, PromptlineError
 from promptline.v1 import common_pb2, prompt_admin_pb2, prompt_admin_pb2_grpc, prompt_pb2
 from services.llm_engine.providers.openai_compat import _cached_tokens
 from services.prompt.pricing import cost_of, from_pico, to_pico, usd_text, worst_case
-from tests.chain import Chain, running_chain
+from tests.chain import Chain, chain_fixture
 from tests.conftest import BASE_CONFIG, make_config
 from tests.eventually import eventually
 from tests.grpc_calls import read_all
@@ -56,17 +55,8 @@ MODELS = [
 HI = [{"role": "user", "content": "Hi"}]
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    config = make_config({"tenants": TENANTS}, redis_url=redis_server.url, models=MODELS)
-    async with running_chain(config) as running:
-        yield running
+chain = chain_fixture({"tenants": TENANTS}, MODELS)
 
-
-@pytest.fixture(scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def auth(tenant: str) -> dict[str, str]:

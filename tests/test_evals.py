@@ -8,7 +8,6 @@ import asyncio
 import io
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,7 @@ import aiohttp
 import pytest
 
 from promptline import cli
-from tests.chain import Chain, running_chain
-from tests.conftest import make_config
+from tests.chain import Chain, chain_fixture
 
 PRICE = {"input_per_mtok": "0.15", "output_per_mtok": 0.6}
 FAST = {"ttft_ms": 0, "tokens_per_second": 0}
@@ -38,16 +36,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    async with running_chain(make_config(redis_url=redis_server.url, models=MODELS)) as running:
-        yield running
+chain = chain_fixture(models=MODELS)
 
-
-@pytest.fixture(scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
 
 
 async def _prompt(chain: Chain, http: aiohttp.ClientSession, *models: str,

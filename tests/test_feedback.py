@@ -13,7 +13,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -29,7 +28,7 @@ from promptline.redis_store import STORE_RETRY_S
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 from services.prompt.feedback import VersionStats, record_key, stats_key
 from services.prompt.usage import HOUR_MS
-from tests.chain import Chain, running_chain
+from tests.chain import Chain, chain_fixture, running_chain
 from tests.conftest import BASE_CONFIG, make_config
 from tests.eventually import eventually
 
@@ -47,17 +46,8 @@ MODELS = [
 HI = [{"role": "user", "content": "Hi"}]
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    config = make_config({"tenants": TENANTS}, redis_url=redis_server.url, models=MODELS)
-    async with running_chain(config) as running:
-        yield running
+chain = chain_fixture({"tenants": TENANTS}, MODELS)
 
-
-@pytest.fixture(scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
 
 
 def auth(tenant: str) -> dict[str, str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,16 +18,12 @@ import pytest
 
 from promptline.devtools.http_fuzz import PARSER_CASES  # shared with the fuzz drill
 from promptline.metrics import ERRORS
-from tests.chain import Chain, running_chain
-from tests.conftest import make_config
+from tests.chain import Chain, chain_fixture
 
 CHAT = b'{"model":"sim","messages":[{"role":"user","content":"hi"}]}'
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    async with running_chain(make_config(redis_url=redis_server.url)) as running:
-        yield running
+chain = chain_fixture()
 
 
 async def raw_request(chain: Chain, data: bytes) -> tuple[int, dict[str, str], bytes]:

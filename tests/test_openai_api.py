@@ -7,7 +7,6 @@ Every client is built with `max_retries=0`, so an error surfaces exactly as the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,8 +14,8 @@ import openai
 import pytest
 
 from services.edge_http.openai_api import parse_completion_request
-from tests.chain import Chain, running_chain
-from tests.conftest import BASE_CONFIG, make_config
+from tests.chain import Chain, chain_fixture
+from tests.conftest import BASE_CONFIG
 from tests.eventually import eventually
 
 REPLY = BASE_CONFIG["models"][0]["simulated"]["reply"]
@@ -42,11 +41,7 @@ MODELS = [
 ]
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    config = make_config({"tenants": TENANTS}, redis_url=redis_server.url, models=MODELS)
-    async with running_chain(config) as running:
-        yield running
+chain = chain_fixture({"tenants": TENANTS}, MODELS)
 
 
 def sync_client(chain: Chain, key: str = "dev-key") -> openai.OpenAI:

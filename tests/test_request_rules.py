@@ -4,7 +4,6 @@ INVALID_REQUEST naming the field."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -12,8 +11,7 @@ import pytest
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2, prompt_pb2
-from tests.chain import Chain, running_chain
-from tests.conftest import make_config
+from tests.chain import Chain, chain_fixture
 from tests.grpc_calls import read_all
 
 BODY: dict[str, Any] = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
@@ -27,10 +25,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    async with running_chain(make_config(redis_url=redis_server.url)) as running:
-        yield running
+chain = chain_fixture()
 
 
 @pytest.mark.parametrize(("body", "fragment"), CASES)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from services.edge_http.context import LIVE_CONFIG_KEY
 from services.prompt import chat_plan
 from services.prompt.chat_plan import plan_chat
 from services.prompt.routes import find_route, resolve
-from tests.chain import Chain, running_chain
+from tests.chain import Chain, chain_fixture, running_chain
 from tests.conftest import BASE_CONFIG, make_config
 from tests.eventually import eventually
 from tests.grpc_calls import read_all
@@ -64,11 +63,7 @@ def route_config(**overrides: Any) -> dict[str, Any]:
     return {"tenants": TENANTS, "routes": ROUTES, **overrides}
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    config = make_config(route_config(), redis_url=redis_server.url, models=MODELS)
-    async with running_chain(config) as running:
-        yield running
+chain = chain_fixture(route_config(), MODELS)
 
 
 async def stream(chain: Chain, body: dict[str, Any], key: str = "dev-key"

@@ -17,7 +17,7 @@ from promptline.devtools.sse_client import collect, without_comments
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2, prompt_pb2
 from services.llm_engine.shaping import MAX_HELD_CHARS, Shape, Shaper
-from tests.chain import running_chain
+from tests.chain import chain_fixture, running_chain
 from tests.conftest import make_config
 from tests.grpc_calls import read_all
 
@@ -103,10 +103,7 @@ MODELS = [
 ]
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> Any:
-    async with running_chain(make_config(redis_url=redis_server.url, models=MODELS)) as running:
-        yield running
+chain = chain_fixture(models=MODELS)
 
 
 async def grpc_frames(chain: Any, model: str, **kw: Any) -> list[Any]:

@@ -14,7 +14,6 @@ import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -32,7 +31,7 @@ from services.prompt.prompts import (
     encode_split,
     pick_version,
 )
-from tests.chain import Chain, running_chain
+from tests.chain import Chain, chain_fixture
 from tests.conftest import BASE_CONFIG, make_config
 from tests.eventually import eventually
 from tests.test_redis_modes import Mode, mode  # noqa: F401  (the fixture)
@@ -85,18 +84,8 @@ def test_bad_splits_name_the_field(weights: dict[int, int], message: str) -> Non
 # --- through the chain ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-async def chain(redis_server: Any) -> AsyncIterator[Chain]:
-    config = make_config({"tenants": TENANTS}, redis_url=redis_server.url, models=[
-        {"name": "fast", "provider": "simulated", "simulated": FAST}])
-    async with running_chain(config) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
+chain = chain_fixture({"tenants": TENANTS},
+                      [{"name": "fast", "provider": "simulated", "simulated": FAST}])
 
 
 async def _prompt(chain: Chain, http: aiohttp.ClientSession, versions: int = 2) -> str:
