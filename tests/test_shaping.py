@@ -230,3 +230,29 @@ async def test_the_engine_reads_the_provider_once_per_hold(redis_server: Any) ->
     assert "".join(d.text for d in parts) == reply_text(60)
     assert sum(d.tokens for d in parts) == 60
     assert len(parts) <= 1 + 1.2 / 0.2 + 2, [d.text for d in parts]
+
+
+@pytest.mark.parametrize("provider", ["openai", "simulated"])
+async def test_the_end_of_a_paced_reply_is_not_held(redis_server: Any, provider: str) -> None:
+    """The hold ends when the provider's reply does: 10 tokens 20 ms apart under a 1 s hold
+    take their ~0.2 s, not the hold's 1 s: the first text at once, the rest in one frame as the
+    reply ends, then done."""
+    from promptline.devtools.fake_openai import FakeOpenAI, model_name, reply_text
+
+    hold = {"coalesce_ms": 1000}
+    async with FakeOpenAI() as upstream:
+        model = ({"name": "up", "provider": "openai", "base_url": upstream.base_url,
+                  "upstream_model": model_name(10, 20), "stream": hold} if provider == "openai"
+                 else {"name": "up", "provider": "simulated", "stream": hold, "simulated": {
+                     "ttft_ms": 0, "tokens_per_second": 50, "reply": reply_text(10)}})
+        config = make_config({"moderation": {"blocked_terms": []}},
+                             redis_url=redis_server.url, models=[model])
+        async with running_chain(config, with_edge=False) as chain:
+            started = time.monotonic()
+            frames = await grpc_frames(chain, "up")
+            took = time.monotonic() - started
+    parts = deltas(frames)
+    assert "".join(d.text for d in parts) == reply_text(10)
+    assert frames[-1].WhichOneof("frame") == "done"
+    assert len(parts) == 2, [d.text for d in parts]
+    assert 0.15 < took < 0.7, took  # the reply's own time, far from the 1 s hold

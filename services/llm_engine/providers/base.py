@@ -8,6 +8,7 @@ consumer stops early or is cancelled (`aclose()` on the async generator).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,18 +21,22 @@ class ReadPacer:
     """Chunk shaping at the source (`shaping.py`): once the first text went out (`active`), the
     provider is read at most once per `interval` seconds, so what arrived meanwhile is parsed in
     one go: one wake-up per frame instead of one per token, and text waits in the socket buffer,
-    never longer than `interval`, instead of in ours."""
+    never longer than `interval`, instead of in ours. The end of the reply is not held: `ended`
+    cuts a hold short, so the last text and `done` leave as soon as the provider finished."""
 
-    __slots__ = ("_next", "active", "interval")
+    __slots__ = ("_ended", "_holding", "_next", "active", "interval")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.active = False
         self._next = 0.0
+        self._holding: asyncio.Future[None] | None = None
+        self._ended = False
 
     def start(self, now: float) -> None:
-        """The first text went out: the next read waits a whole interval."""
-        self.active = True
+        """The first text went out: the next read waits a whole interval (unless the reply
+        already ended: then nothing waits)."""
+        self.active = not self._ended
         self._next = now + self.interval
 
     def wait(self, now: float) -> float:
@@ -42,6 +47,29 @@ class ReadPacer:
         """A read starts now: the next one waits an interval."""
         if self.active:
             self._next = now + self.interval
+
+    async def hold(self, seconds: float) -> None:
+        """Sleep `seconds`, or until `ended` is called."""
+        loop = asyncio.get_running_loop()
+        holding = self._holding = loop.create_future()
+        timer = loop.call_later(seconds, _release, holding)
+        try:
+            await holding
+        finally:
+            timer.cancel()
+            self._holding = None
+
+    def ended(self) -> None:
+        """The provider's reply is complete (the end of its body): no more waits."""
+        self._ended = True
+        self.active = False
+        if self._holding is not None:
+            _release(self._holding)
+
+
+def _release(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -207,6 +207,8 @@ async def _sse_blocks(body: aiohttp.StreamReader, pace: ReadPacer | None = None
     data: list[bytes] = []
     buffer = bytearray()
     loop = asyncio.get_running_loop()
+    if pace is not None:
+        body.on_eof(pace.ended)  # the reply's end is read at once, never held
     while True:
         block = b""
         if pace is not None and (wait := pace.wait(loop.time())):
@@ -214,7 +216,7 @@ async def _sse_blocks(body: aiohttp.StreamReader, pace: ReadPacer | None = None
             # empty buffer is waited on, until the pace allows the next read.
             block = body.read_nowait()
             if not block:
-                await asyncio.sleep(wait)
+                await pace.hold(wait)
         if not block:
             if pace is not None:
                 pace.read(loop.time())

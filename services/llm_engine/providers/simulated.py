@@ -55,6 +55,8 @@ class SimulatedProvider:
         started = loop.time()
         sent = 0
         finish = "stop"
+        # The pace never holds text past the reply's last token: the end goes out on time.
+        ends_at = started + (min(len(pieces), request.max_tokens) - 1) * interval
         for piece in pieces:
             if sent >= request.max_tokens:
                 finish = "length"
@@ -69,7 +71,8 @@ class SimulatedProvider:
                 delay = started + sent * interval - loop.time()
                 if delay > 0:
                     if request.pace is not None:  # tokens due by then go out in one burst
-                        delay = max(delay, request.pace.wait(loop.time()))
+                        now = loop.time()
+                        delay = max(delay, min(request.pace.wait(now), ends_at - now))
                     await asyncio.sleep(delay)
                     if request.pace is not None:
                         request.pace.read(loop.time())
