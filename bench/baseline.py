@@ -1,8 +1,8 @@
 """`make bench`'s check: a run's figures against the committed baseline (bench/baseline.json).
 
 Every figure below is better when lower, and compared for the loads where it means something
-(issue #7's targets: time to first token of one stream, CPU and memory under concurrency, the
-duration and the gaps of every stream, no error). One is outside the tolerance when it differs
+(time to first token of one stream, CPU and memory under concurrency, the duration and the gaps
+of every stream, no error). One is outside the tolerance when it differs
 from the baseline by more than max(tolerance x baseline, the figure's noise floor): worse (the
 run fails) or better (listed, so the baseline can be refreshed: `make bench-baseline`). A figure
 of the baseline that the run did not measure (a scenario that was skipped) fails the run too.
