@@ -283,6 +283,12 @@ def _split_arg(text: str) -> dict[str, int]:
     return split
 
 
+def _case_text(case: Any) -> str:
+    """`line 4 (greets)`, or `line 4` for a case without a name of its own."""
+    own = case.name != f"line {case.line}"
+    return f"line {case.line} ({case.name})" if own else f"line {case.line}"
+
+
 def _check_judge_model(client: _Client, model: str) -> None:
     """The judge model is one this key's tenant may use (`GET /v1/models`), before any case
     runs: else every judged case would fail on it, after the whole run."""
@@ -357,11 +363,10 @@ def _eval(args: argparse.Namespace, client: _Client, stdout: TextIO, stderr: Tex
     for run in runs:
         for result in run.results:
             if not result.passed:
-                lines.append(f"FAIL version {run.version} line {result.case.line} "
-                             f"({result.case.name}): {'; '.join(result.failures)}")
+                lines.append(f"FAIL version {run.version} {_case_text(result.case)}: "
+                             f"{'; '.join(result.failures)}")
     if lost:
-        lines.append("regressions: " + ", ".join(f"line {r.case.line} ({r.case.name})"
-                                                 for r in lost))
+        lines.append("regressions: " + ", ".join(_case_text(r.case) for r in lost))
     elif regressed:
         lines.append("regression: a lower pass rate than " + args.against)
     if report["stored"]:

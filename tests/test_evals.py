@@ -149,6 +149,17 @@ async def test_the_judge_can_fail_a_case(chain: Chain, http: aiohttp.ClientSessi
     assert result["failures"] == ["judge: the judge answered neither PASS nor FAIL: 'Go away.'"]
 
 
+async def test_the_text_report_names_each_failed_case(chain: Chain, http: aiohttp.ClientSession,
+                                                      tmp_path: Path) -> None:
+    pid = await _prompt(chain, http, "rude")
+    code, out, _ = await _cli(chain, "prompts", "eval", pid, "--version", "1", "--cases",
+                              _cases(tmp_path, [{"name": "greets", "contains": "Hello"},
+                                                {"contains": "Ada"}]), "--no-store")
+    assert code == 1
+    assert "FAIL version 1 line 1 (greets): contains: " in out, out
+    assert "FAIL version 1 line 2: contains: " in out, out  # no name: the line alone
+
+
 async def test_an_unknown_judge_model_stops_before_any_case(
         chain: Chain, http: aiohttp.ClientSession, tmp_path: Path) -> None:
     pid = await _prompt(chain, http, "good")
