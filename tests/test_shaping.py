@@ -255,7 +255,7 @@ async def test_the_end_of_a_paced_reply_is_not_held(redis_server: Any, provider:
     assert "".join(d.text for d in parts) == reply_text(10)
     assert frames[-1].WhichOneof("frame") == "done"
     assert len(parts) == 2, [d.text for d in parts]
-    assert 0.15 < took < 0.7, took  # the reply's own time, far from the 1 s hold
+    assert 0.15 < took < 0.8, took  # the reply's own time, well under the 1 s hold
 
 
 async def test_a_provider_connection_lost_mid_hold_is_unavailable(redis_server: Any) -> None:
