@@ -23,6 +23,7 @@ scans only the held tail plus the new text, never the whole reply.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Protocol
@@ -75,16 +76,23 @@ class PassThroughFilter:
         return ""
 
 
+@functools.lru_cache(maxsize=16)
+def _proper_prefixes(terms: tuple[str, ...]) -> frozenset[str]:
+    """Every proper prefix of every term: built once per set of terms, not per stream."""
+    return frozenset(term[:size] for term in terms for size in range(1, len(term)))
+
+
 class BlockedTermFilter:
     """Stops a reply before any character of a blocked term is delivered (module docstring)."""
 
-    __slots__ = ("_blocked", "_held", "_hold", "_terms")
+    __slots__ = ("_blocked", "_held", "_hold", "_prefixes", "_terms")
 
     def __init__(self, folded_terms: Sequence[str]) -> None:
         if not folded_terms:
             raise ValueError("BlockedTermFilter needs at least one term; use PassThroughFilter")
         self._terms = tuple(folded_terms)
         self._hold = max(map(len, self._terms)) - 1
+        self._prefixes = _proper_prefixes(self._terms)
         self._held = ""
         self._blocked = False
 
@@ -112,13 +120,20 @@ class BlockedTermFilter:
         """How many of the last characters of `window` could begin a term that later text
         completes: the longest k whose k-th last character starts (its folded form holds the
         start of) a proper term prefix that runs to the end."""
+        tail = window[-self._hold:] if self._hold else ""
+        folded = tail.casefold()
+        prefixes = self._prefixes
+        if len(folded) == len(tail):  # no character folds to several: k characters, k folded
+            for k in range(len(tail), 0, -1):
+                if folded[-k:] in prefixes:
+                    return k
+            return 0
         longest = 0
         folded = ""
-        for k in range(1, min(self._hold, len(window)) + 1):
+        for k in range(1, len(tail) + 1):
             before = len(folded)
-            folded = window[-k:].casefold()
-            if any(folded[-size:] == term[:size] for term in self._terms
-                   for size in range(before + 1, min(len(folded), len(term) - 1) + 1)):
+            folded = tail[-k].casefold() + folded
+            if any(folded[-size:] in prefixes for size in range(before + 1, len(folded) + 1)):
                 longest = k
         return longest
 
