@@ -233,18 +233,40 @@ async def test_bad_ids_are_invalid_requests(redis_server: Any) -> None:
         assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_a_duplicate_request_id_never_mixes_into_the_first_journal(
-        redis_server: Any) -> None:
+async def test_a_reused_request_id_resumes_the_newest_stream(redis_server: Any) -> None:
+    """A client that retries with the same X-Request-Id resumes the stream it retried into;
+    the two streams' frames never mix."""
     async with chain_with(redis_server.url) as chain:
         req = request()
         first = await collect(chain.prompt_stub.StreamChat(req, metadata=AUTH))
+        assert text_of(first) == REPLY
         second = await collect(chain.prompt_stub.StreamChat(request(request_id=req.request_id,
                                                                     model="sim"), metadata=AUTH))
-        assert second[-1].WhichOneof("frame") == "done"
+        assert second[-1].WhichOneof("frame") == "done" and text_of(second) != REPLY
         await asyncio.sleep(0.05)
         replay = await collect(chain.prompt_stub.ResumeChat(
             prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=AUTH))
-        assert text_of(replay) == text_of(first) == REPLY
+        assert text_of(replay) == text_of(second)
+        assert [f.WhichOneof("frame") for f in replay].count("start") == 1
+
+
+async def test_an_old_stop_mark_does_not_stop_a_new_stream_with_its_id(
+        redis_server: Any) -> None:
+    """A Stop another replica marked for an earlier stream with this id (10 s mark) is not the
+    new stream's: the new one's first write clears it, and it runs to done."""
+    import redis.asyncio as aioredis
+
+    from services.prompt.journal import journal_key
+
+    async with chain_with(redis_server.url) as chain:
+        req = request()
+        client = aioredis.from_url(redis_server.url)
+        try:
+            await client.set(journal_key("dev", req.request_id) + ":stop", "1", px=10_000)
+            frames = await collect(chain.prompt_stub.StreamChat(req, metadata=AUTH))
+        finally:
+            await client.aclose()
+    assert frames[-1].WhichOneof("frame") == "done" and text_of(frames) == REPLY
 
 
 async def test_without_redis_streams_work_and_resume_is_unavailable() -> None:

@@ -6,9 +6,12 @@ streams spread over a cluster's shards):
     pl:resume:<tenant>:{<rid>}          the Redis Stream; each entry holds `o`: its writer's
                                         token, and `f`: a batch of serialized StreamChatResponse
                                         frames, each prefixed by its length (a varint), or `h`: a
-                                        heartbeat. Readers take the first entry's writer as the
-                                        stream's: a second stream with the same request id (a
-                                        reused X-Request-Id) never mixes into the first's
+                                        heartbeat. A stream's first write deletes what an
+                                        earlier stream with the same request id left (a reused
+                                        X-Request-Id: the newest stream is the one resumed, and
+                                        an old stop mark does not stop it); readers follow the
+                                        first entry's writer, so a stream still running under
+                                        the old id never mixes into the new one's
     pl:resume:<tenant>:{<rid>}:stop     CancelChat's mark, for a stream run by another replica
     pl:resume:<tenant>:{<rid>}:reader   a resuming reader's presence (renewed while it reads)
 
@@ -239,6 +242,9 @@ class Journal:
             if w.buffer or w.heartbeat_due(now):
                 entry: dict[Any, Any] = {"o": w.token, **({"f": encode(w.buffer)} if w.buffer
                                                           else {"h": b"1"})}
+                if w.fresh:  # the id is this stream's now (one slot: the id is the hash tag)
+                    pipe.delete(w.key, w.key + ":stop")
+                    queued += 1
                 pipe.xadd(w.key, entry, maxlen=MAX_ENTRIES, approximate=True)
                 queued += 1
                 if w.fresh or w.closing or now >= w.expire_due:
