@@ -60,7 +60,7 @@ class ReadPacer:
             self._holding = None
 
     def ended(self) -> None:
-        """The provider's reply is complete (the end of its body): no more waits."""
+        """The provider's body is complete or failed: no more waits."""
         self._ended = True
         self.active = False
         if self._holding is not None:

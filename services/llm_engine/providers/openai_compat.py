@@ -14,6 +14,7 @@ consumer `aclose()`, cancellation), so a stopped client stops the paid generatio
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncGenerator, Iterator
@@ -207,46 +208,62 @@ async def _sse_blocks(body: aiohttp.StreamReader, pace: ReadPacer | None = None
     data: list[bytes] = []
     buffer = bytearray()
     loop = asyncio.get_running_loop()
+    # The body's end or the connection's loss cuts a hold short: the end of a reply and a
+    # provider that went away are seen at once, not at the hold's next read.
+    ended: asyncio.Future[None] | None = None
     if pace is not None:
-        body.on_eof(pace.ended)  # the reply's end is read at once, never held
-    while True:
-        block = b""
-        if pace is not None and (wait := pace.wait(loop.time())):
-            # What already arrived is read at once (a burst, the end of the reply): only an
-            # empty buffer is waited on, until the pace allows the next read.
-            block = body.read_nowait()
+        ended = asyncio.ensure_future(body.wait_eof())
+        ended.add_done_callback(functools.partial(_ended, pace))
+    try:
+        while True:
+            block = b""
+            if pace is not None and (wait := pace.wait(loop.time())):
+                # What already arrived is read at once (a burst, the end of the reply): only an
+                # empty buffer is waited on, until the pace allows the next read.
+                block = body.read_nowait()
+                if not block:
+                    await pace.hold(wait)
             if not block:
-                await pace.hold(wait)
-        if not block:
-            if pace is not None:
-                pace.read(loop.time())
-            block = await body.readany()
-            if not block:
-                break
-        if not buffer and block.endswith(b"\n"):  # the usual case: whole events, no copy
-            lines = block[:-1].split(b"\n")
-        else:
-            buffer += block
-            end = buffer.rfind(b"\n")
-            lines = bytes(buffer[:end]).split(b"\n") if end >= 0 else []
-            del buffer[:end + 1]
-        events: list[bytes] = []
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:
-                if data:
-                    events.append(b"\n".join(data))
-                    data.clear()
-            elif line.startswith(b"data:"):
-                data.append(line[6:] if line.startswith(b"data: ") else line[5:])
-        if events:
-            yield events
-        if len(buffer) > MAX_LINE_BYTES:
-            raise MalformedStreamError("an event-stream line exceeds the size limit")
+                if pace is not None:
+                    pace.read(loop.time())
+                block = await body.readany()
+                if not block:
+                    break
+            if not buffer and block.endswith(b"\n"):  # the usual case: whole events, no copy
+                lines = block[:-1].split(b"\n")
+            else:
+                buffer += block
+                end = buffer.rfind(b"\n")
+                lines = bytes(buffer[:end]).split(b"\n") if end >= 0 else []
+                del buffer[:end + 1]
+            events: list[bytes] = []
+            for line in lines:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if not line:
+                    if data:
+                        events.append(b"\n".join(data))
+                        data.clear()
+                elif line.startswith(b"data:"):
+                    data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+            if events:
+                yield events
+            if len(buffer) > MAX_LINE_BYTES:
+                raise MalformedStreamError("an event-stream line exceeds the size limit")
+    finally:
+        if ended is not None and not ended.done():
+            ended.cancel()
+            await asyncio.gather(ended, return_exceptions=True)
 
 
 _DONE = b"[DONE]"
+
+
+def _ended(pace: ReadPacer, task: asyncio.Future[None]) -> None:
+    """`wait_eof` finished: the body is complete, or failed (the read that follows raises)."""
+    if not task.cancelled():
+        task.exception()  # retrieved here; the next read raises the failure itself
+        pace.ended()
 
 
 def _payloads(events: list[bytes]) -> Iterator[Any]:
