@@ -37,7 +37,7 @@ from referencing import Registry
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
-from promptline.rules import invalid
+from promptline.rules import invalid, json_kind
 from promptline.v1 import common_pb2
 
 TYPES = ("text", "json_object", "json_schema")
@@ -120,7 +120,7 @@ class ResponseFormat:
             return f"the reply is not valid JSON{cut}: nested too deeply"
         if self.type == "json_object" or self.schema is None:
             if not isinstance(value, dict):
-                return f"the reply is JSON but not an object ({_kind(value)}){cut}"
+                return f"the reply is JSON but not an object ({json_kind(value)}){cut}"
             return None
         failure = _schema_failure(self.schema_text, value)
         return None if failure is None else f"the reply does not match the schema{cut}: {failure}"
@@ -189,7 +189,7 @@ def _checked_schema(text: str) -> tuple[dict[str, Any] | None, str]:
     except (ValueError, RecursionError):
         return None, "is not valid JSON"
     if not isinstance(schema, dict):
-        return None, f"must be a JSON Schema object, got {_kind(schema)}"
+        return None, f"must be a JSON Schema object, got {json_kind(schema)}"
     if _depth(schema) > MAX_SCHEMA_DEPTH:
         return None, f"is nested more than {MAX_SCHEMA_DEPTH} levels deep"
     try:
@@ -366,15 +366,3 @@ def _not_json(name: str) -> Any:
 
 def _short(text: str) -> str:
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"

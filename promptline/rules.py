@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import Any
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2
@@ -43,6 +44,21 @@ def request_id_from(header: str | None) -> str:
     if header and SAFE_ID.fullmatch(header):
         return header
     return uuid.uuid4().hex
+
+
+def json_kind(value: Any) -> str:
+    """JSON's name for a value's type, for messages a client can act on."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
 
 
 def check_request_id(value: str) -> str:

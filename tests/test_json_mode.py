@@ -75,12 +75,6 @@ async def chain(redis_server: Any, fake: FakeOpenAI) -> AsyncIterator[Chain]:
         yield running
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        yield session
-
-
 async def sse(chain: Chain, http: aiohttp.ClientSession, body: dict[str, Any]
               ) -> tuple[str, list[Any]]:
     """The streamed text and every event of a native stream that was admitted (200)."""

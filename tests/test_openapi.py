@@ -193,12 +193,6 @@ async def chain(redis_server: Any) -> AsyncIterator[Chain]:
         yield running
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 @pytest.fixture(scope="module")
 async def document(chain: Chain) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session, \

@@ -50,6 +50,12 @@ async def chain_with(redis_url: str, grace: str = "0s", models: list[dict[str, A
         yield chain
 
 
+def upstream_models(upstream: FakeOpenAI) -> list[dict[str, Any]]:
+    """Model `up` on the fake OpenAI upstream, a frame per chunk."""
+    return [{"name": "up", "provider": "openai", "base_url": upstream.base_url,
+             "stream": {"coalesce_ms": 0}}]
+
+
 def text_of(frames: list[prompt_pb2.StreamChatResponse]) -> str:
     return "".join(f.delta.text for f in frames if f.WhichOneof("frame") == "delta")
 
@@ -139,9 +145,7 @@ async def test_with_grace_a_dropped_stream_goes_on_and_resumes_to_its_end(
 
 async def test_grace_expiry_cancels_down_to_the_provider(redis_server: Any) -> None:
     async with FakeOpenAI(reply=REPLY, delay=0.05) as upstream:
-        models = [{"name": "up", "provider": "openai", "base_url": upstream.base_url,
-                   "stream": {"coalesce_ms": 0}}]
-        async with chain_with(redis_server.url, grace="500ms", models=models) as chain:
+        async with chain_with(redis_server.url, "500ms", upstream_models(upstream)) as chain:
             req = request("up")
             await drop_after(chain, req)
             dropped = time.monotonic()
@@ -155,9 +159,7 @@ async def test_grace_expiry_cancels_down_to_the_provider(redis_server: Any) -> N
 
 async def test_a_reader_keeps_a_detached_stream_alive_past_the_grace(redis_server: Any) -> None:
     async with FakeOpenAI(reply=REPLY, delay=0.04) as upstream:  # 60 chunks: 2.4 s
-        models = [{"name": "up", "provider": "openai", "base_url": upstream.base_url,
-                   "stream": {"coalesce_ms": 0}}]
-        async with chain_with(redis_server.url, grace="1s", models=models) as chain:
+        async with chain_with(redis_server.url, "1s", upstream_models(upstream)) as chain:
             req = request("up")
             await drop_after(chain, req)
             resumed = await collect(chain.prompt_stub.ResumeChat(
@@ -168,9 +170,7 @@ async def test_a_reader_keeps_a_detached_stream_alive_past_the_grace(redis_serve
 
 async def test_cancel_chat_stops_a_stream_at_once(redis_server: Any) -> None:
     async with FakeOpenAI(reply=REPLY, delay=0.05) as upstream:
-        models = [{"name": "up", "provider": "openai", "base_url": upstream.base_url,
-                   "stream": {"coalesce_ms": 0}}]
-        async with chain_with(redis_server.url, grace="30s", models=models) as chain:
+        async with chain_with(redis_server.url, "30s", upstream_models(upstream)) as chain:
             req = request("up")
             call = chain.prompt_stub.StreamChat(req, metadata=AUTH)
             async for frame in call:

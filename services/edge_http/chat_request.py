@@ -19,7 +19,7 @@ from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.http_exceptions import HttpProcessingError
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.rules import check_max_tokens, invalid
+from promptline.rules import check_max_tokens, invalid, json_kind
 from promptline.v1 import common_pb2, prompt_pb2
 
 # Content-Encodings aiohttp decodes as the body arrives; any other would reach us as raw bytes.
@@ -300,18 +300,3 @@ def number_field(value: Any, path: str) -> float:
         return float(value)
     except OverflowError:  # an integer literal of more than 308 digits
         raise invalid(f"{path} is out of range") from None
-
-
-def json_kind(value: Any) -> str:
-    """JSON's name for a value's type, for messages a client can act on."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from promptline.errors import PromptlineError
-from promptline.rules import invalid
+from promptline.rules import invalid, json_kind
 from promptline.streams import DONE, StreamLife, read_frames
 from promptline.stubs import ChatCall
 from promptline.v1 import common_pb2, prompt_pb2
@@ -31,7 +31,6 @@ from services.edge_http.chat_request import (
     cache_bypass,
     chat_request_from,
     decode_json_object,
-    json_kind,
     read_request_body,
 )
 from services.edge_http.context import STUB_KEY, Caller, authenticated

@@ -34,13 +34,12 @@ from aiohttp import web
 
 from promptline.errors import PromptlineError, Stage
 from promptline.response_format import ResponseFormat
-from promptline.rules import USAGE_GROUPS, invalid, is_model_name
+from promptline.rules import USAGE_GROUPS, invalid, is_model_name, json_kind
 from promptline.stubs import PromptAdminClient
 from promptline.v1 import prompt_admin_pb2, prompt_admin_pb2_grpc
 from services.edge_http.chat_request import (
     bool_field,
     decode_json_object,
-    json_kind,
     number_field,
     read_request_body,
     response_format,

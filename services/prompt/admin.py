@@ -168,9 +168,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
                               context: Context) -> prompt_admin_pb2.PromptPolicy:
         tenant = self._tenant(context)
         policy = await self._prompts.policy(tenant.name, request.prompt_id)
-        return prompt_admin_pb2.PromptPolicy(prompt_id=request.prompt_id,
-                                             require_eval=policy.require_eval,
-                                             min_pass_rate=policy.min_pass_rate)
+        return policy.to_pb(request.prompt_id)
 
     @unary
     async def SetPromptPolicy(self, request: prompt_admin_pb2.PromptPolicy,
@@ -183,9 +181,7 @@ class PromptAdminServicer(prompt_admin_pb2_grpc.PromptAdminServicer):
                                              "prompt_id": request.prompt_id,
                                              "require_eval": policy.require_eval,
                                              "min_pass_rate": policy.min_pass_rate})
-        return prompt_admin_pb2.PromptPolicy(prompt_id=request.prompt_id,
-                                             require_eval=policy.require_eval,
-                                             min_pass_rate=policy.min_pass_rate)
+        return policy.to_pb(request.prompt_id)
 
     @unary
     async def GetConversation(self, request: prompt_admin_pb2.GetConversationRequest,

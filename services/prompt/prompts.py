@@ -241,6 +241,10 @@ class PromptPolicy:
     require_eval: bool = False
     min_pass_rate: float = 1.0
 
+    def to_pb(self, prompt_id: str) -> prompt_admin_pb2.PromptPolicy:
+        return prompt_admin_pb2.PromptPolicy(prompt_id=prompt_id, require_eval=self.require_eval,
+                                             min_pass_rate=self.min_pass_rate)
+
 
 def check_split(weights: Mapping[int, int], path: str = "split") -> Split:
     """A split from the wire, by version; INVALID_REQUEST naming the field otherwise."""
