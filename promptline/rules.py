@@ -63,14 +63,16 @@ def json_kind(value: Any) -> str:
 
 def check_request_id(value: str) -> str:
     """A request id named by a caller (resume, cancel): a safe id, else INVALID_REQUEST."""
-    if not SAFE_ID.fullmatch(value):
-        raise invalid("request_id must be 1-128 characters of letters, digits and . _ : -")
-    return value
+    return _safe_id(value, "request_id")
 
 
 def check_conversation_id(value: str) -> str:
+    return _safe_id(value, "conversation_id")
+
+
+def _safe_id(value: str, name: str) -> str:
     if not SAFE_ID.fullmatch(value):
-        raise invalid("conversation_id must be 1-128 characters of letters, digits and . _ : -")
+        raise invalid(f"{name} must be 1-128 characters of letters, digits and . _ : -")
     return value
 
 
