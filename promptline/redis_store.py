@@ -65,6 +65,11 @@ STORE_ERRORS = (RedisError, TimeoutError, OSError)
 T = TypeVar("T")
 
 
+def reply_text(value: bytes | str) -> str:
+    """A Redis reply as text: clients made without `decode_responses` give bytes."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def is_store_failure(exc: BaseException) -> bool:
     """The store failed: a Redis error, a timeout, a socket error, or any other exception raised
     inside redis-py itself. Its cluster client, mid-failover, has raised AttributeError on a

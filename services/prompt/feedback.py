@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from promptline.metrics import FEEDBACK, REDIS_ERRORS
-from promptline.redis_store import STORE_ERRORS, RedisClient, StoreOutage, store_call
+from promptline.redis_store import STORE_ERRORS, RedisClient, StoreOutage, reply_text, store_call
 from promptline.rules import check_request_id, invalid
 from promptline.streams import CANCELLED, DONE
 from promptline.v1 import prompt_admin_pb2
@@ -415,7 +415,7 @@ class FeedbackStore:
                       now: int) -> tuple[bool, dict[str, str]]:
         for _ in range(_ATTEMPTS):
             prompt_id, version, ended = (
-                _text(v) if v is not None else None
+                reply_text(v) if v is not None else None
                 for v in await self.redis.hmget(key, ["p", "v", "t"]))
             if ended is None:
                 break
@@ -428,7 +428,8 @@ class FeedbackStore:
                 break
             if isinstance(answer, list):
                 replaced, flat = answer
-                raw = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+                raw = {reply_text(k): reply_text(v)
+                       for k, v in zip(flat[::2], flat[1::2], strict=True)}
                 return bool(int(replaced)), raw
         raise not_found(f"no request {request_id} to give feedback on (unknown, another "
                         "tenant's, or older than feedback.retention)")
@@ -445,13 +446,9 @@ class FeedbackStore:
         versions: dict[int, VersionStats] = {}
         for bucket in buckets:
             for raw_field, raw_value in bucket.items():
-                number, *rest = _text(raw_field).split("|")
+                number, *rest = reply_text(raw_field).split("|")
                 if not number.isdigit() or not rest:
                     continue
                 found = versions.setdefault(int(number), VersionStats(int(number)))
                 found.add(rest, int(raw_value))
         return PromptStats(prompt_id, start, end, tuple(versions[v] for v in sorted(versions)))
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

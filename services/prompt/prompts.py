@@ -42,7 +42,7 @@ from google.protobuf import json_format
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
-from promptline.redis_store import RedisClient, is_store_failure
+from promptline.redis_store import RedisClient, is_store_failure, reply_text
 from promptline.response_format import ResponseFormat, check_response_format
 from promptline.rules import check_max_tokens, check_temperature, invalid, is_model_name
 from promptline.v1 import common_pb2, prompt_admin_pb2
@@ -271,7 +271,7 @@ def encode_split(split: Split) -> str:
 
 
 def decode_split(raw: bytes | str) -> Split:
-    text = _text(raw)
+    text = reply_text(raw)
     if "=" not in text:
         return ((int(text), 100),)
     pairs = (part.split("=", 1) for part in text.split(","))
@@ -420,7 +420,7 @@ class PromptRegistry:
                 raise not_found(f"prompt {prompt_id!r} has no version {version}")
             labels = await self._redis.hgetall(_key(tenant, prompt_id, "labels"))
         found = PromptVersion._from_record(prompt_id, version, record)
-        pointing = sorted(_text(k) for k, v in labels.items()
+        pointing = sorted(reply_text(k) for k, v in labels.items()
                           if any(n == version for n, _ in decode_split(v)))
         return replace(found, labels=tuple(pointing), split=split if len(split) > 1 else ())
 
@@ -443,7 +443,7 @@ class PromptRegistry:
             numbers = list(range(top, max(0, top - size), -1))
             records = (await self._redis.hmget(_key(tenant, prompt_id, "versions"),
                                                [str(n) for n in numbers])) if numbers else []
-        states = {_text(k): decode_split(v) for k, v in raw_labels.items()}
+        states = {reply_text(k): decode_split(v) for k, v in raw_labels.items()}
         labels = {k: heaviest(v) for k, v in states.items()}
         versions = []
         for number, record in zip(numbers, records, strict=True):
@@ -485,20 +485,20 @@ class PromptRegistry:
                       *(str(v) for v, _ in split)])
             if int(status) == 0:
                 await self._require_prompt(tenant, prompt_id)
-                missing = _text(detail)
+                missing = reply_text(detail)
                 if len(split) == 1 and field_name == "version":
                     raise not_found(f"prompt {prompt_id!r} has no version {missing}")
                 raise invalid(f"{field_name}.{missing}: prompt {prompt_id!r} has no version "
                               f"{missing}")
         if int(status) == 2:
-            version, best, least = _text(detail).split(":")
+            version, best, least = reply_text(detail).split(":")
             had = ("no eval run without regressions" if int(best) < 0
                    else f"a best pass rate of {int(best) / PPM:g}")
             raise invalid(f"{field_name}: version {version} has no passing eval run (it has "
                           f"{had}; a label move needs a pass rate of at least "
                           f"{int(least) / PPM:g}); run `promptline prompts eval "
                           f"{prompt_id} --version {version}` first")
-        previous = _text(detail)
+        previous = reply_text(detail)
         return LabelMove(split, decode_split(previous) if previous else ())
 
     async def rollback_label(self, tenant: str, prompt_id: str, label: str) -> LabelMove:
@@ -516,7 +516,7 @@ class PromptRegistry:
                     raise not_found(f"prompt {prompt_id!r} has no label {label!r}")
                 raise invalid(f"rollback: label {label!r} of prompt {prompt_id!r} has no "
                               "previous state to roll back to")
-        now, was = _text(result[1]), _text(result[2])
+        now, was = reply_text(result[1]), reply_text(result[2])
         return LabelMove(decode_split(now), decode_split(was) if was else ())
 
     async def add_eval(self, tenant: str, prompt_id: str, version: int,
@@ -553,7 +553,7 @@ class PromptRegistry:
         await self.get(tenant, prompt_id, version)
         with store_errors("prompt"):
             raw = await self._redis.lrange(_key(tenant, prompt_id, f"evals:{version}"), 0, -1)
-        return [json_format.Parse(_text(r), prompt_admin_pb2.EvalRun()) for r in raw]
+        return [json_format.Parse(reply_text(r), prompt_admin_pb2.EvalRun()) for r in raw]
 
     async def policy(self, tenant: str, prompt_id: str) -> PromptPolicy:
         """The prompt's policy for label moves; NOT_FOUND for an unknown prompt."""
@@ -561,7 +561,7 @@ class PromptRegistry:
         with store_errors("prompt"):
             await self._require_prompt(tenant, prompt_id)
             raw = await self._redis.hgetall(_key(tenant, prompt_id, "policy"))
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {reply_text(k): reply_text(v) for k, v in raw.items()}
         return PromptPolicy(require_eval=fields.get("require_eval") == "1",
                             min_pass_rate=int(fields.get("min_pass_ppm", PPM)) / PPM)
 
@@ -604,7 +604,3 @@ def _check_eval(run: prompt_admin_pb2.EvalRun) -> None:
     for name in ("first_token_p50_ms", "total_p50_ms"):
         if run.HasField(name) and getattr(run, name) < 0:
             raise invalid(f"{name} must not be negative")
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value

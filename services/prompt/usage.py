@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 
 from promptline.errors import ErrorCode, PromptlineError, Stage
-from promptline.redis_store import STORE_ERRORS, RedisClient, store_call
+from promptline.redis_store import STORE_ERRORS, RedisClient, reply_text, store_call
 from promptline.rules import USAGE_GROUPS as GROUPS
 from promptline.rules import invalid
 
@@ -148,7 +148,7 @@ class UsageReader:
         for hour, bucket in zip(hours, buckets, strict=True):
             day = datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y-%m-%d")
             for raw_field, raw_value in bucket.items():
-                parts = _text(raw_field).split("|")  # no name holds a `|` (rules.py)
+                parts = reply_text(raw_field).split("|")  # no name holds a `|` (rules.py)
                 if len(parts) != 3 or parts[0] != dimension or parts[2] not in _COUNTERS:
                     continue
                 name, counter = parts[1], parts[2]
@@ -159,7 +159,3 @@ class UsageReader:
         for row in ordered:
             total = total.add(row)
         return UsageReport(tenant, start, end, group_by, ordered, total)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
