@@ -129,7 +129,9 @@ class StoreOutage:
         return True
 
     def answered(self) -> bool:
-        """The store answered; True when that ends an outage (then logged)."""
+        """The store answered; True when that ends an outage (then logged). Calls stop being
+        skipped at once: a stall that timed out its neighbours is no outage once one answers."""
+        self._retry_at = 0.0
         if not self._down:
             return False
         self._down = False

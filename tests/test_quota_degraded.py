@@ -53,6 +53,36 @@ async def test_a_hung_redis_costs_one_timeout_a_second_not_one_per_request() -> 
             await client.aclose()
 
 
+async def test_a_stall_one_call_outlives_is_no_outage() -> None:
+    """Redis stalls past one admission's bound but not past the next one's: when that one
+    answers, the store is there, and the request after it is admitted, not refused unasked for
+    the rest of STORE_RETRY_S (fail_closed)."""
+    team = TenantConfig(name="stalled-team", key_digests=(b"s" * 32,), quotas=Quotas(qpm=100))
+    sim = ModelConfig(name="sim", provider="simulated")
+    closed = QuotaPolicy(on_redis_error="fail_closed", redis_timeout=1.0)
+    with EmbeddedRedis() as server:
+        client = aioredis.from_url(server.url, socket_timeout=5, socket_connect_timeout=5)
+        manager = QuotaManager(client, closed)
+        try:
+            await manager.admit(team, sim, 1, "warm")
+            server.pause()
+            first = asyncio.create_task(manager.admit(team, sim, 1, "stalled"))
+            await asyncio.sleep(0.5)
+            second = asyncio.create_task(manager.admit(team, sim, 1, "outlives"))
+            with pytest.raises(PromptlineError) as failed:
+                await first
+            assert failed.value.code == ErrorCode.UNAVAILABLE
+            await asyncio.sleep(0.2)
+            server.resume()
+            await second
+            started = time.monotonic()
+            await manager.admit(team, sim, 1, "after")
+            assert time.monotonic() - started < STORE_RETRY_S / 2
+        finally:
+            server.resume()
+            await client.aclose()
+
+
 async def test_each_replica_enforces_its_share_until_redis_is_back(
         caplog: pytest.LogCaptureFixture) -> None:
     team = TenantConfig(name="degraded-team", key_digests=(b"k" * 32,), quotas=Quotas(qpm=10))

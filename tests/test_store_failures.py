@@ -4,13 +4,15 @@ client has raised AttributeError mid-failover). Our own bugs are not store failu
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from promptline.errors import ErrorCode, PromptlineError
-from promptline.redis_store import is_store_failure, store_call
+from promptline.redis_store import StoreOutage, is_store_failure, store_call
 from services.prompt.prompts import not_found, store_errors
 
 
@@ -64,3 +66,15 @@ def test_errors_of_our_own_pass_through_the_store_boundary() -> None:
     assert caught.value.code is ErrorCode.NOT_FOUND
     with pytest.raises(AttributeError), store_errors("prompt"):
         raise raised_here()
+
+
+def test_an_answer_ends_the_skipping_a_failure_began(caplog: pytest.LogCaptureFixture) -> None:
+    """A stall times out some calls while another, sent before it, answers: the store is there,
+    so the next call goes to it instead of being skipped (and failed, under fail_closed) for the
+    rest of STORE_RETRY_S, and the outage is logged once begun and once ended, not again."""
+    outage = StoreOutage(logging.getLogger("test.outage"), "lost (%s)", "back")
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        assert outage.failed(TimeoutError()) and outage.skipping()
+        assert outage.answered() and not outage.skipping()
+        assert not outage.answered()
+    assert [r.getMessage() for r in caplog.records] == ["lost (TimeoutError)", "back"]
