@@ -36,6 +36,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # finish first, so it must outlast the longest stream (edge.request_timeout, 10 min default).
     ("grpc.max_connection_age_ms", 5 * 60_000),
     ("grpc.max_connection_age_grace_ms", 15 * 60_000),
+    # gRPC's default SO_REUSEPORT lets a second process bind the same port and silently take
+    # half of the calls (a second `make run`): fail its start instead.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -70,9 +73,13 @@ async def start_grpc_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((*service_full_names, health.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises here where older releases returned 0
+        port = 0
     if port == 0:
-        raise OSError(f"cannot bind gRPC server to {address}")
+        raise OSError(f"cannot bind gRPC server to {address}: the port is taken, or the host is "
+                      "no address of this machine")
     await server.start()
     for name in (*service_full_names, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

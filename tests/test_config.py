@@ -211,6 +211,30 @@ def test_bad_config_stops_service_start_with_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(("service", "key"), [("llm_engine", "llm_engine"),
+                                                ("edge_http", "edge_http")])
+def test_a_taken_port_stops_service_start_with_the_address(tmp_path, service, key):
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as held:  # SO_REUSEPORT: a server that set it too would share the port
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        raw = {**BASE, "listen": {key: address, "llm_engine_metrics": "127.0.0.1:0"}}
+        path = write(tmp_path, yaml.safe_dump(raw))
+        proc = subprocess.run([sys.executable, "-m", f"services.{service}"], capture_output=True,
+                              text=True, timeout=60, env={"PROMPTLINE_CONFIG": str(path),
+                                                          "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot start" in proc.stderr and address.rpartition(":")[2] in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_dns_targets_accepted_and_checked():
     raw = {**BASE, "targets": {"prompt": "dns:///prompt-headless:50051",
                                "llm_engine": "engine:50052"}}

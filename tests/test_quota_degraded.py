@@ -44,7 +44,7 @@ async def test_a_hung_redis_costs_one_timeout_a_second_not_one_per_request() -> 
                 assert (await manager.admit(team, sim, 1, f"hung-{i}")).degraded
                 waits.append(time.monotonic() - started)
             assert waits[0] >= LOCAL.redis_timeout * 0.9  # the failure is found out once...
-            assert max(waits[1:]) < 0.05  # ...then the store is skipped, not waited for
+            assert max(waits[1:]) < LOCAL.redis_timeout / 2  # ...then skipped, not waited for
             server.resume()
             await asyncio.sleep(STORE_RETRY_S)
             assert not (await manager.admit(team, sim, 1, "back")).degraded
