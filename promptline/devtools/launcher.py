@@ -10,16 +10,18 @@ streams drain before the hops behind them go away. If any child dies, everything
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from types import FrameType
 from typing import Protocol
 
-from promptline.config import ENV_OVERRIDES, Config, ConfigError, load_config
+from promptline.config import ENV_OVERRIDES, Config, ConfigError, load_config, split_address
 from promptline.devtools.deployment import SERVICES, grpc_serving, http_ok
 from promptline.devtools.embedded_redis import EmbeddedRedis
 from promptline.devtools.redis_topologies import LocalRedisCluster, LocalRedisSentinel
@@ -41,6 +43,11 @@ def main() -> int:
     except ConfigError as exc:
         print(f"promptline: config error: {exc}", file=sys.stderr)
         return 2
+    taken = unusable_listen_addresses(config)
+    if taken:
+        _say("cannot start, " + "; ".join(taken) + ". Is another `make run` running? Stop it, "
+             "or move these with the variables named.")
+        return 1
     env = dict(os.environ)
     kind = env.pop(DEV_REDIS_ENV, "").strip().lower()
     if kind and kind not in DEV_REDIS_KINDS:
@@ -120,6 +127,29 @@ def start_local_redis(kind: str, config: Config, env: dict[str, str]) -> _LocalR
     _say(f"REDIS=sentinel: local Sentinel set, master {sentinel.master_address} + 1 replica, "
          f"sentinels {', '.join(sentinel.sentinels)} monitoring {sentinel.master_name!r}")
     return sentinel
+
+
+def unusable_listen_addresses(config: Config) -> list[str]:
+    """Each `listen` address this machine cannot bind now, with its key, its variable and why:
+    said before anything starts, rather than one service failing after the others started (and
+    the readiness probe meanwhile answered by whatever holds the port)."""
+    out = []
+    for item in dataclasses.fields(config.listen):
+        address = getattr(config.listen, item.name)
+        host, port = split_address(address)
+        if port == 0:
+            continue
+        try:
+            family, kind, proto, _, where = socket.getaddrinfo(host, port,
+                                                               type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do
+                probe.bind(where)
+        except OSError as exc:
+            dotted = f"listen.{item.name}"
+            names = [dotted, *(f"${var}" for var, key in ENV_OVERRIDES.items() if key == dotted)]
+            out.append(f"{address} ({', '.join(names)}): {exc.strerror or exc}")
+    return out
 
 
 def try_hint(config: Config, edge_url: str) -> str:
