@@ -191,6 +191,40 @@ async def test_a_quota_rejection_gives_the_budget_back(replicas: list[QuotaManag
     assert await redis_client.hget("{pl:quota:tenant:all-or-nothing}:qpm", "c") is None
 
 
+async def test_a_caller_gone_mid_admission_leaves_nothing_held() -> None:
+    """The client leaves while its admission scripts are on their way (Redis stalled): they run
+    when Redis is back, and what they charged, budget and tokens, is given back, as for a
+    stream that failed before any output, instead of holding the budget to the period's end."""
+    tenant = TenantConfig(name="gone", key_digests=(b"k" * 32,), quotas=Quotas(tpm=10_000),
+                          budget=Budget(Decimal("1"), "day", ()))
+    model = ModelConfig(name="gone-model", provider="simulated", quotas=Quotas(tpm=10_000))
+    with EmbeddedRedis() as server:  # our own: this test stalls it
+        client = aioredis.from_url(server.url)
+        manager = QuotaManager(client, CLOSED, clock=Clock())
+        try:
+            await admit(manager, team("warm"), usd("0.1"))  # scripts loaded, connections open
+            server.pause()
+            admitting = asyncio.create_task(admit(manager, tenant, usd("0.5"), model=model))
+            await asyncio.sleep(0.2)
+            admitting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await admitting
+            server.resume()
+            (check,) = budget_checks(tenant, "key-1", "", usd("0.5"), NOW)
+            tpm = ["{pl:quota:tenant:gone}:tpm", "{pl:quota:model:gone-model}:tpm"]
+
+            async def nothing_held() -> bool:
+                charged = [await client.hgetall(key) for key in tpm]
+                return (await spend(client, check) == (0, 0)  # reserved, then given back
+                        and all(h and int(h[b"c"]) == 0 for h in charged))
+
+            await eventually(nothing_held, within=5, what="the abandoned admission given back")
+            assert not manager.background
+        finally:
+            server.resume()
+            await client.aclose()
+
+
 async def test_key_and_user_budgets_are_kept_apart(replicas: list[QuotaManager]) -> None:
     tenant = team("apart", "1", key_usd="0.5", user_usd="0.2")
     manager = replicas[0]

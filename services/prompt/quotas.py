@@ -335,7 +335,8 @@ class QuotaManager:
     `time.time`). `usage_ttl`: how long an hour's usage is kept (`usage.retention`).
     """
 
-    __slots__ = ("_local", "_outage", "_scripts", "clock", "ledger", "policy", "redis")
+    __slots__ = ("_local", "_outage", "_scripts", "background", "clock", "ledger", "policy",
+                 "redis")
 
     def __init__(self, redis: RedisClient, policy: QuotaPolicy, *,
                  clock: Callable[[], float] | None = None,
@@ -349,6 +350,8 @@ class QuotaManager:
         self._outage = StoreOutage(log, "quota store unavailable (%s)",
                                    "quota store reachable again: quotas are shared again")
         """Admissions skip the store for a second after a failure (one warning each way)."""
+        self.background: set[asyncio.Task[None]] = set()
+        """Give-backs of admissions whose caller went away meanwhile (the server's stop waits)."""
         self._scripts = {
             "admit": redis.register_script(_ADMIT_LUA),
             "settle": redis.register_script(_SETTLE_LUA),
@@ -367,7 +370,33 @@ class QuotaManager:
         Raises PromptlineError QPM_EXCEEDED / TPM_EXCEEDED / BUDGET_EXCEEDED (stage
         first_packet, with retry_after_ms and quota_subject), or UNAVAILABLE when the quota
         store failed and the policy is fail-closed.
+
+        A caller cancelled meanwhile (the client left) does not cut it short: the scripts may
+        have run already, so it finishes (within `redis_timeout`) and what it admitted is
+        given back, as for a stream that failed before any output.
         """
+        work = asyncio.ensure_future(self._admit(tenant, model, reserve_tokens, request_id,
+                                                 upstream, budgets))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(self._abandoned)
+            raise
+
+    def _abandoned(self, work: asyncio.Future[Reservation]) -> None:
+        if work.cancelled() or work.exception() is not None:
+            return
+        task = asyncio.ensure_future(self._give_back_all(work.result()))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _give_back_all(self, reservation: Reservation) -> None:
+        await asyncio.gather(reservation.refund(),
+                             self.ledger.release(reservation.hold, reservation.request_id))
+
+    async def _admit(self, tenant: TenantConfig, model: ModelConfig, reserve_tokens: int,
+                     request_id: str, upstream: bool, budgets: Sequence[BudgetCheck]
+                     ) -> Reservation:
         reserve = max(0, int(reserve_tokens))
         checks = _checks(tenant, model, reserve)
         if not upstream:

@@ -102,7 +102,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         self.alerts = alerts
         """Credit alerts this replica claimed; `PromptServer` starts and stops it."""
         self._engine = engine
-        self._quotas = quotas
+        self.quotas = quotas
         self._prompts = prompts
         self._conversations = conversations
         self._cache = cache
@@ -128,7 +128,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         trace.get_current_span().set_attribute("promptline.request_id", rid)
         life = StreamLife(ORIGIN, request.model, rid, logger=log)
         session = ChatSession(rid, self._conversations, config=config,
-                              ledger=self._quotas.ledger, alerts=self.alerts)
+                              ledger=self.quotas.ledger, alerts=self.alerts)
         life.on_finish(lambda outcome: self._on_stream_end(session, life, outcome))
         run: Run | None = None
         if request.resumable and self._live.derived("journaled", journaled):
@@ -275,7 +275,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
                 return
             if session.reply is None:
                 session.reply = []  # the whole reply, stored when it finishes
-        session.reservation = reservation = await self._quotas.admit(
+        session.reservation = reservation = await self.quotas.admit(
             tenant, plan.model, plan.prompt_tokens + plan.max_tokens, session.request_id,
             budgets=self._budget_checks(config, session))
         call = self._engine.Generate(
@@ -313,7 +313,7 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         plan = session.plan
         worst = budget_reservation(config, plan.model, plan.prompt_tokens, plan.max_tokens)
         return budget_checks(session.tenant, session.key_id, session.user, to_pico(worst),
-                             self._quotas.ledger.clock())
+                             self.quotas.ledger.clock())
 
     def _cache_ticket(self, tenant: str, plan: ChatPlan) -> CacheTicket | None:
         """Where this request's reply is cached; None when its model has no cache."""
@@ -361,8 +361,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         done.usage.cost_usd = usd_text(cost)
         session.usage, session.cached = done.usage, True
         budgets = budget_checks(tenant, session.key_id, session.user, to_pico(cost),
-                                self._quotas.ledger.clock()) if cost else ()
-        session.reservation = reservation = await self._quotas.admit(
+                                self.quotas.ledger.clock()) if cost else ()
+        session.reservation = reservation = await self.quotas.admit(
             tenant, plan.model, 0, session.request_id, upstream=False, budgets=budgets)
         session.plan = plan.without_messages()
         await context.send_initial_metadata((*reservation.limits.headers().items(),
@@ -472,9 +472,10 @@ class PromptServer:
         await self.grpc.stop(grace)
         await self.servicer.runs.stop(max(grace, 1.0))  # detached ones outlive their calls
         await self.redis_watch.stop()
-        if self.servicer.background:
-            # History writes of streams cancelled during the drain: short Redis calls.
-            await asyncio.wait(self.servicer.background, timeout=max(grace, 1.0))
+        background = self.servicer.background | self.servicer.quotas.background
+        if background:
+            # History writes and give-backs of streams cancelled during the drain: short calls.
+            await asyncio.wait(background, timeout=max(grace, 1.0))
         if self.servicer.alerts is not None:
             await self.servicer.alerts.stop()
         if self.servicer.journal is not None:
