@@ -159,6 +159,22 @@ def fake_prompt_tokens(fake: FakeOpenAI) -> int:
     return 3 + sum(3 + len(m["content"].split()) for m in messages)
 
 
+async def test_a_first_token_slower_than_idle_is_waited_for(
+        fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before its first token a provider may be silent up to `first_token` (a queueing vLLM, a
+    long prompt), longer than `idle`: the socket's backstop must not cut that wait short (it
+    was idle + slack, then a retried, falling-back UPSTREAM_ERROR instead of a 504)."""
+    monkeypatch.setattr(openai_compat, "READ_TIMEOUT_SLACK", 0.2)
+    fake.ttft = 1.0
+    provider = OpenAIProvider(model_config(fake.base_url, timeouts={
+        "first_token": "5s", "idle": "300ms", "total": "30s"}))
+    try:
+        chunks = await collect(provider)
+    finally:
+        await provider.close()
+    assert "".join(c.text for c in chunks) == REPLY
+
+
 async def test_sequential_streams_reuse_one_upstream_connection(
         fake: FakeOpenAI, provider: OpenAIProvider) -> None:
     for _ in range(3):

@@ -40,7 +40,8 @@ log = logging.getLogger("promptline.llm_engine.openai")
 CONNECT_TIMEOUT = 10.0
 # Waiting for a free pooled connection plus connecting.
 POOL_AND_CONNECT_TIMEOUT = 20.0
-# The engine enforces the idle timeout itself; the socket read timeout is a backstop above it.
+# The engine enforces the first-token and idle timeouts itself; the socket read timeout is a
+# backstop above the longer of them (before the first token one read may wait `first_token`).
 READ_TIMEOUT_SLACK = 5.0
 # As the SDK's pool: far above any concurrency one engine process serves.
 MAX_CONNECTIONS = 1000
@@ -72,7 +73,7 @@ class OpenAIProvider:
             self._headers["Authorization"] = f"Bearer {target.api_key}"
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=POOL_AND_CONNECT_TIMEOUT, sock_connect=CONNECT_TIMEOUT,
-            sock_read=model.timeouts.idle + READ_TIMEOUT_SLACK)
+            sock_read=max(model.timeouts.first_token, model.timeouts.idle) + READ_TIMEOUT_SLACK)
         self._session: aiohttp.ClientSession | None = None
 
     @property
