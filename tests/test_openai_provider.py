@@ -424,6 +424,28 @@ async def test_invalid_utf8_in_the_stream_is_a_bad_response() -> None:
     assert_llm_engine_error(err)
 
 
+@pytest.mark.parametrize("event", [
+    b'{"choices": [{"index": 0, "delta": {"content": 5}}]}',
+    b'{"choices": [{"index": 0, "delta": {}, "finish_reason": 7}]}',
+    b'{"choices": 5}',
+    b'{"choices": [], "usage": [1, 2]}',
+    b'{"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": 2}}',
+], ids=["content", "finish", "choices", "usage", "counts"])
+async def test_valid_json_of_the_wrong_shape_is_a_bad_response(event: bytes) -> None:
+    """Parsed, but no chunk OpenAI sends: the malformed-stream row (retryable, so the pool
+    moves on), never INTERNAL."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _stream_bytes(request, _event("fine"), b"data: " + event + b"\n\n",
+                                   _event(finish="stop"))
+
+    async with raw_upstream(handler) as provider:
+        got, err = await fail_with(provider)
+    assert [c.text for c in got] == ["fine"]
+    assert err.code is ErrorCode.UPSTREAM_ERROR and err.retryable is True
+    assert "could not read" in err.message
+    assert_llm_engine_error(err)
+
+
 async def test_a_line_beyond_the_size_limit_is_a_bad_response(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(openai_compat, "MAX_LINE_BYTES", 1024)

@@ -154,10 +154,7 @@ class OpenAIProvider:
                             text, finish = _choice_zero(payload.get("choices"))
                             finish_reason = finish or finish_reason
                             if reported := payload.get("usage"):
-                                usage = Usage(
-                                    prompt_tokens=reported.get("prompt_tokens") or 0,
-                                    completion_tokens=reported.get("completion_tokens") or 0,
-                                    cached_prompt_tokens=_cached_tokens(reported))
+                                usage = _usage(reported)
                             if text:
                                 texts.append(text)
                     except CAUGHT as exc:  # a broken event: what came before it still counts
@@ -289,15 +286,33 @@ def _payloads(events: list[bytes]) -> Iterator[Any]:
 
 
 def _choice_zero(choices: Any) -> tuple[str, str | None]:
-    """Text and finish_reason of choice 0 in one chunk (other choices are not requested)."""
+    """Text and finish_reason of choice 0 in one chunk (other choices are not requested).
+    A chunk of another shape (content that is no string, choices that are no list) is a
+    malformed stream, as a broken event is."""
     if not choices:
         return "", None
+    if not isinstance(choices, list):
+        raise MalformedStreamError("a chunk's choices are not a list")
     for choice in choices:
         if isinstance(choice, dict) and choice.get("index", 0) == 0:
             delta = choice.get("delta") or {}
-            return (delta.get("content") or "") if isinstance(delta, dict) else "", \
-                choice.get("finish_reason")
+            text = (delta.get("content") or "") if isinstance(delta, dict) else ""
+            finish = choice.get("finish_reason")
+            if not isinstance(text, str) or not isinstance(finish, str | None):
+                raise MalformedStreamError("a chunk's content or finish_reason is not a string")
+            return text, finish
     return "", None
+
+
+def _usage(reported: Any) -> Usage:
+    """A chunk's `usage`; counts that are no non-negative integers are a malformed stream."""
+    if not isinstance(reported, dict):
+        raise MalformedStreamError("a chunk's usage is not an object")
+    counts = [reported.get("prompt_tokens") or 0, reported.get("completion_tokens") or 0]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise MalformedStreamError("a chunk's token counts are not counts")
+    return Usage(prompt_tokens=counts[0], completion_tokens=counts[1],
+                 cached_prompt_tokens=_cached_tokens(reported))
 
 
 __all__ = ["OpenAIProvider"]
