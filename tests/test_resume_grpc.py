@@ -16,6 +16,7 @@ import pytest
 
 from promptline.devtools.fake_openai import FakeOpenAI
 from promptline.v1 import common_pb2, prompt_pb2
+from services.prompt.journal import Journal
 from tests.chain import Chain, running_chain
 from tests.conftest import make_config
 from tests.eventually import eventually
@@ -316,3 +317,22 @@ async def test_many_journaled_streams_at_once_all_finish(redis_server: Any) -> N
         replays = await asyncio.gather(*(collect(chain.prompt_stub.ResumeChat(
             prompt_pb2.ResumeChatRequest(request_id=r.request_id), metadata=AUTH)) for r in reqs))
         assert all(text_of(r) == REPLY for r in replays)
+
+
+async def test_a_journal_is_kept_its_ttl_from_the_stream_end(redis_client: Any) -> None:
+    """The terminal frame flushed before the stream closed (the session's own Redis work comes
+    between): closing renews the expiry anyway, so the journal is not gone up to ttl/2 early."""
+    journal = Journal(redis_client, 1.0)
+    writer = journal.open("ttl-tenant", f"ttl-{uuid.uuid4().hex}", 2.0, lambda: None)
+    frame = prompt_pb2.StreamChatResponse(
+        delta=common_pb2.Delta(text="hi", id=1))
+    writer.append(frame)
+    await eventually(lambda: redis_client.exists(writer.key), what="the first write")
+    await asyncio.sleep(0.5)
+    writer.append(prompt_pb2.StreamChatResponse(done=common_pb2.Done(finish_reason="stop")))
+    await eventually(lambda: not writer.buffer, what="the terminal frame written")
+    await asyncio.sleep(0.4)  # still before the half-ttl renewal the next write would bring
+    journal.close(writer)
+    await eventually(lambda: writer.dead, what="the writer closed")
+    assert await redis_client.pttl(writer.key) > 1600  # ~1,100 without the renewal
+    await journal.drain(1.0)

@@ -256,6 +256,9 @@ class Journal:
                 w.buffer.clear()
                 w.fresh = False
                 w.last_write = now
+            elif w.closing and not w.fresh:  # its last frame went earlier: kept ttl from its end
+                pipe.pexpire(w.key, w.ttl_ms)
+                queued += 1
             if not w.closing and now - w.last_stop_check >= STOP_CHECK_S:
                 pipe.exists(w.key + ":stop")
                 checks.append((queued, w))
