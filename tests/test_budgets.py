@@ -38,7 +38,9 @@ from promptline.devtools.embedded_redis import EmbeddedRedis, free_port
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.v1 import common_pb2, prompt_admin_pb2, prompt_admin_pb2_grpc, prompt_pb2
 from services.prompt.budgets import (
+    SEEN_PRUNE_S,
     BudgetCheck,
+    LocalBudgets,
     budget_checks,
     period_of,
 )
@@ -348,6 +350,26 @@ async def test_local_mode_holds_each_replicas_share_of_what_was_left() -> None:
         assert admitted == 3  # half of the 0.6 left, for this one of two replicas
     finally:
         await client.aclose()
+
+
+def test_local_mode_forgets_the_budgets_of_ended_periods() -> None:
+    """One entry per end user per period would otherwise stay for the life of the process."""
+    local = LocalBudgets()
+    tenant = team("forgets", "1", user_usd="0.1")
+    for user in range(100):
+        for check in budget_checks(tenant, "k", f"user-{user}", 1, NOW):
+            local.seen(check, 10, NOW)
+    assert local.remembered == 101  # the tenant's budget and each user's
+    tomorrow = NOW + 86400
+    (today,) = budget_checks(tenant, "", "", 1, tomorrow)  # no key, no user: the tenant's alone
+    local.seen(today, 0, tomorrow + SEEN_PRUNE_S)
+    assert local.remembered == 1
+
+
+async def test_only_local_mode_remembers_what_redis_said(
+        replicas: list[QuotaManager]) -> None:
+    await admit(replicas[0], team("unremembered", "1", user_usd="0.5"), usd("0.1"), user="u")
+    assert replicas[0].ledger.local.remembered == 0  # fail_closed never reads it
 
 
 # --- through the chain -------------------------------------------------------------------------

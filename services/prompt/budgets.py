@@ -252,6 +252,8 @@ def budget_exceeded(check: BudgetCheck, now: float, request_id: str) -> Promptli
 
 # --- degraded mode ---------------------------------------------------------------------------
 
+SEEN_PRUNE_S = 3600.0
+
 
 class LocalBudgets:
     """`on_redis_error: local`: each budget's share for this replica, in memory, while Redis is
@@ -259,18 +261,31 @@ class LocalBudgets:
     budget in Redis (of the whole budget when it never did)."""
 
     def __init__(self) -> None:
-        self._seen: dict[str, int] = {}
-        """Budget key -> settled + reserved, as the last admission through Redis returned it."""
+        self._seen: dict[str, tuple[int, float]] = {}
+        """Budget key -> (settled + reserved, as the last admission through Redis returned it;
+        the end of its period)."""
         self._used: dict[str, int] = {}
         """Budget key -> reserved here since the outage began."""
+        self._prune_at = 0.0
 
-    def seen(self, key: str, used: int) -> None:
-        self._seen[key] = used
+    def seen(self, check: BudgetCheck, used: int, now: float) -> None:
+        """What Redis said of `check`'s budget at `now`; budgets of ended periods are dropped
+        (at most once per `SEEN_PRUNE_S`), so one entry per end user per period does not stay
+        for the life of the process."""
+        self._seen[check.key] = (used, check.period.end.timestamp())
+        if now >= self._prune_at:
+            self._prune_at = now + SEEN_PRUNE_S
+            self._seen = {key: seen for key, seen in self._seen.items() if seen[1] > now}
+
+    @property
+    def remembered(self) -> int:
+        """How many budgets' last Redis figures are kept."""
+        return len(self._seen)
 
     def admit(self, checks: Sequence[BudgetCheck], replicas: int) -> BudgetCheck | None:
         """Charge every check, or none and return the first that does not fit."""
         for check in checks:
-            left = max(0, check.limit - self._seen.get(check.key, 0))
+            left = max(0, check.limit - self._seen.get(check.key, (0, 0.0))[0])
             if self._used.get(check.key, 0) + check.cost > left // replicas:
                 return check
         for check in checks:

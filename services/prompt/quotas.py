@@ -459,9 +459,10 @@ class QuotaManager:
             charged.append(_Charged(tuple(c.key for c in side if c.kind == "qpm"),
                                     tuple(c.key for c in side if c.kind == "tpm"), window))
             at = 3 + 3 * len(side)
-            for j, budget in enumerate(held):  # what is left, should Redis go away
-                self.ledger.local.seen(budget.key, result[at + 2 * j] * 10**9
-                                       + result[at + 2 * j + 1])
+            if self.policy.on_redis_error == "local":  # what is left, should Redis go away
+                for j, budget in enumerate(held):
+                    self.ledger.local.seen(budget, result[at + 2 * j] * 10**9
+                                           + result[at + 2 * j + 1], self.ledger.clock())
         tpm = any(c.tpm_keys for c in charged)
         return Reservation(self, request_id, reserve if tpm else 0, charged[0].window,
                            tuple(charged), _limits(tenant, per_check, now_ms),
