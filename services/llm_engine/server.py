@@ -99,6 +99,7 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
         clock = StreamClock.start(model.timeouts, context.time_remaining())
         route = [model, *(m for n in model.fallback if (m := config.model(n)))]
         last: PromptlineError | None = None
+        stalled: PromptlineError | None = None  # a FIRST_TOKEN_TIMEOUT: what the caller gets
         committed = False  # a frame went to the caller: no more retries or fallbacks
         for candidate in route:
             pool = self._pools.get(candidate)
@@ -111,8 +112,8 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     break
                 if chosen.name in tried:  # each one tried: a retry on one, after the backoff
                     assert last is not None
-                    if last.code is ErrorCode.FIRST_TOKEN_TIMEOUT:
-                        raise last  # a deployment that stalled is not waited on twice
+                    if stalled is not None:
+                        raise stalled  # a deployment that stalled is not waited on twice
                     if not last.retryable or not await _backoff(attempt - 1, last, clock, config):
                         break
                 tried.append(chosen.name)
@@ -129,12 +130,14 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                     if committed or err.code not in _MOVE_ON_CODES:
                         raise
                     last = err
+                    if err.code is ErrorCode.FIRST_TOKEN_TIMEOUT:
+                        stalled = err
                     log.warning("provider attempt failed before the first token",
                                 extra={"request_id": life.request_id, "model": candidate.name,
                                        "deployment": chosen.name, "attempt": attempt + 1,
                                        "code": err.code.value})
-            if last is not None and last.code is ErrorCode.FIRST_TOKEN_TIMEOUT:
-                raise last  # another deployment of the model, yes; another model, no
+            if stalled is not None:
+                raise stalled  # another deployment of the model, yes; another model, no
         assert last is not None
         raise last
 
