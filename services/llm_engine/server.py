@@ -116,6 +116,11 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
                         raise stalled  # a deployment that stalled is not waited on twice
                     if not last.retryable or not await _backoff(attempt - 1, last, clock, config):
                         break
+                    try:  # again: the room seen before the backoff may be taken by now
+                        chosen = await pool.choose(tried)
+                    except PromptlineError as err:
+                        last = err
+                        break
                 tried.append(chosen.name)
                 if last is not None:
                     clock.restart_first_token()
