@@ -696,6 +696,13 @@ class Config:
                 return model
         return None
 
+    def model_label(self, name: str) -> str:
+        """`name` as a metric label: a configured model's or route's name as it is, anything
+        else `UNKNOWN_MODEL`, so made-up names in requests cannot add series without bound."""
+        if not name or self.model(name) is not None or any(r.name == name for r in self.routes):
+            return name
+        return UNKNOWN_MODEL
+
     def resume_for(self, model: ModelConfig, tenant: TenantConfig) -> ResumeConfig:
         """The `resume` settings of a stream: the tenant's keys over the model's over the
         top-level ones."""
@@ -736,6 +743,9 @@ class Config:
     def llm_engine_target(self) -> str:
         return self.targets.llm_engine if self.targets else self.listen.llm_engine
 
+
+UNKNOWN_MODEL = "(unknown)"
+"""The metric label of a model name the config does not know (`Config.model_label`)."""
 
 # Env variable -> the key it overrides, from the declarations' `env`.
 ENV_OVERRIDES = env_overrides(Config)

@@ -84,7 +84,8 @@ class StreamLife:
                  "origin", "outcome", "request_id")
 
     def __init__(self, service: str, model: str, request_id: str, *,
-                 logger: logging.Logger = log) -> None:
+                 logger: logging.Logger = log, label: str | None = None) -> None:
+        """`label`: the model's metric label (`Config.model_label`), when not `model` itself."""
         self.origin = service
         self.request_id = request_id
         self.log = logger
@@ -92,7 +93,7 @@ class StreamLife:
         self.outcome = CANCELLED  # what a stream that never reports otherwise was
         self.fields: dict[str, Any] = {"request_id": request_id, "model": model}
         """Extra fields of the end-of-stream log line; each hop adds its own."""
-        self._timer = StreamTimer(service, model)
+        self._timer = StreamTimer(service, model if label is None else label)
         self._hooks: list[Callable[[str], None]] = []
         self._finished = False
         self._active = ACTIVE_STREAMS.labels(service)

@@ -283,3 +283,19 @@ async def test_a_stream_the_caller_got_done_for_counts_as_done_on_every_hop(redi
     for hop in ("prompt", "llm_engine"):
         assert after[f"{hop} done"] - before[f"{hop} done"] == 5, (before, after)
         assert after[f"{hop} cancelled"] == before[f"{hop} cancelled"], (before, after)
+
+
+async def test_made_up_model_names_add_no_metric_series(redis_server):
+    """Each unknown model name a caller sends is one 404, and one `(unknown)` observation on
+    every hop it reached, not a histogram of its own per name and hop."""
+    async with running_chain(make_config(redis_url=redis_server.url)) as chain:
+        names = [f"made-up-{i}" for i in range(5)]
+        for name in names:
+            status, _, _ = await post(chain.base_url, {
+                "model": name, "messages": [{"role": "user", "content": "hi"}]})
+            assert status == 404
+    series = {tuple(sorted(s.labels.items())) for metric in REGISTRY.collect()
+              for s in metric.samples if s.labels.get("model", "").startswith("made-up-")}
+    assert series == set()
+    assert sample("promptline_stream_duration_seconds_count", service="edge_http",
+                  model="(unknown)", outcome="NOT_FOUND") >= len(names)

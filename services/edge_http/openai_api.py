@@ -257,7 +257,7 @@ async def _complete(request: web.Request, call: ChatCall, caller: Caller, model:
     A client that disconnects cancels this handler, and `read_frames` cancels the call.
     """
     rid = caller.request_id
-    life = StreamLife(ORIGIN, model, rid, logger=log)
+    life = StreamLife(ORIGIN, model, rid, logger=log, label=caller.config.model_label(model))
     life.fields["endpoint"] = "chat_completions"
     texts: list[str] = []
     done: common_pb2.Done | None = None

@@ -149,7 +149,8 @@ class StreamRelay:
         """Delta events written: the SSE id of a delta the prompt service did not number."""
         self._last_write = 0.0
         self._beat: asyncio.TimerHandle | None = None
-        self.life = StreamLife(ORIGIN, model, request_id, logger=log)
+        self.life = StreamLife(ORIGIN, model, request_id, logger=log,
+                               label=config.model_label(model))
         self.life.fields["endpoint"] = endpoint
 
     async def run(self, call: FrameCall, *, header_hold: float) -> web.StreamResponse:

@@ -70,9 +70,9 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
     ) -> AsyncIterator[llm_engine_pb2.GenerateResponse]:
         # An async generator (not context.write) so that gRPC interceptors, OpenTelemetry's
         # included, see every frame of the stream.
-        life = StreamLife(ORIGIN, request.model, request.request_id or uuid.uuid4().hex,
-                          logger=log)
         config = self._live.current  # this stream keeps the config it started with
+        life = StreamLife(ORIGIN, request.model, request.request_id or uuid.uuid4().hex,
+                          logger=log, label=config.model_label(request.model))
         self._pools.follow(config)
         async for frame in serve_stream(life, self._generate(config, request, context, life),
                                         context, llm_engine_pb2.GenerateResponse):

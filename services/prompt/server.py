@@ -126,7 +126,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         rid = request_id_from(request.request_id or metadata.get("x-request-id"))
         config = self._live.current  # this stream keeps the config it started with
         trace.get_current_span().set_attribute("promptline.request_id", rid)
-        life = StreamLife(ORIGIN, request.model, rid, logger=log)
+        life = StreamLife(ORIGIN, request.model, rid, logger=log,
+                          label=config.model_label(request.model))
         session = ChatSession(rid, self._conversations, config=config,
                               ledger=self.quotas.ledger, alerts=self.alerts)
         life.on_finish(lambda outcome: self._on_stream_end(session, life, outcome))
