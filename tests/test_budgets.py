@@ -46,7 +46,7 @@ from services.prompt.budgets import (
 )
 from services.prompt.pricing import to_pico
 from services.prompt.quotas import QuotaManager, Reservation
-from services.prompt.usage import UsageRecord
+from services.prompt.usage import UsageRecord, usage_key
 from tests.chain import Chain, running_chain
 from tests.conftest import BASE_CONFIG, make_config
 from tests.eventually import eventually
@@ -350,6 +350,49 @@ async def test_local_mode_holds_each_replicas_share_of_what_was_left() -> None:
         assert admitted == 3  # half of the 0.6 left, for this one of two replicas
     finally:
         await client.aclose()
+
+
+async def test_a_hold_is_settled_once_however_often_it_is_sent(
+        replicas: list[QuotaManager], redis_client: aioredis.Redis) -> None:
+    """A settlement sent again (a retry of one that timed out after Redis ran it) moves nothing:
+    admission left the hold's token in the budget hash, and settling takes it."""
+    tenant = team("once", "1")
+    held = await admit(replicas[0], tenant, usd("0.1"))
+    for _ in range(2):
+        await settle(replicas[0], tenant, held, usd("0.04"))
+    (check,) = held.hold.checks
+    assert await spend(redis_client, check) == (usd("0.04"), 0)
+    usage = await redis_client.hgetall(usage_key("once", NOW))
+    assert usage[b"m|sim|n"] == b"1"
+
+
+async def test_settlements_redis_did_not_take_are_written_when_it_is_back() -> None:
+    """Redis stalls as two streams end: one settlement times out (Redis may still run it when
+    it wakes), the next is skipped. Both are kept and written once Redis answers, each exactly
+    once: the budget holds nothing and counts both costs, the usage both requests, instead of
+    the reservations holding the budget until the period ends."""
+    tenant = team("late", "1")
+    policy = QuotaPolicy(on_redis_error="fail_closed", redis_timeout=0.2)
+    with EmbeddedRedis() as server:  # our own: this test stalls it
+        client = aioredis.from_url(server.url)
+        manager = QuotaManager(client, policy, clock=Clock())
+        try:
+            first = await admit(manager, tenant, usd("0.1"))
+            second = await admit(manager, tenant, usd("0.1"))
+            server.pause()
+            await settle(manager, tenant, first, usd("0.03"))  # times out
+            await settle(manager, tenant, second, usd("0.05"))  # skipped: Redis just failed
+            assert manager.ledger.unsettled == 2
+            server.resume()
+            await eventually(lambda: manager.ledger.unsettled == 0, what="the backlog written")
+            (check,) = first.hold.checks
+            assert await spend(client, check) == (usd("0.08"), 0)
+            usage = await client.hgetall(usage_key("late", NOW))
+            assert usage[b"m|sim|n"] == b"2"
+        finally:
+            server.resume()
+            await manager.ledger.close()
+            await client.aclose()
 
 
 def test_local_mode_forgets_the_budgets_of_ended_periods() -> None:

@@ -6,7 +6,8 @@ Admission
     tenant's QPM/TPM: either every limit admits the request and every counter moves, or none
     does. Each budget is one hash per period, `{s: settled, r: reserved}` in pico-dollars
     (`pricing`); a request fits when `s + r + worst case <= budget` and then adds its worst case
-    to `r`. The comparison is exact for any 64-bit amount: Lua's numbers are doubles, so amounts
+    to `r`, and its hold's own field `q:<token>`, which settling takes (so it settles once).
+    The comparison is exact for any 64-bit amount: Lua's numbers are doubles, so amounts
     travel as decimal strings and are compared as two base-1e9 limbs (`BIG_LUA`).
 
 Settlement (`Ledger.settle`, once per admitted stream, at its end)
@@ -28,10 +29,10 @@ Keys
 Redis slow or down (`quota_policy.on_redis_error`)
     `fail_closed`: the request is rejected with UNAVAILABLE, as for quotas. `fail_open`: admitted
     unchecked. `local`: each replica holds its share (1 / `replicas`) of what was left of each
-    budget when it last saw it in Redis (of the whole budget, if it never did), in memory. Either
-    way the real cost is still written to Redis at the end of the stream if Redis answers by
-    then; a settlement Redis does not take is logged and counted
-    (`promptline_redis_errors_total{operation="quota_spend"}`), and that spend is not recorded.
+    budget when it last saw it in Redis (of the whole budget, if it never did), in memory. A
+    settlement Redis does not take is logged, counted
+    (`promptline_redis_errors_total{operation="quota_spend"}`) and kept to be written when it
+    answers again (`Ledger`), exactly once (the hold's token in the budget hash).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import asyncio
 import logging
 import math
 import time
+import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -49,7 +52,13 @@ from typing import Any
 from promptline.config import Budget, QuotaPolicy, TenantConfig
 from promptline.errors import ErrorCode, PromptlineError, Stage
 from promptline.metrics import REDIS_ERRORS
-from promptline.redis_store import STORE_ERRORS, RedisClient, StoreOutage, store_call
+from promptline.redis_store import (
+    STORE_ERRORS,
+    STORE_RETRY_S,
+    RedisClient,
+    StoreOutage,
+    store_call,
+)
 
 from .alerts import Alert
 from .pricing import from_pico, to_pico
@@ -81,13 +90,20 @@ end
 """
 
 # KEYS: the budget hashes, then each budget's alert keys (one per threshold, in order), then the
-# usage hash when ARGV[2] is 1. ARGV: budget count, usage (0|1), then per budget: reserved,
-# actual, expire-at ms, threshold count, the thresholds; then with usage: its ttl in seconds and
-# field, increment pairs. Amounts are pico-dollar integer strings. Returns per budget: the
-# settled spend as {high, low} limbs, the number of thresholds claimed, and their indexes.
+# usage hash when ARGV[2] is 1. ARGV: budget count, usage (0|1), the hold's token ('' when it
+# reserved nothing in Redis), then per budget: reserved, actual, expire-at ms, threshold count,
+# the thresholds; then with usage: its ttl in seconds and field, increment pairs. Amounts are
+# pico-dollar integer strings. Returns per budget: the settled spend as {high, low} limbs, the
+# number of thresholds claimed, and their indexes; nothing when the hold was settled already.
 _SPEND_LUA = BIG_LUA + """
 local nb = tonumber(ARGV[1])
-local a = 3
+local token = ARGV[3]
+-- Admission left the hold's token in each budget hash: settling takes it, so a second call for
+-- the same hold (a retry of one that timed out after it ran) moves nothing.
+if token ~= '' and nb > 0 and redis.call('HDEL', KEYS[1], 'q:' .. token) == 0 then
+  return {}
+end
+local a = 4
 local alert_key = nb + 1
 local out = {}
 for j = 1, nb do
@@ -95,6 +111,9 @@ for j = 1, nb do
   local reserved, actual, expire_at = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local nt = tonumber(ARGV[a + 3])
   a = a + 4
+  if token ~= '' and j > 1 then
+    redis.call('HDEL', key, 'q:' .. token)
+  end
   if reserved ~= '0' then
     if redis.call('HINCRBY', key, 'r', '-' .. reserved) < 0 then
       redis.call('HSET', key, 'r', 0)  -- the hash expired meanwhile, or a double release
@@ -317,15 +336,50 @@ class Hold:
 
     checks: tuple[BudgetCheck, ...] = ()
     where: str = NOT_HELD
+    token: str = ""
+    """Names this hold in the budget hashes (`HELD_IN_REDIS`), so it is settled exactly once."""
+
+
+def new_hold_token() -> str:
+    """A hold's token: its own, even when a client reuses a request id."""
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class _Unsettled:
+    """A settlement Redis did not take, kept to be written when it answers again."""
+
+    tenant: str
+    hold: Hold
+    cost: int
+    usage: UsageRecord | None
+    request_id: str
+    at: float
+    """When the stream ended: its usage goes to that hour."""
+
+    @property
+    def exactly_once(self) -> bool:
+        """A retry of it cannot count twice: its hold's token guards it."""
+        return bool(self.hold.token and self.hold.checks and self.hold.where == HELD_IN_REDIS)
+
+
+BACKLOG_MAX = 10_000
+"""Settlements kept while Redis is away; past that the oldest is dropped (and logged)."""
 
 
 NO_HOLD = Hold()
 
 
 class Ledger:
-    """Settles budgets and writes usage, one script call per stream on the tenant's slot."""
+    """Settles budgets and writes usage, one script call per stream on the tenant's slot.
 
-    __slots__ = ("_outage", "_script", "clock", "local", "policy", "redis", "usage_ttl")
+    A settlement Redis does not take is kept (up to `BACKLOG_MAX`) and written once Redis
+    answers again, when that cannot count it twice: it was never sent (skipped during an
+    outage), or its hold's token guards it. Else (a timed-out usage-only write, which may have
+    run) it is dropped. Alerts a late write claims go to `notify`."""
+
+    __slots__ = ("_backlog", "_outage", "_replayer", "_script", "clock", "local", "notify",
+                 "policy", "redis", "usage_ttl")
 
     def __init__(self, redis: RedisClient, policy: QuotaPolicy, *, usage_ttl: float,
                  clock: Callable[[], float] = time.time) -> None:
@@ -334,10 +388,18 @@ class Ledger:
         self.usage_ttl = usage_ttl
         self.clock = clock
         self.local = LocalBudgets()
+        self.notify: Callable[[list[Alert]], None] | None = None
         self._script = redis.register_script(_SPEND_LUA)
         self._outage = StoreOutage(
-            log, "Redis unavailable (%s): budget and usage settlements are not recorded until "
-                 "it is back", "budget and usage settlements are recorded again")
+            log, "Redis unavailable (%s): budget and usage settlements are kept and written "
+                 "when it is back", "budget and usage settlements are recorded again")
+        self._backlog: deque[_Unsettled] = deque()
+        self._replayer: asyncio.Task[None] | None = None
+
+    @property
+    def unsettled(self) -> int:
+        """Settlements waiting for Redis."""
+        return len(self._backlog)
 
     async def settle(self, tenant: str, hold: Hold, cost: int, usage: UsageRecord | None,
                      request_id: str) -> list[Alert]:
@@ -348,33 +410,75 @@ class Ledger:
         reserved = hold.where == HELD_IN_REDIS
         if usage is None and not (hold.checks and (cost or reserved)):
             return []  # nothing to write
+        item = _Unsettled(tenant, hold, cost, usage, request_id, self.clock())
         if self._outage.skipping():
-            self._failed(None, request_id)
+            self._failed(None, item)
             return []
+        try:
+            alerts = await self._write(item)
+        except STORE_ERRORS as exc:
+            self._failed(exc, item)
+            return []
+        self._outage.answered()
+        return alerts
+
+    async def close(self) -> None:
+        """Stop writing the backlog (at shutdown); what is left in it is logged."""
+        if self._replayer is not None:
+            self._replayer.cancel()
+            await asyncio.gather(self._replayer, return_exceptions=True)
+        if self._backlog:
+            log.warning("%d budget and usage settlements not recorded at shutdown",
+                        len(self._backlog))
+
+    async def _write(self, item: _Unsettled) -> list[Alert]:
+        hold, cost, usage = item.hold, item.cost, item.usage
+        reserved = hold.where == HELD_IN_REDIS
         keys = [c.key for c in hold.checks]
-        args: list[Any] = [len(hold.checks), 1 if usage else 0]
+        args: list[Any] = [len(hold.checks), 1 if usage else 0, hold.token if reserved else ""]
         for check in hold.checks:
             thresholds = check.thresholds() if cost else []
             args += [check.cost if reserved else 0, cost, check.expire_at_ms, len(thresholds),
                      *thresholds]
             keys += [check.alert_key(share) for share in check.budget.alerts] if cost else []
         if usage is not None:
-            keys.append(usage_key(tenant, self.clock()))
+            keys.append(usage_key(item.tenant, item.at))
             args += [math.ceil(self.usage_ttl), *(x for pair in usage.fields() for x in pair)]
-        try:
-            async with asyncio.timeout(self.policy.redis_timeout):
-                raw = await store_call(self._script(keys=keys, args=[str(a) for a in args]))
-        except STORE_ERRORS as exc:
-            self._failed(exc, request_id)
-            return []
-        self._outage.answered()
+        async with asyncio.timeout(self.policy.redis_timeout):
+            raw = await store_call(self._script(keys=keys, args=[str(a) for a in args]))
         return _claimed(hold.checks, [int(x) for x in raw])
 
-    def _failed(self, exc: BaseException | None, request_id: str) -> None:
-        """Count a settlement Redis did not take (`exc`; None: skipped); one warning per
-        outage."""
+    def _failed(self, exc: BaseException | None, item: _Unsettled) -> None:
+        """Count a settlement Redis did not take (`exc`; None: skipped), one warning per
+        outage; keep it when writing it later cannot count it twice."""
         REDIS_ERRORS.labels("quota_spend").inc()
-        self._outage.failed(exc, request_id)
+        self._outage.failed(exc, item.request_id)
+        if exc is not None and not item.exactly_once:
+            return
+        if len(self._backlog) >= BACKLOG_MAX:
+            dropped = self._backlog.popleft()
+            log.warning("settlement backlog full: one dropped",
+                        extra={"request_id": dropped.request_id})
+        self._backlog.append(item)
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.create_task(self._replay(), name="budget-backlog")
+
+    async def _replay(self) -> None:
+        # Runs while anything is kept: a try every STORE_RETRY_S, oldest first.
+        while self._backlog:
+            await asyncio.sleep(STORE_RETRY_S)
+            while self._backlog and not self._outage.skipping():
+                item = self._backlog[0]
+                try:
+                    alerts = await self._write(item)
+                except STORE_ERRORS as exc:
+                    REDIS_ERRORS.labels("quota_spend").inc()
+                    self._outage.failed(exc, item.request_id)
+                    break
+                self._backlog.popleft()
+                self._outage.answered()
+                if alerts and self.notify is not None:
+                    self.notify(alerts)
 
     async def release(self, hold: Hold, request_id: str) -> None:
         """Give back what admission reserved (the other side of admission refused)."""
@@ -383,6 +487,10 @@ class Ledger:
 
 
 def _claimed(checks: Sequence[BudgetCheck], values: list[int]) -> list[Alert]:
+    """The alerts a spend script's reply says it claimed (none when it found the hold settled
+    already: an empty reply)."""
+    if not values:
+        return []
     alerts = []
     at = 0
     for check in checks:

@@ -92,6 +92,7 @@ from .budgets import (
     Hold,
     Ledger,
     budget_exceeded,
+    new_hold_token,
 )
 from .local_quotas import LocalWindows
 
@@ -182,6 +183,7 @@ end
 b = 4 + 2 * nw
 for j = nw + 1, #KEYS do
   redis.call('HINCRBY', KEYS[j], 'r', ARGV[b + 1])
+  redis.call('HSET', KEYS[j], 'q:' .. ARGV[#ARGV], ARGV[b + 1])  -- settled once (_SPEND_LUA)
   redis.call('PEXPIREAT', KEYS[j], ARGV[b + 2])
   local v = redis.call('HMGET', KEYS[j], 's', 'r')
   local used = big_add(big(v[1]), big(v[2]))
@@ -418,7 +420,8 @@ class QuotaManager:
         if self._outage.skipping():
             return self._without_store(tenant, sides, reserve, request_id, None)
         now = self._now_arg()
-        calls = [asyncio.ensure_future(self._admit_side(side, now)) for side in sides]
+        token = new_hold_token()
+        calls = [asyncio.ensure_future(self._admit_side(side, now, token)) for side in sides]
         try:
             _, pending = await asyncio.wait(calls, timeout=self.policy.redis_timeout)
         finally:
@@ -435,7 +438,7 @@ class QuotaManager:
         if failure is None:
             self._store_is_back()
         if failure is not None or rejection is not None:
-            await self._give_back(admitted, request_id)  # all-or-nothing across the two slots
+            await self._give_back(admitted, request_id, token)  # all-or-nothing: both slots
             if rejection is not None:
                 (side, held), result = rejection
                 if result[1] > len(side):
@@ -466,7 +469,7 @@ class QuotaManager:
         tpm = any(c.tpm_keys for c in charged)
         return Reservation(self, request_id, reserve if tpm else 0, charged[0].window,
                            tuple(charged), _limits(tenant, per_check, now_ms),
-                           hold=Hold(tuple(budgets), HELD_IN_REDIS))
+                           hold=Hold(tuple(budgets), HELD_IN_REDIS, token))
 
     async def usage(self, tenant: TenantConfig) -> dict[str, Any]:
         """The tenant's current sliding-window usage of each limit that applies.
@@ -561,24 +564,25 @@ class QuotaManager:
         now = int((self.clock or time.time)() * 1000)
         self._local.settle(keys, now, WINDOW_MS, window, delta)
 
-    async def _admit_side(self, side: _Side, now: int | str) -> list[int]:
+    async def _admit_side(self, side: _Side, now: int | str, token: str) -> list[int]:
         checks, budgets = side
         args: list[Any] = [now, WINDOW_MS, len(checks)]
         for check in checks:
             args += [check.limit, check.cost]
         for budget in budgets:
             args += budget.admission_args()
+        args.append(token)
         raw = await store_call(self._scripts["admit"](
             keys=[c.key for c in checks] + [b.key for b in budgets], args=args))
         return [int(x) for x in raw]
 
     async def _give_back(self, admitted: list[tuple[_Side, list[int]]],
-                         request_id: str) -> None:
+                         request_id: str, token: str) -> None:
         """Undo what the sides that admitted charged, when the other one did not admit."""
         undo = []
         for (side, held), result in admitted:
             if held:
-                undo.append(self.ledger.release(Hold(held, HELD_IN_REDIS), request_id))
+                undo.append(self.ledger.release(Hold(held, HELD_IN_REDIS, token), request_id))
             window = result[1]
             qpm = [c.key for c in side if c.kind == "qpm"]
             tpm = [c for c in side if c.kind == "tpm"]

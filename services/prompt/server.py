@@ -103,6 +103,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         """Credit alerts this replica claimed; `PromptServer` starts and stops it."""
         self._engine = engine
         self.quotas = quotas
+        if alerts is not None:  # settlements written late claim alerts too
+            quotas.ledger.notify = alerts.notify
         self._prompts = prompts
         self._conversations = conversations
         self._cache = cache
@@ -477,6 +479,7 @@ class PromptServer:
         if background:
             # History writes and give-backs of streams cancelled during the drain: short calls.
             await asyncio.wait(background, timeout=max(grace, 1.0))
+        await self.servicer.quotas.ledger.close()
         if self.servicer.alerts is not None:
             await self.servicer.alerts.stop()
         if self.servicer.journal is not None:
