@@ -17,6 +17,7 @@ import pytest
 from promptline.devtools.fake_openai import FakeOpenAI
 from promptline.v1 import common_pb2, prompt_pb2
 from services.prompt.journal import Journal
+from services.prompt.runs import Runs
 from tests.chain import Chain, running_chain
 from tests.conftest import make_config
 from tests.eventually import eventually
@@ -336,3 +337,33 @@ async def test_a_journal_is_kept_its_ttl_from_the_stream_end(redis_client: Any) 
     await eventually(lambda: writer.dead, what="the writer closed")
     assert await redis_client.pttl(writer.key) > 1600  # ~1,100 without the renewal
     await journal.drain(1.0)
+
+
+class _RunStandIn:
+    """What `Runs` reads of a run: its id, tenant and task, and how it is cancelled."""
+
+    def __init__(self, tenant: str, request_id: str) -> None:
+        self.tenant, self.request_id = tenant, request_id
+        self.task = asyncio.ensure_future(asyncio.sleep(60))
+        self.reason = ""
+
+    def cancel(self, reason: str) -> None:
+        self.reason = reason
+        self.task.cancel()
+
+    async def wait(self) -> None:
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def test_runs_under_one_request_id_are_each_kept() -> None:
+    """Callers choose request ids: another tenant's stream, or a retry, under the same id must
+    not hide a running stream from its tenant's Stop or from the shutdown that cancels it."""
+    runs = Runs()
+    first, other, retry = (_RunStandIn("a", "x"), _RunStandIn("b", "x"), _RunStandIn("a", "x"))
+    for run in (first, other, retry):
+        runs.add(run)  # type: ignore[arg-type]
+    assert runs.find("a", "x") is retry and runs.find("b", "x") is other
+    await runs.stop(1.0)
+    assert all(run.reason and run.task.cancelled() for run in (first, other, retry))
+    await asyncio.sleep(0)  # the done callbacks
+    assert runs.find("a", "x") is None

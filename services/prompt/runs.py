@@ -218,23 +218,29 @@ class Runs:
     """The runs of one prompt replica, for CancelChat and shutdown."""
 
     def __init__(self) -> None:
-        self._runs: dict[str, Run] = {}
+        self._runs: dict[str, list[Run]] = {}
+        """Request id -> its runs, oldest first: callers choose request ids, so two tenants, or
+        a client retrying, may run streams under one id at once."""
 
     def add(self, run: Run) -> None:
-        self._runs[run.request_id] = run
+        self._runs.setdefault(run.request_id, []).append(run)
         run.task.add_done_callback(lambda _: self._forget(run))
 
     def _forget(self, run: Run) -> None:
-        if self._runs.get(run.request_id) is run:
-            del self._runs[run.request_id]
+        runs = self._runs.get(run.request_id, [])
+        if run in runs:
+            runs.remove(run)
+        if not runs:
+            self._runs.pop(run.request_id, None)
 
     def find(self, tenant: str, request_id: str) -> Run | None:
-        run = self._runs.get(request_id)
-        return run if run is not None and run.tenant == tenant else None
+        """The tenant's newest run under `request_id` (the one a resume reads)."""
+        return next((run for run in reversed(self._runs.get(request_id, ()))
+                     if run.tenant == tenant), None)
 
     async def stop(self, within: float) -> None:
         """Shutdown: every run still going (detached ones included) is cancelled."""
-        runs = list(self._runs.values())
+        runs = [run for same_id in self._runs.values() for run in same_id]
         for run in runs:
             run.cancel("the prompt service is shutting down")
         if runs:
