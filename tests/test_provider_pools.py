@@ -25,7 +25,7 @@ from promptline.errors import ErrorCode, PromptlineError
 from promptline.v1 import common_pb2, llm_engine_pb2, llm_engine_pb2_grpc
 from services.llm_engine.board import SharedBoard
 from services.llm_engine.health import State
-from services.llm_engine.pool import DeploymentPool, DeploymentState
+from services.llm_engine.pool import DeploymentPool, DeploymentState, Pools
 from services.llm_engine.server import EngineServer, start_engine
 from tests.conftest import make_config
 from tests.eventually import eventually
@@ -660,3 +660,21 @@ async def test_a_first_token_timeout_stays_the_answer_when_the_rest_are_at_a_lim
             assert err.code is ErrorCode.FIRST_TOKEN_TIMEOUT
             assert fallback["fb"].request_count == 0
             assert answered_by(await busy) == "b"
+
+
+async def test_a_stream_from_before_a_reload_uses_the_retiring_pool() -> None:
+    """Its retry or fallback asks for the old model config: it gets the pool being retired
+    (closed once its streams are over), not a new pool that nothing would close."""
+    async with upstreams("a", "b") as fakes:
+        old = make_config(models=[pool_model("rl", fakes)])
+        new = make_config(models=[pool_model("rl", fakes, routing="least_busy")])
+        pools = Pools(SharedBoard(None, 0.25))
+        try:
+            pools.follow(old)
+            before = pools.get(old.model("rl"))
+            pools.follow(new)
+            assert pools.get(old.model("rl")) is before  # retiring, still serving
+            assert pools.get(new.model("rl")) is not before
+            assert len(pools.retiring) == 1
+        finally:
+            await pools.close()

@@ -279,6 +279,10 @@ class Pools:
     def get(self, model: ModelConfig) -> DeploymentPool:
         pool = self._pools.get(model)
         if pool is None:
+            # A stream begun before a reload retries or falls back on its old model config:
+            # the retiring pool serves it, rather than a new one nobody closes.
+            pool = next((p for p in self.retiring.values() if p.model == model), None)
+        if pool is None:
             pool = self._pools[model] = DeploymentPool(model, self._states, self.board)
         return pool
 
