@@ -643,23 +643,27 @@ async def test_a_first_token_timeout_moves_to_another_deployment_not_another_mod
 
 
 async def test_a_first_token_timeout_stays_the_answer_when_the_rest_are_at_a_limit() -> None:
-    """a stalls (and is ejected), b is at its max_concurrency: the caller gets the stall's
-    FIRST_TOKEN_TIMEOUT, not b's UPSTREAM_RATE_LIMITED with a fallback model run after it."""
+    """One stalls (and is ejected), the other is at its max_concurrency: the caller gets the
+    stall's FIRST_TOKEN_TIMEOUT, not UPSTREAM_RATE_LIMITED with a fallback model run after it."""
     fast = {"first_token": "500ms", "idle": "2s", "total": "10s"}
     async with upstreams("a", "b", tokens=20) as fakes, upstreams("fb", tokens=2) as fallback:
         model = pool_model("ftrl", fakes, health={"failures": 1}, timeouts=fast,
                            fallback=["ftrlfb"])
-        model["deployments"][1]["max_concurrency"] = 1
+        for deployment in model["deployments"]:
+            deployment["max_concurrency"] = 1
         async with engine([model, pool_model("ftrlfb", fallback, timeouts=fast)]) as (_, stub):
-            assert answered_by(await generate(stub, "ftrl")) == "a"  # round robin: b is next
-            fakes["b"].delay = 0.1
+            for fake in fakes.values():
+                fake.delay = 0.1  # 2 s a stream
             busy = asyncio.create_task(generate(stub, "ftrl"))
-            await fakes["b"].wait_until(lambda: fakes["b"].active_streams == 1)
-            fakes["a"].stall_after_chunks = 0
+            await eventually(lambda: sum(f.active_streams for f in fakes.values()) == 1,
+                             what="one deployment busy")
+            full = next(name for name, f in fakes.items() if f.active_streams)
+            stalls = next(name for name in fakes if name != full)
+            fakes[stalls].stall_after_chunks = 0
             err = error_of(await generate(stub, "ftrl"))
             assert err.code is ErrorCode.FIRST_TOKEN_TIMEOUT
             assert fallback["fb"].request_count == 0
-            assert answered_by(await busy) == "b"
+            assert answered_by(await busy) == full
 
 
 async def test_a_stream_from_before_a_reload_uses_the_retiring_pool() -> None:
