@@ -407,18 +407,18 @@ async def test_a_deployment_at_its_limit_is_skipped_before_the_call() -> None:
 async def test_a_retry_after_its_backoff_still_respects_max_concurrency() -> None:
     """X's attempt got a 429 and backs off; Y takes the only slot meanwhile: X's retry must not
     run beside Y (the room was checked before the backoff, the stream counted after it)."""
-    async with upstreams("one", tokens=10) as fakes:
+    async with upstreams("one", tokens=30) as fakes:
         model = pool_model("mc", fakes)
         model["deployments"][0]["max_concurrency"] = 1
         retries = {"max_attempts": 2, "backoff_base": "10ms", "backoff_max": "2s"}
         async with engine([model], retries=retries) as (server, stub):
             fake = fakes["one"]
-            fake.push(fail_status=429, retry_after_ms=500)
+            fake.push(fail_status=429, retry_after_ms=1500)  # Y starts well inside it
             x = asyncio.create_task(generate(stub, "mc"))
             await fake.wait_until(lambda: fake.request_count == 1)
             await eventually(lambda: state(server, "mc", "one").in_flight == 0,
                              what="X's first attempt over")
-            fake.delay = 0.1  # Y holds the slot ~1 s, past X's backoff
+            fake.delay = 0.1  # Y holds the slot ~3 s, past X's backoff
             y = asyncio.create_task(generate(stub, "mc"))
             await fake.wait_until(lambda: fake.active_streams == 1)
             assert error_of(await x).code is ErrorCode.UPSTREAM_RATE_LIMITED
