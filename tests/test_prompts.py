@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -61,6 +62,27 @@ def test_expressions_are_rejected_not_executed(template):
     with pytest.raises(PromptlineError) as info:
         placeholders(template)
     assert "invalid placeholder" in info.value.message
+
+
+def test_unclosed_braces_are_scanned_once():
+    """64 KiB of `{` (or of `{{`) is text: each unclosed `{{` was searched to the end of the
+    template, ~20 s on the event loop for every create and every chat on it."""
+    started = time.process_time()
+    for template in ("{" * 65_536, "{{" * 32_768, "{{a}} " + "{{" * 32_000):
+        assert placeholders(template) in ((), ("a",))
+    assert render("{{a}} " + "{{" * 32_000, ("a",), {"a": "x"}).startswith("x {{{{")
+    assert time.process_time() - started < 5  # linear: milliseconds; the regex took ~20 s
+
+
+def test_a_rendering_beyond_the_limit_is_refused_before_it_is_built():
+    """One placeholder repeated 13,000 times, a 400-character value: 5.2 million characters
+    (a 20 KB value made 260 MB and 12 GB of memory) is an INVALID_REQUEST naming the limit."""
+    template = "{{a}}" * 13_000
+    assert len(render(template, ("a",), {"a": "x" * 300})) == 3_900_000  # within the limit
+    with pytest.raises(PromptlineError) as info:
+        render(template, ("a",), {"a": "x" * 400})
+    assert info.value.code is ErrorCode.INVALID_REQUEST
+    assert "5,200,000 characters" in info.value.message and "4,000,000" in info.value.message
 
 
 def test_declared_variables_must_match_the_template():

@@ -7,29 +7,44 @@ that is stored always renders. Text outside placeholders is copied unchanged.
 
 Rendering is one pass over the template: a variable's value is inserted as-is and never scanned
 again, so a value containing `{{other}}` stays literal text (no injection into the template).
+Scanning is linear in the template (a `{{` with no `}}` after it ends the scan, rather than each
+one being searched to the end), and a rendering longer than `MAX_RENDERED_CHARS` (one short
+value repeated by many placeholders) is refused before it is built.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from promptline.rules import invalid
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 MAX_VARIABLES = 64
-_PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+MAX_RENDERED_CHARS = 4_000_000
+"""About a million tokens: more than any model's context window."""
 
+
+def _spans(template: str) -> Iterator[tuple[int, int, str]]:
+    """(start, end, what is between the braces) of each `{{...}}`, in order."""
+    at = 0
+    while (start := template.find("{{", at)) >= 0:
+        end = template.find("}}", start + 2)
+        if end < 0:
+            return  # no `}}` after this `{{`, so none after any later one
+        yield start, end + 2, template[start + 2:end]
+        at = end + 2
 
 
 def placeholders(template: str) -> tuple[str, ...]:
     """The variable names a template uses, in order of first use; rejects malformed ones."""
     names: dict[str, None] = {}
-    for match in _PLACEHOLDER.finditer(template):
-        name = match.group(1).strip()
+    for start, end, inner in _spans(template):
+        name = inner.strip()
         if not NAME.fullmatch(name):
-            line = template.count("\n", 0, match.start()) + 1
-            shown = match.group(0) if len(match.group(0)) <= 40 else match.group(0)[:37] + "..."
+            line = template.count("\n", 0, start) + 1
+            whole = template[start:end]
+            shown = whole if len(whole) <= 40 else whole[:37] + "..."
             raise invalid(f"template line {line}: invalid placeholder {shown!r} "
                           "(use {{name}}: a letter or _ then letters, digits or _)")
         names[name] = None
@@ -72,4 +87,16 @@ def render(template: str, declared: Iterable[str], values: Mapping[str, str]) ->
     for name in known:
         if name not in values:
             raise invalid(f"missing prompt variable {name!r}")
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1).strip()], template)
+    spans = list(_spans(template))
+    size = len(template) + sum(len(values[inner.strip()]) - (end - start)
+                               for start, end, inner in spans)
+    if size > MAX_RENDERED_CHARS:
+        raise invalid(f"the prompt's template with these variables would be {size:,} characters "
+                      f"long; at most {MAX_RENDERED_CHARS:,} are allowed")
+    out: list[str] = []
+    at = 0
+    for start, end, inner in spans:
+        out += (template[at:start], values[inner.strip()])
+        at = end
+    out.append(template[at:])
+    return "".join(out)
