@@ -255,6 +255,7 @@ async def test_bad_feedback_is_400_naming_the_field(chain: Chain, http: aiohttp.
     ("?from=2020-01-01&to=2025-01-01", "feedback.retention"),
     ("?group_by=model", "group_by"),
     ("?to=1&to=2", "to"),
+    ("?from=9999-12-31T20:00:00&to=9999-12-31T23:30:00", "from"),  # was a 500: year 10000
 ])
 async def test_bad_stats_queries_are_400_naming_the_field(
         chain: Chain, http: aiohttp.ClientSession, query: str, field: str) -> None:

@@ -442,6 +442,10 @@ def _usage_row(row: prompt_admin_pb2.UsageRow) -> dict[str, Any]:
             "completion_tokens": row.completion_tokens, "cost_usd": row.cost_usd or "0"}
 
 
+LAST_YEAR = 9999
+"""Times from this year on are refused: their answer's hour could fall past the calendar."""
+
+
 def _query_time(request: web.Request, name: str) -> int:
     """An ISO 8601 date (`2025-01-14`) or date-time (UTC unless it has an offset) as ms since
     the epoch; 0 when absent (the prompt service's default)."""
@@ -456,8 +460,9 @@ def _query_time(request: web.Request, name: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     millis = int(moment.timestamp() * 1000)
-    if millis <= 0:
-        raise invalid(f"query parameter {name} must be after 1970-01-01, got {raw[:40]!r}")
+    if millis <= 0 or moment.year >= LAST_YEAR:  # the answer rounds up to the hour after
+        raise invalid(f"query parameter {name} must be after 1970-01-01 and before "
+                      f"{LAST_YEAR}-01-01, got {raw[:40]!r}")
     return millis
 
 
