@@ -37,6 +37,7 @@ import getpass
 import io
 import json
 import os
+import re
 import sys
 import urllib.error
 import urllib.parse
@@ -271,12 +272,17 @@ def _run(args: argparse.Namespace, client: _Client, stdin: TextIO) -> tuple[Any,
     return data, f"{data['prompt_id']}: {data['label']} -> {_split_text(data['split'])}{moved}"
 
 
+_COUNT = re.compile(r"[0-9]{1,9}")
+"""ASCII digits only (`isdigit` passes `²`, which `int` refuses), and never more than a split's
+weights and versions need."""
+
+
 def _split_arg(text: str) -> dict[str, int]:
     """`3=90,4=10` as the API's split; the server checks versions and weights."""
     split: dict[str, int] = {}
     for part in text.split(","):
         version, _, weight = part.strip().partition("=")
-        if not (version.strip().isdigit() and weight.strip().isdigit()):
+        if not (_COUNT.fullmatch(version.strip()) and _COUNT.fullmatch(weight.strip())):
             raise CliError(f"--split wants VERSION=WEIGHT pairs separated by commas, e.g. "
                            f"3=90,4=10; got {part.strip()!r}", 2)
         split[str(int(version))] = int(weight)

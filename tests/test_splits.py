@@ -253,8 +253,9 @@ async def test_cli_sets_a_split_and_rolls_back(chain: Chain, http: aiohttp.Clien
     code, _, err = await run("prompts", "label", pid, "prod", "--split", "1=90,2=20")
     assert (code, err) == (1, "promptline: INVALID_REQUEST: split weights must add up to 100, "
                               "got 110 (HTTP 400)")
-    code, _, err = await run("prompts", "label", pid, "prod", "--split", "1:90")
-    assert code == 2 and "VERSION=WEIGHT" in err
+    for bad in ("1:90", "1=\u00b2", "1=" + "9" * 5000):  # `²` passed isdigit, then int failed
+        code, _, err = await run("prompts", "label", pid, "prod", "--split", bad)
+        assert code == 2 and "VERSION=WEIGHT" in err and "Traceback" not in err
 
 
 # --- the registry in every redis_mode ---------------------------------------------------------
