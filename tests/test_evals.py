@@ -202,6 +202,22 @@ async def test_the_label_gate(chain: Chain, http: aiohttp.ClientSession, tmp_pat
     assert (await _cli(chain, "prompts", "label", pid, "prod", "3"))[0] == 0
 
 
+async def test_a_run_exactly_at_the_minimum_opens_the_gate(
+        chain: Chain, http: aiohttp.ClientSession) -> None:
+    """2 of 3 cases against a min_pass_rate of 2/3: the threshold was rounded up to 666,667 ppm
+    and the run down to 666,666, so a run exactly at the minimum was refused."""
+    pid = await _prompt(chain, http, "good", "good")
+    assert (await _put(chain, http, pid, {"version": 1}))[0] == 200
+    async with http.put(f"{chain.base_url}/v1/prompts/{pid}/policy", headers=AUTH,
+                        json={"require_eval": True, "min_pass_rate": 2 / 3}) as resp:
+        assert resp.status == 200
+    async with http.post(f"{chain.base_url}/v1/prompts/{pid}/versions/2/evals", headers=AUTH,
+                         json={"cases": 3, "passed": 2}) as resp:
+        assert resp.status == 201, await resp.text()
+    status, body = await _put(chain, http, pid, {"version": 2})
+    assert status == 200, body
+
+
 @pytest.mark.parametrize(("lines", "message"), [
     (["{not json"], "line 1: not valid JSON"),
     ([{"contains": "x"}, {"contians": "x"}], "line 2: unknown field 'contians'"),

@@ -534,7 +534,8 @@ class PromptRegistry:
         stored.created_at_ms = int(time.time() * 1000)
         stored.pass_rate = round(run.passed / run.cases, 6)
         stored.author = run.author or tenant
-        ppm = -1 if run.regressions else run.passed * PPM // run.cases
+        # Rounded up, as the policy's threshold is rounded: 2 of 3 meets a min_pass_rate of 2/3.
+        ppm = -1 if run.regressions else -(-run.passed * PPM // run.cases)
         record = json_format.MessageToJson(stored, preserving_proto_field_name=True, indent=None)
         with store_errors("prompt"):
             ok = await self._add_eval(
