@@ -340,18 +340,24 @@ class StreamRelay:
         # Before the headers, error_response answers (and counts) it as an HTTP error.
         self.life.failed(err, count=self._response is not None)
         if isinstance(err, ClientStalled):
-            log.info("client stopped reading; stream ended", extra={
-                "request_id": self._rid, "stall_limit_s": self._stall_limit})
-            if self._request.transport is not None:
-                self._request.transport.abort()  # nothing more can reach that client
-            assert self._response is not None
-            return self._response
+            return self._abort_stalled()
         if self._response is None:
             assert self._call is not None  # set by `run`
             headers = await ratelimit_headers(self._call, rejected=bool(err.quota_subject))
             return error_response(err, self._rid, headers=headers,
                                   body=self._encoder.error_body)
-        await self._write_last(self._encoder.error(err))
+        try:
+            await self._write_last(self._encoder.error(err))
+        except ClientStalled:  # the error event cannot reach a client that stopped reading
+            return self._abort_stalled()
+        return self._response
+
+    def _abort_stalled(self) -> web.StreamResponse:
+        log.info("client stopped reading; stream ended", extra={
+            "request_id": self._rid, "stall_limit_s": self._stall_limit})
+        if self._request.transport is not None:
+            self._request.transport.abort()  # nothing more can reach that client
+        assert self._response is not None
         return self._response
 
 
