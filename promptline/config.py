@@ -429,7 +429,8 @@ class TenantConfig:
     name: Name = key(doc="tenant name")
     key_digests: tuple[ApiKey, ...] = key(
         name="api_keys", min_items=1, empty="at least one API key is required", repr=False,
-        doc="plain keys or `sha256:<64 hex>` digests (plain keys are hashed at load)")
+        doc="plain keys or `sha256:<64 hex>` digests (plain keys are hashed at load); a key "
+            "belongs to one tenant only")
     quotas: Quotas = section(Quotas, "this tenant's quotas")
     admin: bool = key(False, doc="may create prompt versions and move labels (any key of a "
                                  "tenant may read its prompts and conversations)")
@@ -802,7 +803,13 @@ def _check_rules(config: Config) -> None:
     names = {m.name for m in config.models}
     _check_routes(config, names)
     routes = {r.name for r in config.routes}
+    owners: dict[bytes, str] = {}
     for i, tenant in enumerate(config.tenants):
+        for digest in tenant.key_digests:  # plain or sha256: the same key would be the last's
+            if owners.setdefault(digest, tenant.name) != tenant.name:
+                raise ConfigError(f"tenants[{i}].api_keys: a key of tenant {tenant.name!r} is "
+                                  f"also a key of tenant {owners[digest]!r}; each key names "
+                                  "one tenant")
         for j, allowed in enumerate(tenant.models or ()):
             if allowed not in names and allowed not in routes:
                 raise ConfigError(f"tenants[{i}].models[{j}]: unknown model or route {allowed!r}")

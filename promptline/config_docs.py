@@ -26,7 +26,9 @@ comes from `PROMPTLINE_CONFIG`; the default is `config/local.yaml` (tenant `dev`
 
 Unknown keys are errors too: a typo must not silently leave a default in force.
 
-- Durations accept `150ms`, `30s`, `5m`, `1h`, `7d`, or a number of seconds.
+- Durations accept `150ms`, `30s`, `5m`, `1h`, `7d`, or a number of seconds, at most `365d`
+  (`.inf`, `.nan` and larger values are refused: the deadlines built from them overflow).
+  Numbers must be finite.
 - A key set to `null` (or left empty) takes its default.
 - A *name* (of a tenant or a model) is 1-128 letters, digits and `. _ : / -`, starting with a
   letter or a digit.

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import re
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,6 +48,8 @@ class ConfigError(ValueError):
 
 # --- durations --------------------------------------------------------------------------------
 
+MAX_DURATION = 365 * 86400.0
+"""No setting needs more than a year; far more (or .inf) overflows the deadlines built from it."""
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -57,7 +60,10 @@ def parse_duration(value: Any, path: str = "duration", *, allow_zero: bool = Fal
     if isinstance(value, bool):
         raise ConfigError(f"{path}: expected a duration like 150ms, 30s or 5m, got {value!r}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
     else:
         match = _DURATION.match(str(value))
         if not match:
@@ -69,6 +75,8 @@ def parse_duration(value: Any, path: str = "duration", *, allow_zero: bool = Fal
     if seconds < 0 or (seconds == 0 and not allow_zero):
         raise ConfigError(f"{path}: duration must be {'0 or more' if allow_zero else 'positive'}"
                           f", got {value!r}")
+    if not seconds <= MAX_DURATION:  # inf and nan too: a deadline that far overflows
+        raise ConfigError(f"{path}: duration must be at most 365d, got {str(value)[:40]!r}")
     return seconds
 
 
@@ -173,8 +181,14 @@ class Number(Kind):
     def read(self, value: Any, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: must be a finite number, got {str(value)[:40]!r}")
         _check_limits(value, value, path, self.minimum, self.maximum)
-        return float(value)
+        return number
 
     def schema(self) -> dict[str, Any]:
         return {"type": "number", **_range_schema(self.minimum, self.maximum)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,17 @@ def _with(path: str, value: object) -> dict:
                           "proxy": "proxy:3128"}]}, r"models\[0\]\.proxy: must be an http"),
     ({**BASE, "models": [{"name": "o", "provider": "openai"}]},
      r"models\[0\]\.base_url: an openai"),
+    (_with("edge", {"request_timeout": float("inf")}),
+     r"edge\.request_timeout: duration must be at most 365d"),  # was: every request a 504
+    (_with("edge", {"heartbeat": float("nan")}), r"edge\.heartbeat: duration must be at most"),
+    (_with("edge", {"request_timeout": "400d"}), r"edge\.request_timeout: duration must be at"),
+    (_with("conversations", {"ttl": 10**400}), r"conversations\.ttl: duration must be at most"),
+    ({**BASE, "models": [{"name": "o", "provider": "openai", "deployments": [
+        {"name": "a", "base_url": "http://x/v1", "weight": 10**400}]}]},
+     r"models\[0\]\.deployments\[0\]\.weight: must be a finite number"),
+    ({**BASE, "tenants": [*BASE["tenants"], {"name": "copy", "api_keys": [
+        "sha256:" + hashlib.sha256(b"dev-key").hexdigest()]}]},
+     r"tenants\[1\]\.api_keys: a key of tenant 'copy' is also a key of tenant 'dev'"),
 ])
 def test_bad_configs_name_key_and_reason(raw, message):
     with pytest.raises(ConfigError, match=message):
