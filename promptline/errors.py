@@ -170,9 +170,11 @@ class PromptlineError(Exception):
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Error) -> PromptlineError:
-        name = common_pb2.ErrorCode.Name(pb.code).removeprefix("ERROR_CODE_")
+        """The error a frame carries; a code or stage this side does not know (a newer hop's,
+        during a rolling upgrade) reads as INTERNAL / no stage, with the rest kept."""
+        name = _enum_name(common_pb2.ErrorCode, pb.code).removeprefix("ERROR_CODE_")
         code = ErrorCode(name) if name in ErrorCode.__members__ else ErrorCode.INTERNAL
-        stage_name = common_pb2.Stage.Name(pb.stage).removeprefix("STAGE_").lower()
+        stage_name = _enum_name(common_pb2.Stage, pb.stage).removeprefix("STAGE_").lower()
         stage = Stage(stage_name) if stage_name in Stage._value2member_map_ else None
         return cls(
             code,
@@ -331,6 +333,14 @@ def internal_error(request_id: str = "", stage: Stage | None = None) -> Promptli
     )
 
 
+def _enum_name(enum: Any, number: int) -> str:
+    """The label of `number` in a protobuf enum; "" for a number it does not define."""
+    try:
+        return str(enum.Name(number))
+    except ValueError:
+        return ""
+
+
 __all__ = [
     "ERROR_DOMAIN",
     "WIRE",
@@ -339,3 +349,4 @@ __all__ = [
     "Stage",
     "internal_error",
 ]
+

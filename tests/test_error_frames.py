@@ -389,3 +389,13 @@ class _BareStatus(grpc.RpcError):
 def test_a_bare_transport_status_is_internal_with_a_safe_message() -> None:
     err = PromptlineError.from_rpc_error(_BareStatus())
     assert err.code is ErrorCode.INTERNAL and err.message == "internal error"
+
+
+def test_an_error_code_this_side_does_not_know_reads_as_internal_keeping_the_rest():
+    """A newer hop's code (a rolling upgrade adds one): INTERNAL with its message, retry hint
+    and request id, not a ValueError (which the edge answered as a bare 500)."""
+    wire = common_pb2.Error(code=99, stage=42, message="a newer failure", retryable=True,
+                            retry_after_ms=250, request_id="r-1").SerializeToString()
+    err = PromptlineError.from_pb(common_pb2.Error.FromString(wire))
+    assert (err.code, err.stage, err.message) == (ErrorCode.INTERNAL, None, "a newer failure")
+    assert (err.retryable, err.retry_after_ms, err.request_id) == (True, 250, "r-1")
