@@ -773,6 +773,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{chosen}: invalid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{chosen}: invalid YAML: nested too deeply") from None
     return parse_config(raw if raw is not None else {}, env=env, source=str(chosen))
 
 

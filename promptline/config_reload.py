@@ -22,7 +22,9 @@ from promptline.metrics import CONFIG_RELOADS
 
 log = logging.getLogger("promptline.config")
 T = TypeVar("T")
-_RESTART_ONLY = ("listen", "targets", "redis_url", "redis_mode", "redis_sentinel")
+_RESTART_ONLY = ("listen", "targets", "redis_url", "redis_mode", "redis_sentinel", "log_level",
+                 "shutdown_grace")
+"""Read once at start (servers, clients, logging, the drain's length)."""
 
 
 class LiveConfig:
@@ -57,6 +59,11 @@ class LiveConfig:
             CONFIG_RELOADS.labels(self._service, "rejected").inc()
             log.error("config reload rejected; keeping the running config",
                       extra={"reason": str(exc)})
+            return False
+        except Exception as exc:  # a loader bug must not end the watch (nor a SIGHUP handler)
+            CONFIG_RELOADS.labels(self._service, "rejected").inc()
+            log.error("config reload failed; keeping the running config",
+                      extra={"reason": type(exc).__name__})
             return False
         if new == self.current:
             CONFIG_RELOADS.labels(self._service, "unchanged").inc()
