@@ -165,11 +165,14 @@ Target = Annotated[str, _Address(
     f"(?:dns:///)?{_HOST_PORT}|ipv4:{_IP_PORT}(?:,{_IP_PORT})*",
     "must be host:port, dns:///host:port or ipv4:ip:port,ip:port,...",
     "host:port, dns:///host:port or ipv4:ip:port,...")]
-HttpUrl = Annotated[str, Text(r"https?://.+", "must be an http(s) URL", "http(s) URL")]
+# URLs may carry a password or a token (a proxy's, Redis's, a webhook's path): never echoed.
+HttpUrl = Annotated[str, Text(r"https?://.+", "must be an http(s) URL", "http(s) URL",
+                              secret=True)]
 ProxyUrl = Annotated[str, Text(r"(?:https?://.+)?", 'must be an http(s) URL, or "" for none',
-                               'http(s) URL or ""')]
+                               'http(s) URL or ""', secret=True)]
 RedisUrl = Annotated[str, Text(r"(?:redis|rediss|unix)://.*",
-                               "must start with redis://, rediss:// or unix://", "Redis URL")]
+                               "must start with redis://, rediss:// or unix://", "Redis URL",
+                               secret=True)]
 Provider = Annotated[str, Choice.of("simulated", "openai")]
 Routing = Annotated[str, Choice.of("weighted", "least_busy", "lowest_latency")]
 Boundary = Annotated[str, Choice.of(*BOUNDARIES)]

@@ -232,6 +232,8 @@ class Text(Kind):
     pattern: str | None = None
     reason: str = ""
     what: str = "string"
+    secret: bool = False
+    """A value that may hold a credential (a URL's password or token): never in a message."""
 
     @property
     def label(self) -> str:
@@ -241,7 +243,9 @@ class Text(Kind):
         if not isinstance(value, str):
             raise ConfigError(f"{path}: must be a string, got {type(value).__name__}")
         if self.pattern is not None and not re.fullmatch(self.pattern, value):
-            raise ConfigError(f"{path}: {self.reason}, got {value!r}")
+            got = (f"a value of {len(value)} characters, not shown (it may hold a credential)"
+                   if self.secret else repr(value))
+            raise ConfigError(f"{path}: {self.reason}, got {got}")
         return value
 
     def schema(self) -> dict[str, Any]:

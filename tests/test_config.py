@@ -288,3 +288,19 @@ def test_model_proxy_key_wins_and_empty_means_none():
         "http://u:secret@mine:8080"
     assert _openai_model(env, proxy="").proxy is None
     assert "secret" not in repr(_openai_model(env, proxy="http://u:secret@mine:8080"))
+
+
+@pytest.mark.parametrize(("raw", "where"), [
+    ({**BASE, "models": [{"name": "o", "provider": "openai", "base_url": "https://x/v1",
+                          "proxy": "socks5://alice:S3cretPw@proxy:1080"}]}, "models[0].proxy"),
+    (_with("redis_url", "redis//:S3cretPw@10.0.0.5:6379/0"), "redis_url"),
+    (_with("alerts", {"webhook_url": "hooks.example/T0/B0/S3cretPw",
+                      "webhook_secret_env": "S"}), "alerts.webhook_url"),
+])
+def test_a_malformed_url_is_named_but_never_echoed(raw, where):
+    """Proxy, Redis and webhook URLs carry passwords and tokens: the error (logged on a reload,
+    printed at start) names the key and the rule, not the value."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, env={})
+    assert str(info.value).startswith(f"{where}: must ") and "S3cretPw" not in str(info.value)
+    assert "not shown" in str(info.value)
