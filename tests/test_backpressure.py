@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
+import socket
 import time
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import pytest
+from aiohttp import web
 
+from promptline.channels import insecure_channel
+from promptline.errors import ErrorCode, PromptlineError, Stage
+from promptline.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
+from services.edge_http.app import build_app
+from services.edge_http.http_errors import EdgeRunner
 from tests.chain import running_chain
 from tests.conftest import make_config
 from tests.eventually import eventually
@@ -156,3 +165,76 @@ async def test_a_large_write_to_a_stopped_reader_is_bounded_by_the_idle_rule(
                                  what="the edge's stream ended by the idle rule")
             finally:
                 writer.transport.abort()
+
+
+class _FillsTheClientThenFails(prompt_pb2_grpc.PromptServiceServicer):
+    """A prompt service (real gRPC) that streams deltas until the edge's buffer to a client
+    that reads nothing is just under its high-water mark, then fails the stream: the error
+    event is the write that must wait for the client."""
+
+    def __init__(self) -> None:
+        self.edge_request: web.Request | None = None
+
+    async def StreamChat(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        yield prompt_pb2.StreamChatResponse(start=prompt_pb2.ChatStart(request_id="x",
+                                                                       model="fast"))
+        for n in itertools.count(1):
+            await asyncio.sleep(0.01)
+            assert self.edge_request is not None and self.edge_request.transport is not None
+            transport = self.edge_request.transport
+            room = transport.get_write_buffer_limits()[1] - transport.get_write_buffer_size()
+            if room < 64_100:
+                yield prompt_pb2.StreamChatResponse(delta=common_pb2.Delta(
+                    text="y" * max(1, room - 100), tokens=1, id=n))
+                await asyncio.sleep(0.3)
+                yield prompt_pb2.StreamChatResponse(error=PromptlineError(
+                    ErrorCode.UPSTREAM_ERROR, "the provider failed",
+                    stage=Stage.MID_STREAM).to_pb())
+                return
+            yield prompt_pb2.StreamChatResponse(delta=common_pb2.Delta(
+                text="x" * 64_000, tokens=1, id=n))
+
+
+async def test_an_error_event_for_a_stopped_reader_ends_the_connection() -> None:
+    """The stream fails while the client reads nothing and the edge's buffer is all but full:
+    the error event's write waits the idle rule, then the connection is aborted (it stayed
+    open, the waiting write's timeout escaping the relay)."""
+    prompt = _FillsTheClientThenFails()
+    server = grpc.aio.server()
+    prompt_pb2_grpc.add_PromptServiceServicer_to_server(prompt, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    @web.middleware
+    async def seen(request: web.Request, handler: Any) -> web.StreamResponse:
+        prompt.edge_request = request
+        return await handler(request)
+
+    config = make_config(models=[{"name": "fast", "provider": "simulated", "timeouts": {
+        "first_token": "5s", "idle": "1s", "total": "60s"}}])
+    channel = insecure_channel(f"127.0.0.1:{port}")
+    app = build_app(config, channel)
+    app.middlewares.append(seen)
+    runner = EdgeRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(runner.addresses[0][:2])
+        body = b'{"model":"fast","messages":[{"role":"user","content":"hi"}]}'
+        client.sendall(b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                       b"dev-key\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await eventually(lambda: prompt.edge_request is not None
+                         and (prompt.edge_request.transport is None
+                              or prompt.edge_request.transport.is_closing()),
+                         within=30, what="the edge aborting the connection")
+        client.settimeout(10)
+        while client.recv(1 << 20):  # what the kernel holds, then the end: no hang
+            pass
+    finally:
+        client.close()
+        await runner.cleanup()
+        await channel.close()
+        await server.stop(0)
