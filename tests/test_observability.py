@@ -213,40 +213,39 @@ async def test_config_change_applies_without_restart(redis_client, redis_server,
         assert status == 400 and body["error"]["code"] == "MODERATION_BLOCKED"
 
 
-async def test_file_watch_picks_up_a_change(tmp_path):
+@pytest.fixture
+async def watched(tmp_path):
+    """A config file at heartbeat 15s, watched every 50 ms: (its path, its content, the live)."""
     path = tmp_path / "watched.yaml"
     raw = {**BASE_CONFIG, "edge": {"heartbeat": "15s"}}
     _write(path, raw)
     live = LiveConfig(load_config(path, env={}), "test", env={})
     live.start(interval=0.05)
     try:
-        _write(path, {**raw, "edge": {"heartbeat": "5s"}})
-        await eventually(lambda: live.current.edge.heartbeat == 5.0, what="the reload")
+        yield path, raw, live
     finally:
         await live.stop()
 
 
-async def test_a_file_the_loader_chokes_on_leaves_the_watch_running(tmp_path):
+async def test_file_watch_picks_up_a_change(watched):
+    path, raw, live = watched
+    _write(path, {**raw, "edge": {"heartbeat": "5s"}})
+    await eventually(lambda: live.current.edge.heartbeat == 5.0, what="the reload")
+
+
+async def test_a_file_the_loader_chokes_on_leaves_the_watch_running(watched):
     """Deeply nested YAML (a RecursionError in the parser) or a 400-digit number (an
     OverflowError) is a rejected reload: the watcher goes on and applies the next good file."""
-    path = tmp_path / "watched.yaml"
-    raw = {**BASE_CONFIG, "edge": {"heartbeat": "15s"}}
-    _write(path, raw)
-    live = LiveConfig(load_config(path, env={}), "test", env={})
-    live.start(interval=0.05)
-    try:
-        for bad in ("a: " + "[" * 3000 + "]" * 3000 + "\n",
-                    yaml.safe_dump({**raw, "edge": {"heartbeat": 10**400}})):
-            before = sample("promptline_config_reloads_total", service="test",
-                            result="rejected")
-            path.write_text(bad)
-            await eventually(lambda before=before: sample(
-                "promptline_config_reloads_total", service="test", result="rejected") > before,
-                what="the bad file rejected")
-        _write(path, {**raw, "edge": {"heartbeat": "7s"}})
-        await eventually(lambda: live.current.edge.heartbeat == 7.0, what="the next reload")
-    finally:
-        await live.stop()
+    path, raw, live = watched
+    for bad in ("a: " + "[" * 3000 + "]" * 3000 + "\n",
+                yaml.safe_dump({**raw, "edge": {"heartbeat": 10**400}})):
+        before = sample("promptline_config_reloads_total", service="test", result="rejected")
+        path.write_text(bad)
+        await eventually(lambda before=before: sample(
+            "promptline_config_reloads_total", service="test", result="rejected") > before,
+            what="the bad file rejected")
+    _write(path, {**raw, "edge": {"heartbeat": "7s"}})
+    await eventually(lambda: live.current.edge.heartbeat == 7.0, what="the next reload")
 
 
 async def test_in_flight_stream_keeps_its_config(redis_client, redis_server, tmp_path):
