@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from promptline.devtools.embedded_redis import EmbeddedRedis
 from promptline.devtools.fake_openai import FakeOpenAI
 from promptline.v1 import common_pb2, prompt_pb2
 from services.prompt.journal import Journal
@@ -367,3 +368,31 @@ async def test_runs_under_one_request_id_are_each_kept() -> None:
     assert all(run.reason and run.task.cancelled() for run in (first, other, retry))
     await asyncio.sleep(0)  # the done callbacks
     assert runs.find("a", "x") is None
+
+
+async def test_a_journal_with_a_hole_is_not_replayed_as_whole() -> None:
+    """Redis stalls mid-stream: the journal drops what it could not write while the stream goes
+    on to `done`. A resume then answers UNAVAILABLE instead of the reply with text missing (or,
+    had the dropped batch held `start`, no text at all), ended by `done` as if whole."""
+    model = {**MODELS[0], "name": "slower",
+             "simulated": {"ttft_ms": 20, "tokens_per_second": 20, "reply": REPLY}}
+    with EmbeddedRedis() as server:  # our own: this test stalls it
+        async with chain_with(server.url, models=[model]) as chain:
+            req = request("slower")
+            live = asyncio.create_task(collect(chain.prompt_stub.StreamChat(req, metadata=AUTH)))
+            await asyncio.sleep(0.6)
+            server.pause()
+            try:
+                await asyncio.sleep(1.2)  # past the journal's 1 s bound: a batch dropped
+            finally:
+                server.resume()
+            frames = await live
+            assert frames[-1].WhichOneof("frame") == "done" and text_of(frames) == REPLY
+            await asyncio.sleep(0.05)  # the journal's last flush
+            replay = await collect(chain.prompt_stub.ResumeChat(
+                prompt_pb2.ResumeChatRequest(request_id=req.request_id), metadata=AUTH))
+            assert replay[-1].WhichOneof("frame") == "error", [f.WhichOneof("frame")
+                                                               for f in replay]
+            assert replay[-1].error.code == common_pb2.ERROR_CODE_UNAVAILABLE
+            assert "not journaled" in replay[-1].error.message
+            assert REPLY.startswith(text_of(replay))  # what came before the hole, no more

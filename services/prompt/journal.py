@@ -322,6 +322,7 @@ class Journal:
             last_id, seen = entries[-1][0], time.monotonic()
             owner = entries[0][1].get(b"o")
             started = False
+            numbered = 0  # the last delta id read: the journal must hold every one after it
             while True:
                 for _, fields in entries:
                     if fields.get(b"o") != owner:
@@ -330,8 +331,12 @@ class Journal:
                         kind = frame.WhichOneof("frame")
                         if kind == "start":
                             started = True
-                        elif kind == "delta" and (not started or frame.delta.id <= after_id):
-                            continue
+                        elif kind == "delta":
+                            if not started or frame.delta.id != numbered + 1:
+                                raise lost_frames(request_id)
+                            numbered = frame.delta.id
+                            if frame.delta.id <= after_id:
+                                continue
                         yield frame
                         if kind in TERMINAL:
                             return
@@ -353,6 +358,15 @@ class Journal:
                         "running it is gone); ask again", stage=Stage.MID_STREAM)
         except STORE_ERRORS as exc:
             raise unavailable(exc) from None
+
+
+def lost_frames(request_id: str) -> PromptlineError:
+    """A write of this stream's journal failed (Redis was away a moment): replaying across the
+    hole would hand the client a reply with text missing, ended by `done` as if whole."""
+    return PromptlineError(
+        ErrorCode.UNAVAILABLE, f"part of stream {request_id} was not journaled (Redis was "
+        "unavailable for a moment), so it cannot be resumed whole; ask again",
+        stage=Stage.MID_STREAM)
 
 
 def unavailable(exc: BaseException) -> PromptlineError:
