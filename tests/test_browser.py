@@ -191,6 +191,24 @@ async def test_stop_cancels_the_chain(page: Any, chain: Chain) -> None:
                      what="engine stream cancelled by Stop")
 
 
+async def test_new_chat_during_a_stream_starts_empty(page: Any, chain: Chain) -> None:
+    """The stopped stream ends after "New chat" reset the transcript: its partial reply must not
+    become the new conversation's first message (it was sent to the model with the next one)."""
+    await open_chat(page, chain, model="slow")
+    await send(page, "count")
+    await page.wait_for_selector(".message.assistant .text:not(:empty)")
+    bodies: list[Any] = []
+    page.on("request", lambda request: bodies.append(request.post_data_json)
+            if request.method == "POST" and request.url.endswith("/v1/chat/stream") else None)
+    await page.click("#new-chat")
+    await page.wait_for_selector("#send:enabled")
+    assert await page.input_value("#prompt") == ""  # the old text is not put back either
+    await page.select_option("#model", "sim")
+    await send(page, "fresh question")
+    await page.wait_for_selector(".message.assistant[data-state=done]")
+    assert [m["content"] for m in bodies[0]["messages"]] == ["fresh question"]
+
+
 async def test_thumbs_send_feedback_and_the_latest_click_wins(page: Any, chain: Chain) -> None:
     await open_chat(page, chain)
     await send(page, "Hello")

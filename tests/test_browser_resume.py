@@ -28,6 +28,8 @@ TENANTS = [
     *BASE_CONFIG["tenants"],
     # No journal for this tenant's streams: a resume finds nothing (404) and the page gives up.
     {"name": "no-resume", "api_keys": ["no-resume-key"], "resume": {"ttl": 0}},
+    # No grace: a dropped connection cancels the model at once (the default config's rule).
+    {"name": "no-grace", "api_keys": ["no-grace-key"], "resume": {"grace": "0s"}},
 ]
 MODELS = [
     {"name": "typist", "provider": "simulated",
@@ -224,6 +226,20 @@ async def test_a_reply_that_cannot_be_resumed_is_explained(page: Any, chain: Cha
     text = await page.text_content(f"{LAST} >> .text")
     assert text and REPLY.startswith(text) and text != REPLY
     assert await page.text_content(f"{LAST} >> .cutoff") == "cut off"
+    assert await page.is_enabled("#send") and await page.is_disabled("#stop")
+
+
+async def test_a_drop_that_cancelled_the_model_is_not_shown_as_a_stop(
+        page: Any, chain: Chain, proxy: DroppingProxy) -> None:
+    """Without a grace the dropped connection cancelled the model; the resume replays that
+    CANCELLED. The user pressed nothing, so the page says why, not "stopped"."""
+    await open_chat(page, proxy.url, "slow", key="no-grace-key")
+    proxy.arm(after=3)
+    await send(page, "count")
+    turn = await page.wait_for_selector(".message.assistant[data-state=error]")
+    assert await turn.get_attribute("data-code") == "CANCELLED"
+    notice = await page.text_content(f"{LAST} >> .notice-text")
+    assert "stopped —" not in notice and "went away" in notice, notice
     assert await page.is_enabled("#send") and await page.is_disabled("#stop")
 
 

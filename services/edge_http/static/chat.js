@@ -296,7 +296,9 @@ async function play(stream, response, resumed) {
         return "finished";
       } else if (event === "error") {
         const error = data.error || {};
-        if (error.code === "CANCELLED") showStopped(turn, stream.id);  // a Stop, maybe elsewhere
+        // This page's Stop; any other cancel (the connection dropped with no grace, a grace
+        // that ran out, a shutdown, a Stop elsewhere) is shown with the server's reason.
+        if (error.code === "CANCELLED" && stream.stopped) showStopped(turn, stream.id);
         else showError(turn, error, stream.id);
         return "finished";
       }
@@ -311,12 +313,13 @@ async function play(stream, response, resumed) {
 }
 
 async function send(text) {
+  const conversation = chat.conversationId;  // "New chat" meanwhile: this reply is not its
   chat.messages.push({ role: "user", content: text });
   addTurn("user", text);
   const turn = addTurn("assistant", "");
   // Our own request id: the stream can be resumed (or stopped) even before its `start` arrived.
   const stream = { id: newId(), lastId: 0, reply: "", turn, controller: new AbortController(),
-                   progress: false, failure: null };
+                   progress: false, failure: null, stopped: false };
   const { signal } = stream.controller;
   chat.stream = stream;
   turn.item.dataset.requestId = stream.id;
@@ -364,7 +367,9 @@ async function send(text) {
   } finally {
     turn.item.classList.remove("streaming");
     chat.stream = null;
-    if (stream.reply) {
+    if (chat.conversationId !== conversation) {
+      // A new chat began while this stream ended: its transcript starts empty.
+    } else if (stream.reply) {
       chat.messages.push({ role: "assistant", content: stream.reply });
     } else {
       // Nothing came back: keep the transcript honest and let the user resend the same text.
@@ -383,6 +388,7 @@ function stop() {
   fetch(`/v1/chat/stream/${encodeURIComponent(stream.id)}/cancel`, {
     method: "POST", headers: authHeaders(), keepalive: true,
   }).catch(() => {});  // best effort: the abort below still ends the reply here
+  stream.stopped = true;
   stream.controller.abort();
 }
 
