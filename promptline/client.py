@@ -15,6 +15,7 @@ iterator is closed: immediately with `contextlib.aclosing`, otherwise when it is
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +24,16 @@ from types import TracebackType
 import grpc
 
 from promptline.channels import insecure_channel
-from promptline.errors import PromptlineError
+from promptline.errors import ErrorCode, PromptlineError
+from promptline.rules import invalid
 from promptline.streams import read_frames
 from promptline.stubs import ChatCall, PromptServiceClient, ResumeCall
 from promptline.v1 import common_pb2, prompt_pb2, prompt_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
 """Seconds a whole stream may take unless `timeout` says otherwise (the gRPC deadline)."""
+MAX_DELTA_ID = 2**32 - 1
+"""The largest delta id (a uint32 on the wire)."""
 CANCEL_TIMEOUT = 10.0
 """Seconds a `cancel_chat` may take: a Redis round trip or two on the prompt service."""
 
@@ -186,6 +190,8 @@ class PromptlineClient:
         unknown or expired). Leaving early never stops the stream."""
         if self._stub is None:
             raise RuntimeError("use the client as `async with PromptlineClient(...)`")
+        if not 0 <= after_id <= MAX_DELTA_ID:
+            raise invalid(f"after_id must be a delta id from 0 to {MAX_DELTA_ID}, got {after_id}")
         call = self._stub.ResumeChat(
             prompt_pb2.ResumeChatRequest(request_id=request_id, after_id=after_id),
             metadata=self._metadata(metadata),
@@ -220,6 +226,13 @@ async def _events(call: ChatCall | ResumeCall) -> AsyncGenerator[ChatEvent, None
                 event = _event(frame)
                 if event is not None:
                     yield event
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise  # the consumer's own task was cancelled: that goes through
+        # grpc.aio cancels calls in flight when their channel closes: a failure, not a cancel
+        raise PromptlineError(ErrorCode.CANCELLED, "the client was closed while the stream was "
+                              "open") from None
     finally:
         call.cancel()  # consumer stopped early, or the stream failed: end the call now
 

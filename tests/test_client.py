@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import pytest
@@ -117,6 +118,50 @@ async def test_break_without_aclosing_also_cancels(chain: Chain) -> None:
                 break
         await eventually(lambda: chain.engine_streams == 0, within=10,
                          what="engine stream cancelled")
+
+
+async def test_closing_the_client_mid_stream_is_a_typed_error_not_a_cancel(chain: Chain) -> None:
+    """close() cancels the calls in flight: the consumer gets PromptlineError CANCELLED, and its
+    task is not marked cancelled (a CancelledError would spread to whoever awaits it); a
+    consumer task that is itself cancelled still sees CancelledError."""
+    async with PromptlineClient(target(chain), "dev-key") as client:
+        first = asyncio.Event()
+
+        async def consume() -> str:
+            try:
+                async for event in client.stream_chat("slow", [("user", "Hi")]):
+                    if isinstance(event, TextDelta):
+                        first.set()
+            except PromptlineError as err:
+                return err.code.value
+            return "finished"
+
+        consumer = asyncio.create_task(consume())
+        await first.wait()
+        await client.close()
+        assert await consumer == "CANCELLED"
+    async with PromptlineClient(target(chain), "dev-key") as client:
+        started = asyncio.Event()
+
+        async def read() -> None:
+            async for event in client.stream_chat("slow", [("user", "Hi")]):
+                if isinstance(event, TextDelta):
+                    started.set()
+
+        reader = asyncio.create_task(read())
+        await started.wait()
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+    await eventually(lambda: chain.engine_streams == 0, within=10, what="engine streams ended")
+
+
+async def test_a_resume_after_id_out_of_range_is_invalid(chain: Chain) -> None:
+    async with PromptlineClient(target(chain), "dev-key") as client:
+        for after in (-1, 2**32):
+            with pytest.raises(PromptlineError) as caught:
+                await anext(client.resume_chat("any-id", after))
+            assert caught.value.code is ErrorCode.INVALID_REQUEST
 
 
 async def test_client_outside_context_manager_is_refused() -> None:
