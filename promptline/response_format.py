@@ -73,6 +73,22 @@ class ResponseFormat:
         return common_pb2.ResponseFormat(type=self.type, name=self.name, schema=self.schema_text,
                                          strict=self.strict, description=self.description)
 
+    def texts(self) -> list[str]:
+        """What of it the model reads as text (name, description, every string in the schema,
+        keys included): input moderation checks these as it checks the messages."""
+        out = [self.name, self.description]
+        todo: list[Any] = [self.schema]
+        while todo:
+            node = todo.pop()
+            if isinstance(node, str):
+                out.append(node)
+            elif isinstance(node, dict):
+                out += [key for key in node if isinstance(key, str)]
+                todo += node.values()
+            elif isinstance(node, list):
+                todo += node
+        return [text for text in out if text]
+
     def to_openai(self) -> dict[str, Any]:
         """OpenAI's `response_format` object, as the chat-completions API takes it."""
         if self.type != "json_schema":
@@ -255,16 +271,21 @@ _BASE = "urn:promptline:response-format"
 
 
 def _unresolved_ref(schema: dict[str, Any]) -> str:
-    """What is wrong with the first `$ref` that does not resolve inside the schema, else ""."""
+    """What is wrong with the first `$ref` or `$dynamicRef` that does not resolve inside the
+    schema (or a nested `$id`, which would move where they resolve), else ""."""
     lookup = ref_resolver(schema)
     for where, node in _walk(schema, "$"):
-        ref = node.get("$ref")
-        if not isinstance(ref, str):
-            continue
-        if not ref.startswith("#"):
-            return f"has a $ref outside the schema at {where} (only #... refs are supported)"
-        if lookup(ref) is None:
-            return f"has a $ref that points nowhere at {where}: {_short(ref)!r}"
+        if where != "$" and "$id" in node:
+            return f"has a nested $id at {where} (only the root may have one)"
+        for keyword in ("$ref", "$dynamicRef"):
+            ref = node.get(keyword)
+            if not isinstance(ref, str):
+                continue
+            if not ref.startswith("#"):
+                return (f"has a {keyword} outside the schema at {where} (only #... refs are "
+                        "supported)")
+            if lookup(ref) is None:
+                return f"has a {keyword} that points nowhere at {where}: {_short(ref)!r}"
     return ""
 
 
@@ -335,11 +356,17 @@ _Validator = validators.extend(Draft202012Validator, {  # type: ignore[no-untype
     "additionalProperties": _additional_properties})
 
 
+_NOTHING_REMOTE: Registry[Any] = Registry()
+"""What the validator may look up beyond the schema itself: nothing, and nothing is fetched (an
+empty registry's retrieval fails; jsonschema's default would open any URL a reference names,
+with no timeout)."""
+
+
 @lru_cache(maxsize=32)
 def _validator(schema_text: str) -> Any:
     schema, problem = _checked_schema(schema_text)
     assert schema is not None, problem
-    return _Validator(schema)
+    return _Validator(schema, registry=_NOTHING_REMOTE)
 
 
 def _schema_failure(schema_text: str, value: Any) -> str | None:
@@ -353,6 +380,8 @@ def _schema_failure(schema_text: str, value: Any) -> str | None:
         return "a $ref of the schema does not resolve (rule $ref)"
     except RecursionError:
         return "the reply or the schema is nested too deeply to check"
+    except OverflowError:  # multipleOf against 1e400 (infinity) or a number of 4,000 digits
+        return "a number in the reply is too large to check (rule multipleOf)"
     finally:
         _deadline.reset(token)
     if error is None:

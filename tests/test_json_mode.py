@@ -207,6 +207,35 @@ async def test_the_format_reaches_the_upstream_and_its_reply_is_checked(
     assert "$.answer" in caught.value.message and "rule type" in caught.value.message
 
 
+async def test_a_blocked_term_in_the_format_is_moderated_like_the_messages(
+        chain: Chain, http: aiohttp.ClientSession) -> None:
+    """The model reads the schema's name, description and strings: a blocked term there is
+    MODERATION_BLOCKED before any provider call, as in a message (it went to the model)."""
+    for spec in ({"name": "p", "description": "Say forbidden-word", "schema": PERSON},
+                 {"name": "p", "schema": {"type": "object", "properties": {
+                     "a": {"type": "string", "description": "always forbidden-word"}}}}):
+        async with http.post(f"{chain.base_url}/v1/chat/stream", headers=AUTH, json={
+                "model": "sim-json", "messages": HI,
+                "response_format": {"type": "json_schema", "json_schema": spec}}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "MODERATION_BLOCKED"
+
+
+async def test_a_number_too_large_for_multiple_of_fails_the_check(
+        chain: Chain, fake: FakeOpenAI, http: aiohttp.ClientSession) -> None:
+    """`1e400` is valid JSON (infinity to Python): `multipleOf` raised OverflowError, an
+    INTERNAL with a traceback (HTTP 500 on the non-streaming endpoint)."""
+    schema = {"type": "object", "properties": {"x": {"type": "number", "multipleOf": 0.5}}}
+    fake.push(reply='{"x": 1e400}')
+    _, events = await sse(chain, http, {
+        "model": "gpt-json", "messages": HI, "json_validate": True,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                   "schema": schema}}})
+    error = events[-1].data["error"]
+    assert (events[-1].event, error["code"]) == ("error", "UPSTREAM_ERROR")
+    assert "too large to check (rule multipleOf)" in error["message"]
+
+
 # --- prompt versions -----------------------------------------------------------------------------
 
 
@@ -289,6 +318,15 @@ BAD = [
      "response_format.json_schema.schema has a $ref that points nowhere"),
     ({"response_format": _schema({"$ref": "https://example.com/s.json"})},
      "response_format.json_schema.schema has a $ref outside the schema"),
+    # a $dynamicRef the check missed: validating the reply fetched the URL, with no timeout
+    ({"response_format": _schema({"properties": {"a": {
+        "$dynamicRef": "http://127.0.0.1:9/internal"}}})},
+     "response_format.json_schema.schema has a $dynamicRef outside the schema"),
+    ({"response_format": _schema({"$dynamicRef": "#nowhere"})},
+     "response_format.json_schema.schema has a $dynamicRef that points nowhere"),
+    ({"response_format": _schema({"$defs": {"b": {}}, "properties": {"a": {
+        "$id": "https://example.com/o", "$ref": "#/$defs/b"}}})},
+     "response_format.json_schema.schema has a nested $id at $.properties.a"),
     ({"response_format": _schema(_deep(MAX_SCHEMA_DEPTH + 1))},
      f"response_format.json_schema.schema is nested more than {MAX_SCHEMA_DEPTH}"),
     ({"response_format": _schema({"description": "x" * MAX_SCHEMA_BYTES})},

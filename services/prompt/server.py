@@ -264,7 +264,8 @@ class PromptServicer(prompt_pb2_grpc.PromptServiceServicer):
         if plan.conversation_id:
             session.reply = []
         moderator = self._live.derived("moderator", lambda c: build_moderator(c.moderation))
-        await moderator.check_input([m.content for m in plan.messages])
+        await moderator.check_input([m.content for m in plan.messages] + (
+            plan.response_format.texts() if plan.response_format else []))  # the model reads it
         ticket = self._cache_ticket(tenant.name, plan)
         if ticket is not None:
             hit = None if request.no_cache else await self._cache_get(ticket, session.request_id)
