@@ -54,16 +54,21 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
+def _as_float(value: int | float) -> float:
+    """`value` as a float; an integer of hundreds of digits (no float holds it) as infinity."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def parse_duration(value: Any, path: str = "duration", *, allow_zero: bool = False) -> float:
     """`150ms`, `30s`, `5m`, `1h`, `7d` (or a bare number of seconds) -> seconds as float;
     `allow_zero` also takes 0 (a key whose 0 means "off")."""
     if isinstance(value, bool):
         raise ConfigError(f"{path}: expected a duration like 150ms, 30s or 5m, got {value!r}")
     if isinstance(value, int | float):
-        try:
-            seconds = float(value)
-        except OverflowError:
-            seconds = math.inf
+        seconds = _as_float(value)
     else:
         match = _DURATION.match(str(value))
         if not match:
@@ -181,10 +186,7 @@ class Number(Kind):
     def read(self, value: Any, path: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except OverflowError:  # an integer of hundreds of digits
-            number = math.inf
+        number = _as_float(value)
         if not math.isfinite(number):
             raise ConfigError(f"{path}: must be a finite number, got {str(value)[:40]!r}")
         _check_limits(value, value, path, self.minimum, self.maximum)

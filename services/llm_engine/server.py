@@ -107,20 +107,16 @@ class LlmEngineServicer(llm_engine_pb2_grpc.LlmEngineServicer):
             for attempt in range(config.retries.max_attempts):
                 try:
                     chosen = await pool.choose(tried)
+                    if chosen.name in tried:  # each one tried: a retry on one, after the backoff
+                        assert last is not None
+                        # A deployment that stalled is not waited on twice (raised below).
+                        if stalled is not None or not last.retryable or not await _backoff(
+                                attempt - 1, last, clock, config):
+                            break
+                        chosen = await pool.choose(tried)  # the room seen before may be taken
                 except PromptlineError as err:  # every deployment at a limit: the next model
                     last = err
                     break
-                if chosen.name in tried:  # each one tried: a retry on one, after the backoff
-                    assert last is not None
-                    if stalled is not None:
-                        raise stalled  # a deployment that stalled is not waited on twice
-                    if not last.retryable or not await _backoff(attempt - 1, last, clock, config):
-                        break
-                    try:  # again: the room seen before the backoff may be taken by now
-                        chosen = await pool.choose(tried)
-                    except PromptlineError as err:
-                        last = err
-                        break
                 tried.append(chosen.name)
                 if last is not None:
                     clock.restart_first_token()

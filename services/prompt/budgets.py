@@ -451,8 +451,7 @@ class Ledger:
     def _failed(self, exc: BaseException | None, item: _Unsettled) -> None:
         """Count a settlement Redis did not take (`exc`; None: skipped), one warning per
         outage; keep it when writing it later cannot count it twice."""
-        REDIS_ERRORS.labels("quota_spend").inc()
-        self._outage.failed(exc, item.request_id)
+        self._count_failure(exc, item.request_id)
         if exc is not None and not item.exactly_once:
             return
         if len(self._backlog) >= BACKLOG_MAX:
@@ -463,6 +462,10 @@ class Ledger:
         if self._replayer is None or self._replayer.done():
             self._replayer = asyncio.create_task(self._replay(), name="budget-backlog")
 
+    def _count_failure(self, exc: BaseException | None, request_id: str) -> None:
+        REDIS_ERRORS.labels("quota_spend").inc()
+        self._outage.failed(exc, request_id)
+
     async def _replay(self) -> None:
         # Runs while anything is kept: a try every STORE_RETRY_S, oldest first.
         while self._backlog:
@@ -472,8 +475,7 @@ class Ledger:
                 try:
                     alerts = await self._write(item)
                 except STORE_ERRORS as exc:
-                    REDIS_ERRORS.labels("quota_spend").inc()
-                    self._outage.failed(exc, item.request_id)
+                    self._count_failure(exc, item.request_id)
                     break
                 self._backlog.popleft()
                 self._outage.answered()
